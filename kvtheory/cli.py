@@ -1,0 +1,76 @@
+"""The ``kvtheory`` command line.
+
+Each sub-command lives in its own module under :mod:`kvtheory.commands` and defines::
+
+    NAME = "verify"                      # the sub-command
+    HELP = "one line shown by --help"
+    def add_arguments(parser): ...       # argparse arguments
+    def run(args) -> int: ...            # the exit status
+
+User errors (:class:`~kvtheory.errors.KVTheoryError`) print one line and exit 2;
+no traceback is shown unless ``KVTHEORY_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from typing import Sequence
+
+from .errors import KVTheoryError
+
+__all__ = ["main", "build_parser"]
+
+
+def _command_modules():
+    from . import commands
+
+    mods = []
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mods.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kvtheory",
+        description="Theory and analysis of KV-cache compression: why quantization "
+        "dominates rank reduction.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvtheory {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KVTheoryError as exc:
+        if os.environ.get("KVTHEORY_DEBUG"):
+            raise
+        print(f"kvtheory {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kvtheory {args.command}: interrupted; finished rows are saved", file=sys.stderr)
+        return 130
+
+
+def _console() -> None:  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``kvtheory`` CLI, one module each (see :mod:`kvtheory.cli`)."""

@@ -1,0 +1,47 @@
+"""The one place where numerical tolerances live.
+
+Every comparison in the test suite goes through :func:`assert_close` or :data:`TOL` so that
+a tolerance is chosen once, by name, for a reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: name -> (rtol, atol)
+TOL: dict[str, tuple[float, float]] = {
+    # exact float64 identities (same formula, different route)
+    "exact64": (1e-12, 1e-12),
+    # float64 results through different algorithms (loop vs vectorised, sympy vs torch)
+    "float64": (1e-9, 1e-10),
+    # float32 model outputs and reductions
+    "float32": (1e-5, 1e-6),
+    # second-order expansions and other approximations checked in the limit
+    "approx": (1e-3, 1e-6),
+    # Monte-Carlo estimates at 10^4 samples
+    "mc": (0.03, 0.0),
+    # compressed (int8) model outputs against uncompressed ones
+    "int8_model": (1e-2, 1e-2),
+}
+
+
+def tol(kind: str) -> tuple[float, float]:
+    """``(rtol, atol)`` for a named kind of comparison."""
+    return TOL[kind]
+
+
+def assert_close(actual, expected, kind: str = "float64", msg: str = "") -> None:
+    """``torch.testing.assert_close`` with a named tolerance; accepts floats and tensors."""
+    rtol, atol = TOL[kind]
+    a = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual, dtype=torch.float64)
+    e = expected if isinstance(expected, torch.Tensor) else torch.as_tensor(expected, dtype=torch.float64)
+    if a.dtype != e.dtype:
+        a, e = a.to(torch.float64), e.to(torch.float64)
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=msg or None)
+
+
+def rel_err(actual: float, expected: float) -> float:
+    """|actual - expected| / |expected|."""
+    return abs(actual - expected) / abs(expected) if expected != 0 else math.inf
