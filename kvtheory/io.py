@@ -48,7 +48,8 @@ def _ensure_dir(path: Path, arg: str) -> None:
         raise KVTheoryError(
             f"{arg}: got {str(path)!r}; expected a path whose folder can be created ({exc.strerror})"
         ) from None
-    if not os.access(path.parent, os.W_OK):
+    # A folder without any write bit is read-only by intent, even for root (who could write).
+    if not os.access(path.parent, os.W_OK) or not (path.parent.stat().st_mode & 0o222):
         raise KVTheoryError(
             f"{arg}: got {str(path)!r}; expected a path in a writable folder "
             f"({str(path.parent)!r} is read-only)"
@@ -66,7 +67,12 @@ def atomic_write(
     """
     path = Path(path)
     _ensure_dir(path, arg)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise KVTheoryError(
+            f"{arg}: got {str(path)!r}; expected a path in a writable folder ({exc.strerror})"
+        ) from None
     tmp = Path(tmp_name)
     try:
         if callable(write):

@@ -1,0 +1,98 @@
+"""One figure style for every kvtheory plot, sized for a paper column, saved as PNG and PDF.
+
+Figures are always drawn from saved results by a function; nothing is edited by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .io import atomic_write
+
+__all__ = ["COLUMN_WIDTH", "FULL_WIDTH", "COLORS", "style", "family", "new_figure", "save_figure"]
+
+#: width of one column of a two-column paper, inches
+COLUMN_WIDTH = 3.4
+#: width of a full page, inches
+FULL_WIDTH = 7.0
+
+#: colour per method family, used in every figure (colour-blind safe, Okabe-Ito)
+COLORS = {
+    "fp": "#000000",
+    "quant": "#0072B2",
+    "kivi": "#56B4E9",
+    "rank": "#D55E00",
+    "hybrid": "#009E73",
+    "theory": "#CC79A7",
+    "other": "#999999",
+}
+
+_RC = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 4,
+    "figure.dpi": 150,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,
+}
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    """Apply the kvtheory style inside a ``with`` block (matplotlib's rc_context)."""
+    import matplotlib
+
+    if not os.environ.get("DISPLAY"):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context(_RC):
+        yield
+
+
+def family(spec: str) -> str:
+    """Method family of a spec string, for its colour: fp, quant, kivi, rank, hybrid."""
+    if spec == "fp":
+        return "fp"
+    if spec.startswith("rank"):
+        return "hybrid" if "x" in spec.split("-")[0] else "rank"
+    if spec.startswith("int"):
+        return "kivi" if "kivi" in spec else "quant"
+    return "other"
+
+
+def new_figure(width: float = COLUMN_WIDTH, aspect: float = 0.75, nrows: int = 1, ncols: int = 1,
+               **kwargs):
+    """A figure of the given width (inches) and height ``width*aspect``."""
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width, width * aspect), **kwargs)
+
+
+def save_figure(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
+    """Save ``fig`` as ``name.png`` and ``name.pdf`` in ``out_dir``, atomically; close it."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    for ext in ("png", "pdf"):
+        target = out_dir / f"{name}.{ext}"
+        atomic_write(target, lambda tmp, ext=ext: fig.savefig(tmp, format=ext), arg="figures dir")
+        paths.append(target)
+    plt.close(fig)
+    return paths
