@@ -27,6 +27,10 @@ _EXPORTS = {
     "expected_quant_damage": "bounds",
     "exact_ratio": "bounds",
     "margin_certificate": "bounds",
+    "projection_kl": "bounds",
+    "mc_quant_damage": "bounds",
+    "rounded_quant_damage": "bounds",
+    "logit_bound": "bounds",
     "derivations": "symbolic",
     "verify_all": "symbolic",
     # compression
@@ -42,6 +46,8 @@ _EXPORTS = {
     "compressed_kv": "patch",
     "capture": "capture",
     "load_capture": "capture",
+    "save_capture": "capture",
+    "fit_compressors": "patch",
     "perplexity": "evaluate",
     "lambada": "evaluate",
 }

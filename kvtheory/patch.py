@@ -1,0 +1,425 @@
+r"""Compression inside attention: :func:`compressed_kv` routes every attention layer of a
+transformers model through an attention function registered with ``AttentionInterface``.
+
+How the routing works (transformers 5.x): each attention module looks its kernel up as
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
+with query/key/value shaped (batch, head, token, d): keys after RoPE (as the cache holds them)
+and before GQA expansion. For each original implementation ``X`` (``sdpa``, ``eager``, ...)
+we register ``kvtheory_X``, which compresses the key and value states and then calls ``X``
+itself (for ``eager``: the modelling file's own ``eager_attention_forward``, or GPT-2's
+``_upcast_and_reordered_attn`` when that model would use it), and register ``X``'s mask
+builder under the same name with ``AttentionMaskInterface`` — without it transformers
+builds no mask for an unknown name, and causal and padding masks silently disappear. The
+context manager sets ``config._attn_implementation`` on the model and every sub-config and
+restores all of them, and removes every hook, in ``finally``. Contexts nest: compressions
+compose, outermost first.
+
+``rope="pre"`` compresses keys before RoPE instead, in a forward hook on ``k_proj``
+(models without RoPE have pre = post). Compressors whose basis is learnt from data are fitted
+per (layer, kv_head) on calibration tokens (:func:`fit_compressors`; cached per model, specs,
+RoPE side and calibration ids). Under incremental decoding with a cache the whole cache is
+re-compressed at each step; evaluation here runs one forward pass per window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import sys
+import weakref
+from typing import Any, Callable, Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ._checks import check_choice
+from .errors import KVTheoryError, bad_argument
+
+__all__ = ["compressed_kv", "fit_compressors", "attention_modules", "clear_fit_cache", "PREFIX"]
+
+PREFIX = "kvtheory_"
+ROPE_SIDES = ("post", "pre")
+
+# attention module -> callbacks (q, k, v) -> (k, v), outermost context first
+_HANDLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> {cache key: {layer: (ck, cv)}}
+_FIT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ROUTES_CACHE: dict[type, bool] = {}
+
+
+def _unwrap(model: Any) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if hasattr(model, "info") and hasattr(model, "tokenizer") and isinstance(inner, nn.Module):
+        return inner  # a models.LoadedModel
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise bad_argument("model", model, "a transformers model or a kvtheory LoadedModel")
+    return model
+
+
+def _routes(cls: type) -> bool:
+    """Whether the class's forward looks its kernel up in ``ALL_ATTENTION_FUNCTIONS``."""
+    if cls not in _ROUTES_CACHE:
+        try:
+            src = inspect.getsource(inspect.unwrap(cls.forward))
+        except (OSError, TypeError):
+            src = ""
+        _ROUTES_CACHE[cls] = "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+    return _ROUTES_CACHE[cls]
+
+
+def attention_modules(model: Any) -> list[nn.Module]:
+    """The self-attention modules of ``model`` in layer order (list index = layer).
+
+    A module counts when its ``forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS``
+    (Llama/Mistral/Qwen2 ``*Attention``, ``GPT2Attention``, ``BertSelfAttention``); cross
+    attention is left out. Raises :class:`KVTheoryError` when there is none.
+    """
+    model = _unwrap(model)
+    found = [
+        m for m in model.modules()
+        if _routes(type(m)) and hasattr(m, "layer_idx") and not getattr(m, "is_cross_attention", False)
+        and "Cross" not in type(m).__name__
+    ]
+    if not found:
+        raise KVTheoryError(
+            f"model: got a {type(model).__name__} whose attention modules do not dispatch through "
+            "transformers' ALL_ATTENTION_FUNCTIONS; expected a model written for the AttentionInterface "
+            "(transformers >= 4.48 modelling code)"
+        )
+    return found
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The model's config, its sub-configs at any depth and every sub-module's config."""
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    todo = [model.config] + [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        cfg = todo.pop()
+        if not isinstance(cfg, PretrainedConfig) or id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        todo.extend(getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {}) or {})
+    return list(seen.values())
+
+
+def _delegate(original: str, module: nn.Module) -> Callable:
+    """The function ``original`` names for ``module`` (its own eager function for ``eager``)."""
+    namespace = vars(sys.modules[type(module).__module__])
+    if original == "eager":
+        if getattr(module, "reorder_and_upcast_attn", False) and hasattr(
+            module, "_upcast_and_reordered_attn"
+        ):
+            # GPT-2 calls this instead of any interface when eager + reorder_and_upcast_attn
+            return lambda m, q, k, v, mask, *args, **kwargs: m._upcast_and_reordered_attn(q, k, v, mask)
+        fn = namespace.get("eager_attention_forward")
+        if fn is None:
+            raise KVTheoryError(
+                f"model: got attention class {type(module).__name__} with no eager_attention_forward "
+                "in its modelling file; expected standard transformers modelling code"
+            )
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = namespace.get("ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+    return interface[original]
+
+
+def _make_attention(original: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        for handler in tuple(_HANDLERS.get(module, ())):
+            key, value = handler(query, key, value)
+        return _delegate(original, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"{PREFIX}{original}_attention"
+    return attention
+
+
+def _routed_name(original: str | None) -> str:
+    """Register ``kvtheory_<original>`` (attention and mask) once; return the name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    original = original or "eager"
+    if original.startswith(PREFIX):
+        return original  # already routed by an enclosing context
+    name = PREFIX + original
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_attention(original))
+    if name not in AttentionMaskInterface._global_mapping and original in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _layer_set(layers: Any, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int):
+        layers = [layers]
+    try:
+        out = sorted({int(x) if not isinstance(x, bool) else -1 for x in layers})
+    except (TypeError, ValueError):
+        raise bad_argument("layers", layers, f"None or layer indices in 0..{n - 1}") from None
+    if not out or out[0] < 0 or out[-1] >= n:
+        raise bad_argument("layers", layers, f"None or layer indices in 0..{n - 1}")
+    return out
+
+
+def _head_hook(fn: Callable[[Tensor], Tensor | None], head_dim: int) -> Callable:
+    """Forward hook on a projection: output (batch, token, head·d) seen as (batch, head, token, d)."""
+
+    def hook(proj, inputs, output):
+        heads = output.unflatten(-1, (-1, head_dim)).transpose(-3, -2)
+        new = fn(heads)
+        return None if new is None else new.transpose(-3, -2).flatten(-2)
+
+    return hook
+
+
+def _pre_rope(model: nn.Module) -> bool:
+    """Whether ``rope="pre"`` differs from post, i.e. the model applies RoPE."""
+    from .models import model_info
+
+    return model_info(model).rope
+
+
+@contextlib.contextmanager
+def _route(
+    model: nn.Module,
+    layers: list[int],
+    attention: Callable[[int], Callable] | None = None,
+    projections: dict[str, Callable[[int], Callable]] | None = None,
+) -> Iterator[list[nn.Module]]:
+    """Route ``model`` through the kvtheory attention functions while the block runs.
+
+    ``attention(layer)`` gives the handler ``(q, k, v) -> (k, v)`` of a layer;
+    ``projections[name](layer)`` a function of that projection's output as heads
+    (batch, head, token, d) returning a replacement or None.
+    """
+    modules = attention_modules(model)
+    saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None)) for cfg in _configs(model)]
+    handles, added = [], []
+    try:
+        for cfg, original in saved:
+            cfg._attn_implementation_internal = _routed_name(original)
+        for layer in layers:
+            module = modules[layer]
+            if attention is not None:
+                handler = attention(layer)
+                _HANDLERS.setdefault(module, []).append(handler)
+                added.append((module, handler))
+            for name, make in (projections or {}).items():
+                proj = getattr(module, name, None)
+                head_dim = getattr(module, "head_dim", None)
+                if not isinstance(proj, nn.Module) or not isinstance(head_dim, int):
+                    raise KVTheoryError(
+                        f"rope: got 'pre' for attention class {type(module).__name__}, which has no "
+                        f"{name} projection and head_dim; expected a Llama-style attention module"
+                    )
+                handles.append(proj.register_forward_hook(_head_hook(make(layer), head_dim)))
+        yield modules
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, handler in added:
+            stack = _HANDLERS.get(module, [])
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is handler:
+                    del stack[i]
+                    break
+            if not stack:
+                _HANDLERS.pop(module, None)
+        for cfg, original in reversed(saved):
+            cfg._attn_implementation_internal = original
+
+
+def _observe(
+    model: nn.Module, layers: list[int], rope: str, fn: Callable[[int, Tensor, Tensor, Tensor], None]
+) -> contextlib.AbstractContextManager:
+    """Call ``fn(layer, q, k, v)`` once per layer and forward, q and k on the ``rope`` side.
+
+    q is (batch, q_head, query, d); k and v are (batch, kv_head, token, d).
+    """
+    if rope == "post" or not _pre_rope(model):
+        return _route(model, layers, attention=lambda layer: _observer(layer, fn, None))
+    stash: dict[int, dict[str, Tensor]] = {}
+
+    def keep(layer, name):
+        def f(heads):
+            stash.setdefault(layer, {})[name] = heads
+        return f
+
+    return _route(
+        model, layers,
+        attention=lambda layer: _observer(layer, fn, stash),
+        projections={"q_proj": lambda layer: keep(layer, "q"), "k_proj": lambda layer: keep(layer, "k")},
+    )
+
+
+def _observer(layer: int, fn: Callable, stash: dict | None) -> Callable:
+    def handler(q, k, v):
+        if stash is None:
+            fn(layer, q, k, v)
+        else:
+            pre = stash.pop(layer)
+            fn(layer, pre["q"], pre["k"], v)
+        return k, v
+
+    return handler
+
+
+def _resolve(spec: Any, role: str) -> Any:
+    if isinstance(spec, str):
+        from .compress import make_compressor
+
+        return make_compressor(spec, role)
+    if callable(spec) and hasattr(spec, "needs_fit") and hasattr(spec, "fit"):
+        return spec
+    name = "keys" if role == "k" else "values"
+    raise bad_argument(name, spec, "a method spec such as 'int4-kivi' or a kvtheory Compressor")
+
+
+def _spec_key(spec: Any) -> Any:
+    return spec if isinstance(spec, str) else ("object", id(spec))
+
+
+def _ids_hash(ids: Tensor) -> str:
+    data = ids.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+
+
+def clear_fit_cache() -> None:
+    """Forget every cached fit."""
+    _FIT_CACHE.clear()
+
+
+def fit_compressors(
+    model: Any,
+    spec_k: Any,
+    spec_v: Any,
+    calibration_ids: Int[Tensor, "..."],
+    rope: str = "post",
+    layers: Any = None,
+) -> dict[int, tuple[Any, Any]]:
+    """Per-layer ``(keys, values)`` compressors, fitted per kv head on ``calibration_ids``.
+
+    Runs one forward pass over the calibration ids (batch, token), fitting each layer's
+    compressors on its keys (on the ``rope`` side, with the queries for query-aware bases)
+    and values as they pass; one layer is held in memory at a time. Results are cached per
+    model, specs, RoPE side, layers and a hash of the ids. Compressors that need no fit are
+    shared by all layers. The ids must be disjoint from the evaluation tokens.
+    """
+    model = _unwrap(model)
+    rope = check_choice("rope", rope, ROPE_SIDES)
+    ck0, cv0 = _resolve(spec_k, "k"), _resolve(spec_v, "v")
+    chosen = _layer_set(layers, len(attention_modules(model)))
+    if not (ck0.needs_fit or cv0.needs_fit):
+        return {layer: (ck0, cv0) for layer in chosen}
+    from .capture import _check_ids, _forward
+
+    ids = _check_ids(calibration_ids, "calibration")
+    key = (_spec_key(spec_k), _spec_key(spec_v), rope, tuple(chosen), _ids_hash(ids))
+    per_model = _FIT_CACHE.setdefault(model, {})
+    if key in per_model:
+        return dict(per_model[key][0])
+    fitted: dict[int, tuple[Any, Any]] = {}
+
+    def fit(layer, q, k, v):
+        ck = ck0.fit(k.float(), q.float()) if ck0.needs_fit else ck0
+        cv = cv0.fit(v.float()) if cv0.needs_fit else cv0
+        fitted[layer] = (ck, cv)
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), _observe(model, chosen, rope, fit):
+        _forward(model, ids.to(device))
+    missing = sorted(set(chosen) - set(fitted))
+    if missing:
+        raise KVTheoryError(
+            f"calibration: got no attention call for layers {missing}; expected every layer to run")
+    per_model[key] = (dict(fitted), (spec_k, spec_v))  # keep spec objects alive: ids are keys
+    return fitted
+
+
+def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"]) -> Float[Tensor, "batch kv_head token d"]:
+    """``comp(x)`` computed in float32 for half-precision states, returned in x's dtype."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    y = comp(x.float() if low else x)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _is_fp(comp: Any) -> bool:
+    from .compress import FP
+
+    return isinstance(comp, FP)
+
+
+@contextlib.contextmanager
+def compressed_kv(
+    model: Any,
+    keys: Any = "fp",
+    values: Any = "fp",
+    *,
+    calibration: Any = None,
+    rope: str = "post",
+    layers: Any = None,
+) -> Iterator[dict[int, tuple[Any, Any]]]:
+    """Run ``model`` with its key and value states compressed inside every attention layer.
+
+    ``keys``/``values``: a method spec (``"int4-kivi"``, ``"rank16-pca"``, ...) or a
+    Compressor; each acts on (batch, kv_head, token, d) states after RoPE and before GQA
+    expansion (``rope="pre"``: keys on ``k_proj``'s output, before RoPE). ``calibration``:
+    input ids (batch, token), disjoint from the evaluation tokens, for bases fitted on data,
+    or a ``{layer: (keys, values)}`` dict from :func:`fit_compressors`. ``layers``: the
+    layers to compress (default all). Yields the per-layer compressors. The model is restored
+    on exit, also after an exception.
+
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=20)).eval()
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> with torch.no_grad():
+    ...     ref = m(ids).logits
+    ...     with compressed_kv(m, keys="fp", values="fp"):
+    ...         inside = (m(ids).logits, m.config._attn_implementation)
+    >>> torch.equal(inside[0], ref), inside[1], m.config._attn_implementation
+    (True, 'kvtheory_sdpa', 'sdpa')
+    """
+    model = _unwrap(model)
+    rope = check_choice("rope", rope, ROPE_SIDES)
+    n = len(attention_modules(model))
+    chosen = _layer_set(layers, n)
+    if isinstance(calibration, dict):
+        missing = [layer for layer in chosen if layer not in calibration]
+        if missing:
+            raise bad_argument("calibration", f"dict of layers {sorted(calibration)}",
+                               f"fitted (keys, values) compressors for layers {chosen}")
+        plan = {layer: tuple(calibration[layer]) for layer in chosen}
+    else:
+        ck0, cv0 = _resolve(keys, "k"), _resolve(values, "v")
+        if (ck0.needs_fit or cv0.needs_fit) and calibration is None:
+            raise bad_argument(
+                "calibration", None,
+                f"calibration input ids (disjoint from the evaluation tokens) to fit the basis of "
+                f"keys={keys!r}, values={values!r}")
+        plan = fit_compressors(model, keys, values, calibration, rope, chosen) if (
+            ck0.needs_fit or cv0.needs_fit) else {layer: (ck0, cv0) for layer in chosen}
+    pre = rope == "pre" and _pre_rope(model)
+
+    def attention(layer):
+        ck, cv = plan[layer]
+        ck = None if (pre or _is_fp(ck)) else ck
+        cv = None if _is_fp(cv) else cv
+
+        def handler(q, k, v):
+            return (k if ck is None else _apply(ck, k)), (v if cv is None else _apply(cv, v))
+
+        return handler
+
+    projections = {}
+    if pre and not all(_is_fp(plan[layer][0]) for layer in chosen):
+        projections["k_proj"] = lambda layer: (lambda heads: _apply(plan[layer][0], heads))
+    with _route(model, chosen, attention=attention, projections=projections):
+        yield plan
