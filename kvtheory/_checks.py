@@ -51,8 +51,8 @@ def check_tensor(
             f"{name}: got a tensor with {x.ndim} dimensions, shape {tuple(x.shape)}; "
             f"expected at least {min_ndim} dimensions{f' ({axes})' if axes else ''}"
         )
-    if floating and not (x.is_floating_point() or x.is_complex()):
-        raise KVTheoryError(f"{name}: got dtype {x.dtype}; expected a floating-point tensor")
+    if floating and not x.is_floating_point():
+        raise KVTheoryError(f"{name}: got dtype {x.dtype}; expected a real floating-point tensor")
     if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

@@ -252,7 +252,7 @@ class RandomBasis(Basis):
     data_dependent: ClassVar[bool] = False
 
     def __post_init__(self):
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, 2**64 - 1)  # torch.Generator's range
 
     @property
     def name(self) -> str:
@@ -358,7 +358,7 @@ def basis_from_name(name: str) -> Basis:
              "hadamard": HadamardBasis(), "qaware": QAwareBasis()}
     if isinstance(name, str) and name in fixed:
         return fixed[name]
-    m = re.fullmatch(r"random(\d*)", name) if isinstance(name, str) else None
+    m = re.fullmatch(r"random([0-9]*)", name) if isinstance(name, str) else None
     if m is None:
         raise bad_argument("basis", name, f"one of {', '.join(BASIS_NAMES)} or random{{seed}}")
     return RandomBasis(int(m.group(1) or 0))

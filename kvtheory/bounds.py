@@ -409,6 +409,14 @@ def margin_certificate(
     bound = _logit_bound(q, steps, per_token)
     check_tensor("k", k, min_ndim=2, axes="*batch token d")
     check_same_d("q", q, "k", k)
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2],
+                               steps.shape[:-2] if per_token else steps.shape[:-1])
+    except RuntimeError:
+        raise KVTheoryError(
+            f"k: got leading axes {tuple(k.shape[:-2])} (steps: shape {tuple(steps.shape)}); "
+            f"expected leading axes that broadcast with those of q, {tuple(q.shape[:-2])}"
+        ) from None
     q, k = _upcast(q, k)
     s = q @ k.mT / math.sqrt(q.shape[-1])
     mask = _check_mask(mask, s)

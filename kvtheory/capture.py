@@ -91,6 +91,21 @@ def _check_ids(ids: Any, name: str) -> Tensor:
     return ids[None] if ids.ndim == 1 else ids
 
 
+def _check_fits(model: Any, ids: Tensor, name: str) -> None:
+    """Sequences no longer than the model's context, ids inside its vocabulary."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and ids.shape[-1] > limit:
+        raise KVTheoryError(f"{name}: got {ids.shape[-1]} tokens per sequence; expected at most "
+                            f"{limit}, the context length of the model (max_position_embeddings)")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(config, "vocab_size", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if isinstance(vocab, int) and (lo < 0 or hi >= vocab):
+        raise KVTheoryError(f"{name}: got token ids in {lo}..{hi}; expected ids in 0..{vocab - 1}, "
+                            "the vocabulary of the model")
+
+
 def _forward(model: nn.Module, ids: Tensor, attention_mask: Tensor | None = None) -> Any:
     kwargs: dict[str, Any] = {"input_ids": ids}
     if attention_mask is not None:
@@ -145,6 +160,7 @@ def capture(
         raise bad_argument("attention_mask", attention_mask,
                            f"a (batch, token) mask matching input_ids {tuple(ids.shape)}")
     chosen = _layer_set(layers, len(attention_modules(model)))
+    _check_fits(model, ids, "input_ids")
     info = model_info(model, name)
     tensors: dict[int, dict[str, Tensor]] = {}
     from tqdm.auto import tqdm

@@ -342,8 +342,8 @@ class MethodSpec:
                 + ("-sym" if self.symmetric else ""))
 
 
-_HEAD = re.compile(r"fp|int(\d+)|rank(\d+)(?:x(\d+))?")
-_BASIS = re.compile(r"identity|pcac?|random\d*|hadamard|qaware")
+_HEAD = re.compile(r"fp|int([0-9]+)|rank([0-9]+)(?:x([0-9]+))?")  # ASCII digits only
+_BASIS = re.compile(r"identity|pcac?|random[0-9]*|hadamard|qaware")
 
 
 def parse_method(spec: str | MethodSpec) -> MethodSpec:
@@ -367,7 +367,7 @@ def parse_method(spec: str | MethodSpec) -> MethodSpec:
     for opt in opts:
         if opt in ("sym", "kivi"):
             key, value = opt, opt
-        elif re.fullmatch(r"g\d+", opt):
+        elif re.fullmatch(r"g[0-9]+", opt):
             key, value = "group", int(opt[1:])
         elif _BASIS.fullmatch(opt):
             key, value = "basis", opt

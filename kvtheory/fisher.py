@@ -80,6 +80,16 @@ def _check_mask(mask: object, like: Tensor, name: str = "mask") -> Tensor | None
     return mask.to(like.device)
 
 
+def _check_broadcast(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise KVTheoryError(
+            f"{name_b}: got shape {tuple(b.shape)}; expected a shape that broadcasts with "
+            f"{name_a}'s {tuple(a.shape)} (the last axis is the token axis n)"
+        ) from None
+
+
 def _check_finite_where(name: str, x: Tensor, mask: Tensor | None) -> None:
     """Values must be finite where the mask allows (everywhere when there is no mask)."""
     finite = torch.isfinite(x)
@@ -215,6 +225,7 @@ def fisher_damage(
     """
     check_tensor("p", p, min_ndim=1, axes="*batch n")
     check_tensor("delta", delta, min_ndim=1, finite=False, axes="*batch n")
+    _check_broadcast("p", p, "delta", delta)
     given = p.dtype
     p, delta = _upcast(p, delta)
     mask = _check_mask(mask, p)
@@ -269,6 +280,7 @@ def softmax_kl(
     """
     check_tensor("s", s, min_ndim=1, finite=False, axes="*batch n")
     check_tensor("delta", delta, min_ndim=1, finite=False, axes="*batch n")
+    _check_broadcast("s", s, "delta", delta)
     s, delta = _upcast(s, delta)
     mask = _check_mask(mask, s)
     _check_finite_where("delta", delta, mask)

@@ -41,15 +41,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _read_only(folder: Path) -> bool:
+    # A folder without any write bit is read-only by intent, even for root (who could write).
+    return not os.access(folder, os.W_OK) or not (folder.stat().st_mode & 0o222)
+
+
 def _ensure_dir(path: Path, arg: str) -> None:
+    # the nearest existing folder: root could create sub-folders inside a read-only one
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and existing != path.parent and _read_only(existing):
+        raise KVTheoryError(
+            f"{arg}: got {str(path)!r}; expected a path in a writable folder "
+            f"({str(existing)!r} is read-only)"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KVTheoryError(
             f"{arg}: got {str(path)!r}; expected a path whose folder can be created ({exc.strerror})"
         ) from None
-    # A folder without any write bit is read-only by intent, even for root (who could write).
-    if not os.access(path.parent, os.W_OK) or not (path.parent.stat().st_mode & 0o222):
+    if _read_only(path.parent):
         raise KVTheoryError(
             f"{arg}: got {str(path)!r}; expected a path in a writable folder "
             f"({str(path.parent)!r} is read-only)"

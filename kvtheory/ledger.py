@@ -96,6 +96,8 @@ def rank_bits_per_element(
 
 
 def _basis(basis: str, d: int, rank: int, tokens: int | None) -> Fraction:
+    if basis == "hadamard" and d & (d - 1):  # as the compressor itself refuses it
+        raise bad_argument("d", d, "a power of two for the Hadamard basis")
     if tokens is None or basis == "hadamard" or basis.startswith("random"):
         return Fraction(0)
     if basis == "identity":
@@ -250,4 +252,8 @@ def ledger_table(
     """
     if isinstance(specs, str):
         specs = [specs]
+    try:
+        specs = list(specs)
+    except TypeError:
+        raise bad_argument("specs", specs, "a method spec or a list of method specs") from None
     return [breakdown(s, d, tokens, role=role) for s in specs]

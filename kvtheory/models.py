@@ -257,6 +257,9 @@ def load_model(
         torch_device = torch.device(device)
     except (RuntimeError, TypeError):
         raise bad_argument("device", device, "a torch device such as 'cpu' or 'cuda:0'") from None
+    if device_map is None and torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise bad_argument("device", device, "an available device (this torch has no CUDA device); "
+                           "use 'cpu'")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -272,9 +275,13 @@ def load_model(
             raise KVTheoryError(
                 f"model: got folder {name!r} without config.json; expected a saved Hugging Face model folder"
             )
+        from safetensors import SafetensorError
+
         try:
             model, tok = _from_pretrained(str(path) if path.exists() else name, None, dtype, device_map)
-        except (OSError, ValueError, KeyError) as exc:
+        except KVTheoryError:  # already says what is wrong (e.g. a missing package)
+            raise
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # missing, corrupted
             raise KVTheoryError(
                 f"model: got {name!r}; expected a registry name ({', '.join(REGISTRY)}), an existing "
                 "model folder, or a Hugging Face id that is cached or reachable (Hub ids need network; "

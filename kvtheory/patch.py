@@ -318,9 +318,10 @@ def fit_compressors(
     chosen = _layer_set(layers, len(attention_modules(model)))
     if not (ck0.needs_fit or cv0.needs_fit):
         return {layer: (ck0, cv0) for layer in chosen}
-    from .capture import _check_ids, _forward
+    from .capture import _check_fits, _check_ids, _forward
 
     ids = _check_ids(calibration_ids, "calibration")
+    _check_fits(model, ids, "calibration")
     key = (_spec_key(spec_k), _spec_key(spec_v), rope, tuple(chosen), _ids_hash(ids))
     per_model = _FIT_CACHE.setdefault(model, {})
     if key in per_model:

@@ -427,4 +427,5 @@ def verify_all(n_points: int = 20, seed: int = 0) -> list[dict[str, Any]]:
     >>> all(r["symbolic"] and r["numeric_max_abs_err"] < 1e-9 for r in rows)
     True
     """
+    n_points, seed = check_int("n_points", n_points, 1), check_int("seed", seed, 0)  # before the sympy work
     return [verification_row(d, n_points, seed) for d in derivations()]

@@ -73,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise bad_argument("--out", str(out), "a folder (it exists as a file)")
+    from ..capture import TENSOR_FILE
+    from ..io import _ensure_dir
+
+    _ensure_dir(out / TENSOR_FILE, "--out")  # fail before the work, not after it
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # errors stay one line on stderr
+    except ImportError:  # pragma: no cover
+        pass
     text = _text(args)  # corpus errors surface before the model loads
     t0 = time.perf_counter()
     lm = load_model(args.model, device=args.device, dtype=args.dtype)

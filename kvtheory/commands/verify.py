@@ -61,12 +61,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import _ensure_dir, write_json
-    from ..symbolic import derivations, verification_row
 
     points = check_int("--points", args.points, 1)
     seed = check_int("--seed", args.seed, 0)
     if args.json:  # fail before the work, not after it
         _ensure_dir(Path(args.json), "--json")
+    from ..symbolic import derivations, verification_row
     rows = []
     for derivation in derivations():
         try:

@@ -1,0 +1,123 @@
+"""GPU benchmarks for a machine where nothing can be downloaded (see benchmarks/README.md).
+
+The model is a ``LlamaForCausalLM`` of SmolLM2-135M's shape with random weights, the tokens are
+random, and the flip engine gets synthetic tensors. Runs, for float32 and bfloat16:
+
+* ``eval``: PPL evaluation under int4-kivi / rank16-pca vs the uncompressed forward
+  (4 windows × 1024 and 2 × 4096 tokens; the PCA basis is fitted once on 1 random window);
+* ``flips``: ``attention_metrics`` vs the two bare matmuls at T = 8192 and 16384;
+* ``memory``: peak ``torch.cuda.max_memory_allocated`` of ``attention_metrics`` at 32,768 tokens;
+
+and a bf16 (and fp32) ``n×n`` matmul to measure the peak the flip engine is held against.
+Writes the JSON after every step (partial results survive a time-out) and prints the table.
+
+    PYTHONPATH=. python3 benchmarks/gpu_job.py --out gpu.json          # on the GPU machine
+    PYTHONPATH=. python3 benchmarks/gpu_job.py --small --device cpu     # plumbing dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from kvtheory import bench  # noqa: E402
+from kvtheory.io import write_json  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/gpu.json")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--small", action="store_true", help="tiny sizes: a dry run of the plumbing")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    small = args.small
+    shape = dict(num_hidden_layers=2) if small else {}
+    eval_sizes = [(2, 128)] if small else [(4, 1024), (2, 4096)]
+    flip_tokens = [256] if small else [8192, 16384]
+    mem_tokens = 1024 if small else 32768
+    peak_n = 256 if small else 8192
+    vocab = bench.SMOLLM2_SHAPE["vocab_size"]
+
+    settings = {"device": str(dev), "reps": args.reps, "small": small, "model":
+                "LlamaForCausalLM, SmolLM2-135M shape, random weights (seed 0)",
+                "model_shape": {**bench.SMOLLM2_SHAPE, **shape}, "eval_windows": eval_sizes,
+                "calib_windows": 1, "tokens": "random ids (seeded)", "flip_tokens": flip_tokens,
+                "memory_tokens": mem_tokens, "matmul_n": peak_n,
+                "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+    cases: list[dict] = []
+    doc = bench.results_document(cases, settings=settings)
+    doc["job"] = "benchmarks/gpu_job.py"
+    doc["errors"] = []
+
+    def save() -> None:
+        doc["rows"] = [r for c in cases for r in c["rows"]]
+        write_json(args.out, doc, arg="--out")
+
+    def step(name: str, fn) -> object:
+        t0 = time.perf_counter()
+        print(f"[gpu_job] {name} ...", flush=True)
+        try:
+            out = fn()
+        except Exception as exc:  # keep going: the other steps' results still count
+            traceback.print_exc()
+            doc["errors"].append({"step": name, "error": f"{type(exc).__name__}: {exc}",
+                                  "traceback": traceback.format_exc()[-3000:]})
+            out = None
+        print(f"[gpu_job] {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+        return out
+
+    peak = step("matmul peak bf16", lambda: bench.matmul_peak(n=peak_n, device=dev,
+                                                             dtype=torch.bfloat16))
+    doc["matmul_peak"] = peak
+    doc["matmul_peak_fp32"] = step("matmul peak fp32", lambda: bench.matmul_peak(
+        n=peak_n, device=dev, dtype=torch.float32))
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        model = step(f"model {name}", lambda: bench.smollm2_shaped_model(dev, dtype, **shape))
+        if model is not None:
+            for w, n in eval_sizes:
+                windows = bench.random_ids(n, vocab, batch=w, seed=1)
+                calib = bench.random_ids(n, vocab, batch=1, seed=2)
+                res = step(f"eval {name} {w}x{n}", lambda: bench.case_eval(
+                    model, windows, calib, reps=args.reps))
+                if res is not None:
+                    cases.append(res)
+            del model
+        for t in flip_tokens:
+            res = step(f"flips {name} T={t}", lambda: bench.case_flips(
+                tokens=t, device=dev, dtype=dtype, reps=args.reps))
+            if res is not None:
+                if peak:
+                    for row in res["rows"]:
+                        if row["what"].startswith("attention_metrics vs 2 bare"):
+                            tf = res["tflops"]["attention_metrics"]
+                            row["note"] += (f"; {100 * tf / peak['tflops']:.1f}% of the bf16 "
+                                            f"matmul peak {peak['tflops']:.0f} TFLOP/s")
+                cases.append(res)
+        res = step(f"memory {name}", lambda: bench.case_memory(
+            tokens=mem_tokens, device=dev, dtype=dtype))
+        if res is not None:
+            cases.append(res)
+        save()
+    print(bench.table_text(doc["rows"]))
+    if peak:
+        print(f"bf16 matmul peak: {peak['tflops']:.1f} TFLOP/s (n={peak['n']}); "
+              f"GPU: {(doc['machine']['gpu'] or {}).get('name')}")
+    print(f"errors: {len(doc['errors'])}; wrote {args.out}")
+    return 1 if doc["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

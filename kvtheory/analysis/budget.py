@@ -1,0 +1,383 @@
+r"""Storage-budget curves (issue 4 §4): WikiText-2 perplexity against bits per cached element.
+
+Every method of the grid (``int{b}``, ``int{b}-kivi`` for b = 2, 3, 4, 8; PCA ranks
+d/8..3d/4 and the ranks matched to each quantizer; hybrids) is evaluated with three targets:
+keys only (``k``), values only (``v``) and both (``kv``), on the same windows. Its storage
+comes from :func:`kvtheory.ledger.bits_per_element` with the real token count (the window
+length ``L``: the basis of rank methods is amortised over the ``L`` cached tokens, KIVI keys
+use :math:`\lceil L/128\rceil` groups); for ``kv`` it is the mean of the key and value bits
+(the cache holds as many key as value elements):
+
+.. math:: b_{kv} = \tfrac12\,(b_k + b_v), \qquad \text{reduction} = 1 - b/16.
+
+**Matched storage (C1/C2).** At the budget :math:`B` of each plain quantizer ``int{b}``
+(:math:`b + 32/d` bits), the best evaluated quantizer, rank method and hybrid with bits
+:math:`\le B` are compared: gap = PPL(best rank) − PPL(best quantizer) (likewise for hybrids).
+
+**Shared evaluations.** :func:`ppl_point` memoises one perplexity per (model, key spec, value
+spec, RoPE side, evaluation ids, calibration ids, n_boot, seed) in this process and, with a
+``root``, on disk under ``root/cache/ppl``; the basis of data-dependent methods is fitted once
+per (model, basis, RoPE side, calibration ids) by :func:`fitted_plan` and reused by every rank,
+rotated quantizer and hybrid. :mod:`.ablation` and :mod:`.predictor` call the same helper.
+
+Calibration windows come from the END of the corpus, evaluation windows from its start
+(:func:`kvtheory.evaluate.split_windows`): they never share a token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .._checks import check_choice, check_int
+from ..errors import KVTheoryError, bad_argument
+from .common import hybrid_specs, rank_specs, small
+
+__all__ = ["BudgetConfig", "ppl_point", "fitted_plan", "clear_memo", "CALLS", "storage_bits",
+           "eval_windows", "matched_gaps", "run", "plot", "summary", "TARGETS"]
+
+TARGETS = ("k", "v", "kv")
+#: number of real perplexity evaluations per memo key (tests read it)
+CALLS: Counter = Counter()
+_MEMO: dict[str, dict] = {}
+_BASES: dict[tuple, dict[int, tuple[Any, Any]]] = {}
+_TARGET_NAMES = {"k": "K only", "v": "V only", "kv": "K + V"}
+
+
+def clear_memo() -> None:
+    """Forget every memoised perplexity and fitted basis (the disk cache stays)."""
+    _MEMO.clear()
+    _BASES.clear()
+    CALLS.clear()
+
+
+def _ids_hash(ids: Tensor | None) -> str | None:
+    if ids is None:
+        return None
+    data = ids.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
+
+
+def _unwrap(model: Any) -> torch.nn.Module:
+    return model.model if hasattr(model, "info") and hasattr(model, "tokenizer") else model
+
+
+def fitted_plan(model: Any, model_key: str, k_spec: str, v_spec: str, *, rope: str = "post",
+                calibration: Int[Tensor, "batch token"] | None = None) -> dict[int, tuple[Any, Any]]:
+    r"""Per-layer ``(keys, values)`` compressors for ``k_spec``/``v_spec``, their data-dependent
+    bases fitted once per (model, basis, rope, calibration) and shared by every spec in that basis
+    (the basis is fitted with a rank-1 spec: the fitted basis is the full d×d rotation).
+
+    Values are never fitted with ``qaware`` (it needs queries): that raises KVTheoryError.
+    """
+    from ..compress import make_compressor, parse_method
+    from ..patch import attention_modules, fit_compressors
+
+    inner = _unwrap(model)
+    rope = check_choice("rope", rope, ("post", "pre"))
+    n = len(attention_modules(inner))
+    comps = {"k": make_compressor(k_spec, "k"), "v": make_compressor(v_spec, "v")}
+    plan = {layer: [comps["k"], comps["v"]] for layer in range(n)}
+    for i, (role, spec) in enumerate((("k", k_spec), ("v", v_spec))):
+        if not comps[role].needs_fit:
+            continue
+        if calibration is None:
+            raise bad_argument("calibration", None, f"calibration ids to fit the basis of {spec!r}")
+        basis = parse_method(spec).basis
+        if role == "v" and basis == "qaware":
+            raise bad_argument("values", spec, "a value spec without the qaware basis (it needs queries)")
+        key = (model_key, basis, rope, _ids_hash(calibration))
+        if key not in _BASES:
+            vspec = "fp" if basis == "qaware" else f"rank1-{basis}"
+            _BASES[key] = fit_compressors(inner, f"rank1-{basis}", vspec, calibration, rope)
+        for layer in range(n):
+            fitted = _BASES[key][layer][i].fitted
+            plan[layer][i] = replace(comps[role], fitted=fitted)
+    return {layer: (ck, cv) for layer, (ck, cv) in plan.items()}
+
+
+def _target_specs(spec: str, target: str) -> tuple[str, str]:
+    check_choice("target", target, TARGETS)
+    return (spec if target in ("k", "kv") else "fp", spec if target in ("v", "kv") else "fp")
+
+
+def ppl_point(model: Any, model_key: str, spec: str, target: str, *,
+              windows: Int[Tensor, "batch token"], calibration: Int[Tensor, "batch token"] | None,
+              rope: str = "post", n_boot: int = 1000, seed: int = 0,
+              root: str | Path | None = None, progress: bool = False) -> dict:
+    """Perplexity of ``windows`` with ``spec`` applied to ``target`` (k, v or kv), memoised.
+
+    Returns :class:`kvtheory.evaluate.Score` as a dict (metric, value, ci_low, ci_high,
+    n_tokens, n_items). ``spec == "fp"`` runs the bare model. The memo key holds the model key,
+    the key and value specs, the RoPE side (``"post"`` whenever the keys are not compressed),
+    SHA-256 of the evaluation and calibration ids, n_boot and seed.
+    """
+    from ..evaluate import perplexity
+    from ..io import read_json, write_json
+    from ..store import config_hash
+
+    from ..compress import make_compressor
+
+    ks, vs = _target_specs(spec, target)
+    rope = check_choice("rope", rope, ("post", "pre")) if ks != "fp" else "post"
+    fit = make_compressor(ks, "k").needs_fit or make_compressor(vs, "v").needs_fit
+    key = {"model": model_key, "k": ks, "v": vs, "rope": rope, "windows": _ids_hash(windows),
+           "calibration": _ids_hash(calibration) if fit else None,
+           "n_boot": int(n_boot), "seed": int(seed)}
+    h = config_hash(key)
+    if h in _MEMO:
+        return dict(_MEMO[h])
+    path = Path(root) / "cache" / "ppl" / f"ppl-{h}.json" if root is not None else None
+    if path is not None and path.exists():
+        saved = read_json(path)
+        if isinstance(saved, dict) and saved.get("key") == key:
+            _MEMO[h] = saved["score"]
+            return dict(saved["score"])
+    inner = _unwrap(model)
+    if (ks, vs) == ("fp", "fp"):
+        score = perplexity(inner, windows, n_boot=n_boot, seed=seed, progress=progress)
+    else:
+        plan = fitted_plan(inner, model_key, ks, vs, rope=rope, calibration=calibration)
+        score = perplexity(inner, windows, keys=ks, values=vs, calibration=plan, rope=rope,
+                           n_boot=n_boot, seed=seed, progress=progress)
+    CALLS[h] += 1
+    out = dataclasses.asdict(score)
+    _MEMO[h] = out
+    if path is not None:
+        write_json(path, {"key": key, "score": out}, arg="root")
+    return dict(out)
+
+
+def storage_bits(spec: str, target: str, d: int, tokens: int) -> float:
+    r"""Bits per cached element of ``spec`` on ``target``: the K or V bits, or for ``kv`` their
+    mean :math:`\tfrac12(b_k+b_v)`; uncompressed tensors count 16.
+
+    >>> storage_bits("int4-kivi", "kv", 64, 512), storage_bits("int4-kivi", "v", 64, 512)
+    (4.375, 4.5)
+    """
+    from ..ledger import bits_per_element
+
+    ks, vs = _target_specs(spec, target)
+    bk = bits_per_element(ks, d, tokens, role="k")
+    bv = bits_per_element(vs, d, tokens, role="v")
+    return {"k": bk, "v": bv, "kv": (bk + bv) / 2}[target]
+
+
+def _default_methods(d: int, tokens: int, bits: tuple[int, ...]) -> list[str]:
+    """Quantizers at ``bits``, PCA ranks d/8..3d/4 plus the ranks matched to each ``int{b}``,
+    the hybrids of :func:`common.hybrid_specs` plus those matched to INT4 (4 and 8 bits)."""
+    from ..ledger import bits_per_element, matched
+
+    quant = [s for b in bits for s in (f"int{b}", f"int{b}-kivi")]
+    ranks = rank_specs(d)
+    hybrids = hybrid_specs(d)
+    for b in bits:
+        for s in matched(bits_per_element(f"int{b}", d, tokens), d, tokens, hybrid_bits=(4, 8)):
+            if s.family == "rank":
+                ranks.append(s.spec)
+            elif s.family == "hybrid" and b == 4 and not s.spec.startswith(f"rank{d}x"):
+                hybrids.append(s.spec)
+    rank_of = lambda s: int(s.split("-")[0][4:].split("x")[0])  # noqa: E731
+    return quant + sorted(dict.fromkeys(ranks), key=rank_of) + list(dict.fromkeys(hybrids))
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """``seq_len`` tokens per window, ``n_windows`` evaluation windows from the start of
+    WikiText-2, ``calib_windows`` from its end; ``methods`` None: the default grid at the
+    model's d (see :func:`_default_methods`). Default size: 1 window × 512 tokens (a CPU
+    budget; see the report), ``small``: 1 × 128 and a short grid."""
+
+    model: str = "smollm2-135m"
+    seq_len: int = 512
+    n_windows: int = 1
+    calib_windows: int = 1
+    methods: tuple[str, ...] | None = None
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    targets: tuple[str, ...] = TARGETS
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        from ..compress import parse_method
+
+        if not isinstance(self.model, str) or not self.model:
+            raise bad_argument("model", self.model, "a model name or path")
+        check_int("seq_len", self.seq_len, 8)
+        check_int("n_windows", self.n_windows, 1)
+        check_int("calib_windows", self.calib_windows, 1)
+        if self.methods is not None:
+            if isinstance(self.methods, str) or not self.methods:
+                raise bad_argument("methods", self.methods, "None or a non-empty tuple of specs")
+            object.__setattr__(self, "methods", tuple(str(parse_method(s)) for s in self.methods))
+        if isinstance(self.bits, (int, str)) or not self.bits:
+            raise bad_argument("bits", self.bits, "a non-empty tuple of bit widths")
+        object.__setattr__(self, "bits", tuple(check_int("bits", b, 1, 16) for b in self.bits))
+        if isinstance(self.targets, str) or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise bad_argument("targets", self.targets, "a non-empty subset of k, v, kv")
+        object.__setattr__(self, "targets", tuple(check_choice("targets", t, TARGETS)
+                                                  for t in self.targets))
+        check_int("n_boot", self.n_boot, 1)
+        check_int("seed", self.seed, 0)
+
+    @classmethod
+    def for_size(cls, size: str | None = None, **kw) -> BudgetConfig:
+        """The default size, or with ``size="small"`` / ``KVTHEORY_SMALL=1`` a notebook size."""
+        if (size or ("small" if small() else "default")) == "small":
+            kw = {"seq_len": 128, "methods": ("int8", "int4", "int4-kivi", "int2-kivi",
+                                              "rank16-pca", "rank32-pca", "rank32x8-pca")} | kw
+        return cls(**kw)
+
+
+def eval_windows(model_name: str, seq_len: int, n_windows: int, calib_windows: int,
+                 data_dir=None) -> tuple[Tensor, Tensor]:
+    """``(eval (W, L), calibration (c, L))`` WikiText-2 ids: start and end of the test split."""
+    from ..evaluate import split_windows
+    from .common import wikitext_ids
+
+    ids = wikitext_ids(model_name, str(data_dir) if data_dir is not None else None)
+    return split_windows(ids, seq_len, n_windows, calib_windows)
+
+
+def matched_gaps(points: list[dict], target: str, budget: float) -> dict:
+    """Best evaluated quantizer, rank and hybrid with ``bits <= budget`` (+1e-9) on ``target``,
+    and the gaps PPL(rank) − PPL(quant), PPL(hybrid) − PPL(quant) (None when a family has no
+    method within the budget).
+
+    >>> pts = [{"spec": "int4", "family": "quant", "target": "kv", "bits": 4.5, "ppl": 10.0},
+    ...        {"spec": "rank16-pca", "family": "rank", "target": "kv", "bits": 4.5, "ppl": 90.0}]
+    >>> g = matched_gaps(pts, "kv", 4.5); g["quant"]["spec"], g["gap_rank"], g["gap_hybrid"]
+    ('int4', 80.0, None)
+    """
+    best = {}
+    for fam, members in (("quant", ("quant", "kivi")), ("rank", ("rank",)), ("hybrid", ("hybrid",))):
+        cand = [p for p in points if p["target"] == target and p["family"] in members
+                and p["bits"] <= budget + 1e-9]
+        best[fam] = None if not cand else {k: min(cand, key=lambda p: p["ppl"])[k]
+                                           for k in ("spec", "bits", "ppl")}
+    q = best["quant"]
+    gap = {f"gap_{f}": (None if q is None or best[f] is None else best[f]["ppl"] - q["ppl"])
+           for f in ("rank", "hybrid")}
+    return {"budget": budget, **best, **gap}
+
+
+def run(cfg: BudgetConfig | None = None, *, data_dir=None, root=None, progress: bool = True) -> dict:
+    """PPL against storage for every (method, target); plain JSON values.
+
+    Keys: model, d, seq_len, n_windows, calib_windows, n_tokens (predicted tokens), fp (Score
+    dict), points [{spec, family, target, bits, ppl, ci_low, ci_high, dppl}], matched
+    {target: [matched_gaps at each int{b} budget]}, c8 {spec: {bits_kv, reduction,
+    nominal_reduction, ppl, dppl}} for joint K+V INT4, evaluations (new evaluations run), seconds.
+    """
+    from ..ledger import bits_per_element
+    from ..plotstyle import family
+    from .common import get_model
+
+    cfg = cfg or BudgetConfig.for_size()
+    t0 = time.perf_counter()
+    lm = get_model(cfg.model)
+    d = lm.info.d
+    ev, cal = eval_windows(cfg.model, cfg.seq_len, cfg.n_windows, cfg.calib_windows, data_dir)
+    methods = list(cfg.methods) if cfg.methods else _default_methods(d, cfg.seq_len, cfg.bits)
+    kw = dict(windows=ev, calibration=cal, n_boot=cfg.n_boot, seed=cfg.seed, root=root)
+    before = sum(CALLS.values())
+    fp = ppl_point(lm, cfg.model, "fp", "kv", **kw)
+    points = []
+    from tqdm.auto import tqdm
+
+    jobs = [(t, s) for t in cfg.targets for s in methods]
+    for target, spec in tqdm(jobs, desc="budget", disable=not progress, leave=False):
+        sc = ppl_point(lm, cfg.model, spec, target, **kw)
+        points.append({"spec": spec, "family": family(spec), "target": target,
+                       "bits": storage_bits(spec, target, d, cfg.seq_len), "ppl": sc["value"],
+                       "ci_low": sc["ci_low"], "ci_high": sc["ci_high"],
+                       "dppl": sc["value"] - fp["value"]})
+    matched = {t: [matched_gaps(points, t, bits_per_element(f"int{b}", d, cfg.seq_len)) | {"quant_bits": b}
+                   for b in cfg.bits] for t in cfg.targets}
+    c8 = {}
+    for p in points:
+        if p["target"] == "kv" and p["spec"] in ("int4", "int4-kivi"):
+            c8[p["spec"]] = {"bits_kv": p["bits"], "reduction": 1 - p["bits"] / 16,
+                             "nominal_reduction": 1 - 4 / 16, "ppl": p["ppl"], "dppl": p["dppl"]}
+    return {"model": cfg.model, "d": d, "seq_len": cfg.seq_len, "n_windows": int(ev.shape[0]),
+            "calib_windows": cfg.calib_windows, "n_tokens": fp["n_tokens"], "fp": fp,
+            "points": points, "matched": matched, "c8": c8,
+            "evaluations": sum(CALLS.values()) - before, "seconds": time.perf_counter() - t0}
+
+
+def _at_budget(result: dict, target: str, b: int) -> dict | None:
+    rows = [m for m in result["matched"].get(target, []) if m.get("quant_bits") == b]
+    return rows[0] if rows else None
+
+
+def summary(result: dict) -> dict[str, float | str]:
+    """Headline numbers: fp PPL; at the INT4 budget for K+V (else the first target) the best
+    quantizer, rank and hybrid with their PPL and the gaps (C1, C2); C8's K+V INT4 reduction and
+    ΔPPL (KIVI and per-token)."""
+    out: dict[str, float | str] = {"fp_ppl": result["fp"]["value"], "n_tokens": float(result["n_tokens"])}
+    target = "kv" if "kv" in result["matched"] else next(iter(result["matched"]))
+    m = _at_budget(result, target, 4)
+    if m is not None:
+        out["int4_budget_bits"] = m["budget"]
+        out["int4_budget_target"] = target
+        for fam in ("quant", "rank", "hybrid"):
+            if m[fam] is not None:
+                out[f"int4_budget_best_{fam}"] = m[fam]["spec"]
+                out[f"int4_budget_best_{fam}_ppl"] = m[fam]["ppl"]
+        for g in ("gap_rank", "gap_hybrid"):
+            if m[g] is not None:
+                out[f"int4_budget_{g}"] = m[g]
+    for spec, c in result["c8"].items():
+        out[f"c8_{spec}_reduction"] = c["reduction"]
+        out[f"c8_{spec}_dppl"] = c["dppl"]
+    return out
+
+
+def plot(result: dict, out_dir) -> list[Path]:
+    """``ppl_vs_budget``: PPL (log) against bits per element, one panel per target, one line per
+    method family, the fp16 PPL dashed and the INT4 budget dotted."""
+    from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
+
+    labels = {"quant": "INT-b per token", "kivi": "INT-b KIVI", "rank": "rank-r PCA",
+              "hybrid": "hybrid (rank + quant)"}
+    markers = {"quant": "o", "kivi": "s", "rank": "^", "hybrid": "D"}
+    targets = [t for t in TARGETS if any(p["target"] == t for p in result["points"])]
+    with style():
+        fig, axes = new_figure(COLUMN_WIDTH, 0.5 * len(targets) + 0.15, nrows=len(targets),
+                               sharex=True, squeeze=False)
+        ppls = [p["ppl"] for p in result["points"]] + [result["fp"]["value"]]
+        lo, hi = min(ppls), max(ppls)
+        for ax, t in zip(axes[:, 0], targets):
+            for fam in labels:
+                pts = sorted((p for p in result["points"] if p["target"] == t and p["family"] == fam),
+                             key=lambda p: p["bits"])
+                if not pts:
+                    continue
+                ax.plot([p["bits"] for p in pts], [p["ppl"] for p in pts], marker=markers[fam],
+                        color=COLORS[fam], label=labels[fam], ms=3.5)
+            ax.axhline(result["fp"]["value"], color=COLORS["fp"], ls="--", lw=0.8, label="fp16")
+            m = _at_budget(result, t, 4)
+            if m is not None:
+                ax.axvline(m["budget"], color=COLORS["other"], ls=":", lw=0.8, label="INT4 budget")
+            ax.set_yscale("log")
+            ax.set_ylim(lo / 1.15, hi * 1.3)
+            ax.set_ylabel("PPL (log)")
+            ax.set_title(f"{_TARGET_NAMES[t]} compressed", loc="left", pad=2)
+        axes[-1, 0].set_xlabel("storage (bits per element, scales and basis counted)")
+        axes[-1, 0].set_xlim(1.5, 16.5)
+        axes[-1, 0].set_xticks([2, 3, 4, 6, 8, 12, 16])
+        h, lab = axes[0, 0].get_legend_handles_labels()
+        fig.legend(h, lab, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.0 + 0.02))
+        fig.suptitle(f"{result['model']}: WikiText-2 PPL vs KV storage "
+                     f"({result['n_windows']}×{result['seq_len']} tokens)", y=1.0 + 0.1 / len(targets))
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        return save_figure(fig, out_dir, "ppl_vs_budget")

@@ -1,0 +1,302 @@
+r"""Damage predictor (issue 4 §5): does the mean Fisher damage on captured tensors rank the
+methods by their perplexity damage?
+
+For every method :math:`m` of the grid (fp excluded): the predictor is the mean over layers,
+query heads and queries of the second-order Fisher damage of compressing the keys,
+
+.. math:: D_m = \operatorname{mean}\ \tfrac12\,\delta^\top F(p)\,\delta, \qquad
+          \delta = \tau\,q^\top(\hat k_m - k),\ F(p) = \operatorname{diag}(p) - pp^\top,
+
+measured by :func:`kvtheory.flips.attention_metrics` on a captured post-RoPE window (bases
+fitted on disjoint calibration windows, as in the perplexity runs), or read from a flip-study
+result (``result["methods"][spec]["mean"]["fisher"]``). The outcome is the measured
+:math:`\Delta\mathrm{PPL}_m = \mathrm{PPL}_m - \mathrm{PPL}_{fp}` with the **keys only**
+compressed (``target="k"``: the predictor sees keys only; ``"kv"`` is also reported).
+
+Agreement is Spearman's :math:`\rho` (``scipy.stats.spearmanr``, average ranks for ties) with a
+percentile bootstrap 95% interval over methods (methods resampled with replacement, seeded
+``numpy.random.default_rng``; resamples with a constant side are dropped). The failures are the
+methods with the largest rank residual :math:`|\mathrm{rank}(\Delta\mathrm{PPL}) -
+\mathrm{rank}(D)|`, each with a reason computed from the data (see :func:`_reason`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._checks import check_choice, check_int
+from ..errors import bad_argument
+from .common import method_grid, small
+
+__all__ = ["PredictorConfig", "rankdata", "spearman_ci", "capture_metrics", "run", "plot",
+           "summary"]
+
+_METRICS = ("fisher", "kl", "flip_rate", "output_rel_err")
+
+
+def rankdata(x) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (a plain re-implementation, for checks).
+
+    >>> rankdata([10.0, 30.0, 20.0, 20.0]).tolist()
+    [1.0, 4.0, 2.5, 2.5]
+    """
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman_ci(x, y, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    r"""Spearman :math:`\rho` of ``x`` and ``y`` and its percentile bootstrap interval over items.
+
+    Returns ``{"rho", "p_value", "ci_low", "ci_high", "n", "n_boot_used"}``.
+
+    >>> r = spearman_ci([1, 2, 3, 4, 5], [2, 4, 6, 8, 10], n_boot=200)
+    >>> r["rho"], r["ci_low"], r["ci_high"]
+    (1.0, 1.0, 1.0)
+    """
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+        raise bad_argument("x", x, "two 1-D sequences of equal length >= 3")
+    check_int("n_boot", n_boot, 1)
+    rho, p = spearmanr(x, y)
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(x), len(x))
+        xs, ys = x[idx], y[idx]
+        if np.ptp(xs) == 0 or np.ptp(ys) == 0:
+            continue
+        stats.append(spearmanr(xs, ys)[0])
+    lo, hi = (np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2]).tolist() if stats
+              else (math.nan, math.nan))
+    return {"rho": float(rho), "p_value": float(p), "ci_low": float(lo), "ci_high": float(hi),
+            "n": int(len(x)), "n_boot_used": len(stats)}
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """``methods`` None: :func:`common.method_grid` without fp. Windows as in the budget study
+    (same defaults: its evaluations are reused). ``capture_tokens`` None: ``seq_len``."""
+
+    model: str = "smollm2-135m"
+    seq_len: int = 512
+    n_windows: int = 1
+    calib_windows: int = 1
+    methods: tuple[str, ...] | None = None
+    target: str = "k"
+    capture_tokens: int | None = None
+    n_boot: int = 2000
+    ppl_boot: int = 1000
+    n_fail: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        from ..compress import parse_method
+
+        if not isinstance(self.model, str) or not self.model:
+            raise bad_argument("model", self.model, "a model name or path")
+        check_int("seq_len", self.seq_len, 8)
+        for name in ("n_windows", "calib_windows", "n_boot", "ppl_boot", "n_fail"):
+            check_int(name, getattr(self, name), 1)
+        if self.methods is not None:
+            if isinstance(self.methods, str) or len(self.methods) < 3:
+                raise bad_argument("methods", self.methods, "None or at least 3 specs")
+            specs = tuple(str(parse_method(s)) for s in self.methods)
+            if "fp" in specs:
+                raise bad_argument("methods", self.methods, "compression methods (not fp)")
+            object.__setattr__(self, "methods", specs)
+        check_choice("target", self.target, ("k", "kv"))
+        if self.capture_tokens is not None:
+            check_int("capture_tokens", self.capture_tokens, 8)
+        check_int("seed", self.seed, 0)
+
+    @classmethod
+    def for_size(cls, size: str | None = None, **kw) -> PredictorConfig:
+        """The default size, or with ``size="small"`` / ``KVTHEORY_SMALL=1`` a notebook size."""
+        if (size or ("small" if small() else "default")) == "small":
+            kw = {"seq_len": 128} | kw
+        return cls(**kw)
+
+
+def capture_metrics(model, cap, plan: dict, causal: bool) -> dict[str, float]:
+    """Means over layers and heads of fisher, kl, flip_rate (keys compressed by ``plan``) and
+    output_rel_err with keys AND values compressed (``plan[layer] = (keys, values)``)."""
+    from ..flips import attention_metrics
+
+    acc: dict[str, list[float]] = {m: [] for m in _METRICS}
+    for layer in cap.meta.layers:
+        q, k, v = (cap[layer][w] for w in "qkv")
+        ck, cv = plan[layer]
+        m = attention_metrics(q, k, ck(k).to(k.dtype), v, cv(v).to(v.dtype), causal=causal)
+        for f in _METRICS:
+            acc[f].append(float(getattr(m, f).mean()))
+    return {f: sum(v) / len(v) for f, v in acc.items()}
+
+
+def _reason(row: dict, ranks: dict[str, np.ndarray], i: int, rows: list[dict]) -> str:
+    """Why the Fisher rank of method ``i`` misses its ΔPPL rank, from the measured numbers."""
+    rf, rp = ranks["fisher"][i], ranks["dppl"][i]
+    parts = [f"ΔPPL rank {rp:g} vs Fisher rank {rf:g} of {len(rows)}"]
+    under = rp > rf
+    alt = {m: ranks[m][i] for m in ("kl", "flip_rate") if m in ranks}
+    closest = min(alt, key=lambda m: abs(alt[m] - rp)) if alt else None
+    ratio = row["fisher"] / row["kl"] if row.get("kl") else math.inf
+    if closest is not None and abs(alt[closest] - rp) < abs(rf - rp):
+        parts.append(f"{closest} ranks it {alt[closest]:g}")
+    if ratio > 1.5:
+        parts.append(f"Fisher/KL = {ratio:.2g}: the quadratic form overshoots the exact KL "
+                     "(large logit shifts saturate the softmax)")
+    elif ratio < 1 / 1.5:
+        parts.append(f"Fisher/KL = {ratio:.2g}: the quadratic form undershoots the exact KL")
+    fr = row.get("flip_rate")
+    if fr is not None and closest == "flip_rate":
+        parts.append(f"flip rate {100 * fr:.1f}%: damage comes from discrete routing changes")
+    if row.get("dppl_v") is not None and row.get("dppl_k") is not None and row["dppl_v"] > row["dppl_k"]:
+        parts.append(f"V-dominated (ΔPPL V only {row['dppl_v']:.3g} > K only {row['dppl_k']:.3g}), "
+                     "invisible to a key-only Fisher metric")
+    parts.append("under-predicted" if under else "over-predicted")
+    return "; ".join(parts)
+
+
+def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
+        budget_result: dict | None = None, data_dir=None, root=None, progress: bool = True) -> dict:
+    """Fisher damage against ΔPPL per method, Spearman ρ with its bootstrap interval.
+
+    ``flip_result``: a flip-study result; its ``methods[spec]["mean"]`` supplies fisher, kl and
+    flip_rate where present. ``budget_result``: a budget result whose points supply PPL.
+
+    Keys: model, target, seq_len, n_windows, fp_ppl, fisher_source {spec: "flip_study" |
+    "capture"}, rows [{spec, family, bits, fisher, kl, flip_rate, output_rel_err, dppl, dppl_k,
+    dppl_v?, dppl_kv, rank_fisher, rank_dppl, residual}], spearman (spearman_ci of fisher vs
+    dppl), spearman_alt {metric: spearman_ci vs dppl}, spearman_kv (fisher vs ΔPPL K+V),
+    failures [{spec, residual, reason}], seconds.
+    """
+    from ..ledger import bits_per_element
+    from ..plotstyle import family
+    from .budget import eval_windows, fitted_plan, ppl_point
+    from .common import get_model, load_or_capture
+
+    cfg = cfg or PredictorConfig.for_size()
+    t0 = time.perf_counter()
+    lm = get_model(cfg.model)
+    d = lm.info.d
+    methods = list(cfg.methods) if cfg.methods else [m for m in method_grid(d) if m != "fp"]
+    ev, cal = eval_windows(cfg.model, cfg.seq_len, cfg.n_windows, cfg.calib_windows, data_dir)
+    kw = dict(windows=ev, calibration=cal, n_boot=cfg.ppl_boot, seed=cfg.seed, root=root)
+    saved = {}
+    if budget_result is not None and budget_result.get("seq_len") == cfg.seq_len:
+        saved = {(p["spec"], p["target"]): p["ppl"] for p in budget_result["points"]}
+    fp = (budget_result["fp"]["value"] if saved else ppl_point(lm, cfg.model, "fp", "kv", **kw)["value"])
+
+    def dppl(spec, target):
+        if (spec, target) in saved:
+            return saved[(spec, target)] - fp
+        return ppl_point(lm, cfg.model, spec, target, **kw)["value"] - fp
+
+    flips = (flip_result or {}).get("methods", {})
+    cap = None
+    rows, source = [], {}
+    from tqdm.auto import tqdm
+
+    for spec in tqdm(methods, desc="predictor", disable=not progress, leave=False):
+        mean = flips.get(spec, {}).get("mean", {})
+        if "fisher" in mean:
+            met = {f: mean.get(f) for f in _METRICS}
+            source[spec] = "flip_study"
+        else:
+            if cap is None:
+                cap = load_or_capture(cfg.model, cfg.capture_tokens or cfg.seq_len,
+                                      data_dir=data_dir, root=root)
+            vspec = spec if "qaware" not in spec else "fp"
+            plan = fitted_plan(lm, cfg.model, spec, vspec, calibration=cal)
+            met = capture_metrics(lm.model, cap, plan, lm.info.causal)
+            source[spec] = "capture"
+        row = {"spec": spec, "family": family(spec), "bits": bits_per_element(spec, d, cfg.seq_len),
+               **met, "dppl_k": dppl(spec, "k"), "dppl_kv": dppl(spec, "kv")}
+        if (spec, "v") in saved:
+            row["dppl_v"] = saved[(spec, "v")] - fp
+        row["dppl"] = row[f"dppl_{cfg.target}"]
+        rows.append(row)
+    x = [r["fisher"] for r in rows]
+    y = [r["dppl"] for r in rows]
+    sp = spearman_ci(x, y, n_boot=cfg.n_boot, seed=cfg.seed)
+    alt = {m: spearman_ci([r[m] for r in rows], y, n_boot=cfg.n_boot, seed=cfg.seed)
+           for m in ("kl", "flip_rate", "output_rel_err") if all(r.get(m) is not None for r in rows)}
+    sp_kv = spearman_ci(x, [r["dppl_kv"] for r in rows], n_boot=cfg.n_boot, seed=cfg.seed)
+    ranks = {"fisher": rankdata(x), "dppl": rankdata(y)}
+    ranks |= {m: rankdata([r[m] for r in rows]) for m in ("kl", "flip_rate") if m in alt}
+    for i, r in enumerate(rows):
+        r["rank_fisher"], r["rank_dppl"] = float(ranks["fisher"][i]), float(ranks["dppl"][i])
+        r["residual"] = r["rank_dppl"] - r["rank_fisher"]
+    worst = sorted(range(len(rows)), key=lambda i: -abs(rows[i]["residual"]))[:cfg.n_fail]
+    failures = [{"spec": rows[i]["spec"], "residual": rows[i]["residual"],
+                 "reason": _reason(rows[i], ranks, i, rows)} for i in worst if rows[i]["residual"] != 0]
+    return {"model": cfg.model, "target": cfg.target, "seq_len": cfg.seq_len,
+            "n_windows": int(ev.shape[0]), "fp_ppl": fp, "fisher_source": source, "rows": rows,
+            "spearman": sp, "spearman_alt": alt, "spearman_kv": sp_kv, "failures": failures,
+            "seconds": time.perf_counter() - t0}
+
+
+def summary(result: dict) -> dict[str, float | str]:
+    """ρ (Fisher vs ΔPPL) with its 95% interval and p-value, n methods, ρ of the alternative
+    predictors, ρ against ΔPPL of K+V, and the failing methods."""
+    s = result["spearman"]
+    out: dict[str, float | str] = {"rho": s["rho"], "rho_ci_low": s["ci_low"],
+                                   "rho_ci_high": s["ci_high"], "rho_p_value": s["p_value"],
+                                   "n_methods": float(s["n"]), "target": result["target"],
+                                   "rho_kv": result["spearman_kv"]["rho"]}
+    for m, a in result["spearman_alt"].items():
+        out[f"rho_{m}"] = a["rho"]
+    out["failures"] = ", ".join(f["spec"] for f in result["failures"]) or "none"
+    return out
+
+
+def plot(result: dict, out_dir) -> list[Path]:
+    """``predictor_scatter``: ΔPPL (symlog) against mean Fisher damage (log), one labelled point
+    per method coloured by family; failures ringed; ρ and its interval in the title."""
+    from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
+
+    rows = result["rows"]
+    fails = {f["spec"] for f in result["failures"]}
+    s = result["spearman"]
+    with style():
+        fig, ax = new_figure(COLUMN_WIDTH, 0.85)
+        seen = set()
+        for r in rows:
+            fam = r["family"]
+            ax.scatter(r["fisher"], r["dppl"], color=COLORS.get(fam, COLORS["other"]), s=14, zorder=3,
+                       label=None if fam in seen else fam)
+            seen.add(fam)
+            if r["spec"] in fails:
+                ax.scatter(r["fisher"], r["dppl"], s=60, facecolors="none", edgecolors="k", lw=0.7,
+                           zorder=2, label=None if "fail" in seen else "largest rank residual")
+                seen.add("fail")
+            ax.annotate(r["spec"], (r["fisher"], r["dppl"]), fontsize=4.5, xytext=(2, 2),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        small_pos = min([abs(r["dppl"]) for r in rows if r["dppl"] != 0] or [1e-2])
+        ax.set_yscale("symlog", linthresh=max(small_pos, 1e-3))
+        ax.axhline(0, color=COLORS["fp"], lw=0.5)
+        tgt = {"k": "keys only", "kv": "keys + values"}[result["target"]]
+        ax.set_xlabel(r"mean Fisher damage $\frac{1}{2}\delta^\top F\delta$ (nats, log)")
+        ax.set_ylabel(f"ΔPPL vs fp16, {tgt} (symlog)")
+        ax.set_title(f"Spearman ρ = {s['rho']:.2f} [95% CI {s['ci_low']:.2f}, {s['ci_high']:.2f}], "
+                     f"n = {s['n']}", loc="left", pad=2)
+        ax.legend(loc="upper left", fontsize=6)
+        fig.tight_layout()
+        return save_figure(fig, out_dir, "predictor_scatter")

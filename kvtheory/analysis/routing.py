@@ -1,0 +1,268 @@
+r"""A discrete routing failure on a real query: removing one key direction flips the attended
+token, INT4 quantization of the same keys does not (issue 4, figure ``routing_failure``).
+
+For query head :math:`h` (kv head :math:`h // g`), query position :math:`i` and key :math:`j \le i`
+(causal), the scores are the attention logits :math:`s_{ij} = q_i\cdot k_j/\sqrt d` of the
+captured post-RoPE tensors. Three versions of the keys:
+
+* **fp**: the captured keys;
+* **removed**: :math:`k_j - (k_j\cdot u)\,u`, i.e. :math:`s'_{ij} = s_{ij} - \alpha_i c_j`,
+  :math:`\alpha_i = q_i\cdot u/\sqrt d`, :math:`c_j = k_j\cdot u`, for one unit direction :math:`u`:
+  ``direction="top-pca"``: the top eigenvector of :math:`K^\top K` of that kv head (what every
+  rank-r PCA keeps, removed to show one direction's weight); ``"rank-drop"``: each direction
+  that rank-``rank`` PCA drops (eigenvectors ``rank..d-1``), tried one at a time;
+* **int4**: per-token asymmetric INT4 of the keys (method spec ``int4``,
+  :func:`kvtheory.compress.make_compressor`).
+
+**Choice rule** (deterministic): among the searched (layer, query head, query position
+:math:`i \ge` ``min_position``, direction) whose top-1 key changes when :math:`u` is removed
+while the INT4 top-1 equals the fp top-1, take the one with the largest fp margin
+:math:`s_{(1)} - s_{(2)}` (top-1 minus runner-up logit), so that the example is a clear
+decision overturned, not a near-tie; ties go to the first in (layer, head, position,
+direction) order. ``layer=None`` searches every captured layer. ``seed`` is recorded only: the
+search has no randomness.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .._checks import check_choice, check_int
+from ..bases import PCABasis
+from ..compress import make_compressor
+from ..errors import KVTheoryError, bad_argument
+
+__all__ = ["RoutingConfig", "removal_scores", "find_example", "run", "plot", "summary"]
+
+DIRECTIONS = ("top-pca", "rank-drop")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Search settings; ``top`` keys are recorded (plus the new top-1s if not among them)."""
+
+    model: str = "smollm2-135m"
+    n_tokens: int = 512
+    layer: int | None = None
+    seed: int = 0
+    direction: str = "top-pca"
+    rank: int = 16
+    min_position: int = 16
+    top: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise bad_argument("model", self.model, "a model name")
+        check_int("n_tokens", self.n_tokens, 2)
+        if self.layer is not None:
+            check_int("layer", self.layer, 0)
+        check_int("seed", self.seed, 0)
+        check_choice("direction", self.direction, DIRECTIONS)
+        check_int("rank", self.rank, 1)
+        check_int("min_position", self.min_position, 0, self.n_tokens - 1)
+        check_int("top", self.top, 2)
+
+
+def removal_scores(
+    q: Float[Tensor, "query d"],
+    k: Float[Tensor, "token d"],
+    u: Float[Tensor, "dir d"],
+) -> tuple[Float[Tensor, "query token"], Float[Tensor, "query dir token"]]:
+    r"""Logits :math:`s = qk^\top/\sqrt d` and, per unit direction, those with it removed from the
+    keys, :math:`s - \alpha c` (shapes ``query token`` and ``query dir token``).
+
+    >>> s, s_rm = removal_scores(torch.tensor([[2.0, 2.0]]), torch.eye(2), torch.tensor([[1.0, 0.0]]))
+    >>> s.tolist(), s_rm.tolist()
+    ([[1.4142135381698608, 1.4142135381698608]], [[[0.0, 1.4142135381698608]]])
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = q @ k.T * scale
+    alpha = q @ u.T * scale  # (query, dir)
+    c = k @ u.T  # (token, dir)
+    return s, s[:, None, :] - alpha[:, :, None] * c.T[None, :, :]
+
+
+def _top2(s: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Argmax and top-1 minus top-2 margin along the last axis over allowed tokens."""
+    v = s.masked_fill(~mask, -math.inf).topk(2, dim=-1)
+    return v.indices[..., 0], v.values[..., 0] - v.values[..., 1]
+
+
+def _candidates(k: Tensor, direction: str, rank: int) -> tuple[Tensor, list[int]]:
+    """Unit directions (dir, d) of one kv head and their PCA indices."""
+    rot = PCABasis().fit(k[None, None]).rotation[0].to(k.dtype)  # (d, d), columns
+    d = rot.shape[-1]
+    idx = [0] if direction == "top-pca" else list(range(rank, d))
+    if not idx:
+        raise bad_argument("rank", rank, f"a rank below the head dimension d={d}")
+    return rot[:, idx].T, idx
+
+
+def find_example(cap, cfg: RoutingConfig, tokenizer=None, *, progress: bool = False) -> dict:
+    """Search ``cap`` (a causal :class:`kvtheory.capture.Capture`) by the choice rule of the
+    module docstring; returns the result dict of :func:`run` (without ``model``/``config``)."""
+    from tqdm.auto import tqdm
+
+    meta = cap.meta
+    layers = list(meta.layers) if cfg.layer is None else [cfg.layer]
+    if cfg.layer is not None and cfg.layer not in meta.layers:
+        raise bad_argument("layer", cfg.layer, f"one of the captured layers {list(meta.layers)}")
+    T, g = len(meta.positions), meta.group
+    if cfg.min_position >= T:
+        raise bad_argument("min_position", cfg.min_position, f"below the {T} captured tokens")
+    mask: Bool[Tensor, "query token"] = torch.ones(T, T, dtype=torch.bool).tril()
+    int4 = make_compressor("int4", "k")
+    best, counts = None, {"searched": 0, "flipped_removal": 0, "flipped_int4": 0, "eligible": 0}
+    for layer in tqdm(layers, desc="routing", disable=not progress, leave=False):
+        q_all, k_all = cap[layer]["q"][0], cap[layer]["k"][0]
+        kq_all = int4(k_all[None])[0]
+        for h in range(meta.q_heads):
+            kv = h // g
+            q, k = q_all[h], k_all[kv]
+            u, idx = _candidates(k, cfg.direction, cfg.rank)
+            s, s_rm = removal_scores(q, k, u)
+            top, margin = _top2(s, mask)
+            top_q, _ = _top2(q @ kq_all[kv].T / math.sqrt(q.shape[-1]), mask)
+            top_rm = s_rm.masked_fill(~mask[:, None, :], -math.inf).argmax(-1)  # (query, dir)
+            flip = top_rm != top[:, None]
+            keep = top_q == top
+            flip[: cfg.min_position] = False
+            n_q = T - cfg.min_position
+            counts["searched"] += n_q
+            counts["flipped_removal"] += int(flip.any(-1).sum())
+            counts["flipped_int4"] += int((~keep[cfg.min_position:]).sum())
+            ok = flip & keep[:, None]
+            counts["eligible"] += int(ok.any(-1).sum())
+            if not ok.any():
+                continue
+            m = torch.where(ok, margin[:, None], -math.inf)
+            flat = int(m.flatten().argmax())  # first maximum in (position, direction) order
+            i, j = divmod(flat, m.shape[1])
+            if best is None or float(margin[i]) > best[0]:
+                best = (float(margin[i]), layer, h, i, j, idx[j], u[j])
+    if best is None:
+        raise KVTheoryError(
+            f"routing: got no query among layers {layers} whose top-1 key flips when a "
+            f"{cfg.direction} direction is removed while INT4 keeps it; expected at least one "
+            "(try more tokens or another layer)")
+    _, layer, h, i, j, pca_index, _ = best
+    return _record(cap, cfg, tokenizer, layer, h, i, j, pca_index, counts)
+
+
+def _record(cap, cfg, tokenizer, layer, h, i, j, pca_index, counts) -> dict:
+    meta = cap.meta
+    kv = h // meta.group
+    q, k = cap[layer]["q"][0, h], cap[layer]["k"][0, kv]
+    u, _ = _candidates(k, cfg.direction, cfg.rank)
+    kq = make_compressor("int4", "k")(cap[layer]["k"][None, 0])[0, kv]
+    s, s_rm = removal_scores(q[i:i + 1], k, u[j:j + 1])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    rows = {"fp": s[0, : i + 1], "removed": s_rm[0, 0, : i + 1], "int4": (q[i] @ kq.T * scale)[: i + 1]}
+    order = torch.argsort(rows["fp"], descending=True, stable=True).tolist()
+    keys = order[: cfg.top]
+    for name in ("removed", "int4"):
+        t = int(rows[name].argmax())
+        if t not in keys:
+            keys.append(t)
+    ids = meta.token_ids[0]
+
+    def text(pos: int) -> str | None:
+        return None if tokenizer is None else tokenizer.decode([ids[pos]])
+
+    probs = {n: torch.softmax(r.double(), -1) for n, r in rows.items()}
+    return {
+        "layer": layer, "q_head": h, "kv_head": kv, "query": i, "query_token": ids[i],
+        "query_text": text(i), "direction": cfg.direction, "pca_index": pca_index,
+        "margin": float(rows["fp"][order[0]] - rows["fp"][order[1]]),
+        "argmax": {n: int(r.argmax()) for n, r in rows.items()},
+        "keys": [{"position": p, "token": ids[p], "text": text(p),
+                  **{f"score_{n}": float(r[p]) for n, r in rows.items()},
+                  **{f"prob_{n}": float(pr[p]) for n, pr in probs.items()}} for p in keys],
+        "counts": counts,
+    }
+
+
+def run(cfg: RoutingConfig, *, data_dir=None, root=None, progress: bool = True) -> dict:
+    """Find and record the example on a WikiText-2 capture of ``cfg.model``. Result::
+
+        {"model", "n_tokens", "layer", "q_head", "kv_head", "query", "query_token", "query_text",
+         "direction", "pca_index", "margin", "argmax": {"fp", "removed", "int4"},
+         "keys": [{"position", "token", "text", "score_fp", "score_removed", "score_int4",
+                   "prob_fp", "prob_removed", "prob_int4"}],     # top keys by fp score
+         "counts": {"searched", "flipped_removal", "flipped_int4", "eligible"}}
+
+    ``counts`` are over searched (head, position) pairs; scores are logits (nats).
+    """
+    from .common import get_model, load_or_capture
+
+    loaded = get_model(cfg.model)
+    if not loaded.info.causal:
+        raise bad_argument("model", cfg.model, "a causal (decoder) model")
+    layers = None if cfg.layer is None else (cfg.layer,)
+    cap = load_or_capture(cfg.model, cfg.n_tokens, layers=layers, data_dir=data_dir, root=root)
+    return {"model": cfg.model, "n_tokens": cfg.n_tokens,
+            **find_example(cap, cfg, loaded.tokenizer, progress=progress)}
+
+
+def summary(result: dict) -> dict[str, float | str]:
+    """Where the example is, its fp margin, the logit gap after removal, and search counts."""
+    keys = {kk["position"]: kk for kk in result["keys"]}
+    a = result["argmax"]
+    fp_top, rm_top = keys[a["fp"]], keys[a["removed"]]
+    c = result["counts"]
+    return {
+        "example": f"{result['model']} layer {result['layer']} head {result['q_head']} "
+                   f"query {result['query']}",
+        "margin_fp": result["margin"],
+        "gap_removed": rm_top["score_removed"] - fp_top["score_removed"],
+        "prob_fp_top_fp": fp_top["prob_fp"], "prob_fp_top_removed": fp_top["prob_removed"],
+        "prob_fp_top_int4": fp_top["prob_int4"],
+        "flip_rate_removal": c["flipped_removal"] / c["searched"],
+        "flip_rate_int4": c["flipped_int4"] / c["searched"],
+    }
+
+
+def _label(key: dict) -> str:
+    t = key["text"]
+    t = repr(t.strip() or t)[1:-1] if t is not None else f"id {key['token']}"
+    return f"{t[:12]} @{key['position']}"
+
+
+def plot(result: dict, out_dir) -> list:
+    """``routing_failure``: logits of the top keys under fp, direction removed and INT4."""
+    from ..plotstyle import COLORS, new_figure, save_figure, style
+
+    keys = result["keys"]
+    a = result["argmax"]
+    series = (("fp", "fp16 keys", COLORS["fp"], "o"),
+              ("removed", f"{result['direction']} direction removed", COLORS["rank"], "X"),
+              ("int4", "INT4 per-token", COLORS["quant"], "s"))
+    with style():
+        fig, ax = new_figure(aspect=0.95)
+        y = list(range(len(keys)))[::-1]
+        off = {"fp": 0.0, "removed": 0.22, "int4": -0.22}
+        for name, label, color, marker in series:
+            xs = [kk[f"score_{name}"] for kk in keys]
+            ax.scatter(xs, [v + off[name] for v in y], color=color, marker=marker, s=14,
+                       label=label, zorder=3)
+            top = next(n for n, kk in enumerate(keys) if kk["position"] == a[name])
+            ax.scatter([xs[top]], [y[top] + off[name]], s=70, facecolors="none",
+                       edgecolors=color, linewidths=1.2, zorder=4)
+        for n, kk in enumerate(keys):
+            ax.plot([kk["score_fp"], kk["score_removed"]], [y[n], y[n] + off["removed"]],
+                    color=COLORS["rank"], lw=0.6, alpha=0.6)
+        ax.set_yticks(y, [_label(kk) for kk in keys])
+        ax.set_xlabel(r"attention logit $q\cdot k/\sqrt{d}$")
+        ax.set_ylabel("key token @ position")
+        q_text = result["query_text"]
+        q_text = repr(q_text.strip() or q_text)[1:-1][:12] if q_text is not None else ""
+        ax.set_title(f"One removed direction flips the attended token; INT4 keeps it\n"
+                     f"{result['model']}, layer {result['layer']}, head {result['q_head']}, "
+                     f"query '{q_text}' @{result['query']} (fp margin {result['margin']:.2f})")
+        ax.legend(loc="lower right", fontsize=6, title="circled: top-1", title_fontsize=6)
+        return save_figure(fig, out_dir, "routing_failure")

@@ -1,0 +1,214 @@
+r"""``kvtheory bench``: speed and memory as side-by-side ratios, measured in one run.
+
+Cases (:mod:`kvtheory.bench`): ``eval`` (PPL under int4-kivi / rank16-pca vs the uncompressed
+forward), ``quanto`` (transformers' quanto ``QuantizedCache`` decoded token by token vs the
+one-pass simulation), ``flips`` (``attention_metrics`` vs the bare matmuls), ``memory`` (peak
+memory of ``attention_metrics`` at 32,768 tokens) and ``capture`` (capture + save vs a forward).
+Each pair is timed interleaved in this process; the table shows medians, ratios and targets.
+
+Writes ``--json`` (default ``benchmarks/results.json``) after every case, atomically, with
+provenance and the machine description. When ``--gpu-json`` (default ``benchmarks/gpu.json``,
+written by ``benchmarks/gpu_job.py`` on a GPU machine) exists, its rows are printed too.
+Exit status 0 when the cases ran (missed targets show as ``NO`` in the table), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import KVTheoryError, bad_argument
+
+NAME = "bench"
+HELP = "benchmarks: side-by-side medians and ratios (eval, quanto, flips, memory, capture)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="corpora folder (else $KVTHEORY_DATA)")
+    p.add_argument("--json", default="benchmarks/results.json", metavar="PATH",
+                   help="result file (default benchmarks/results.json)")
+    p.add_argument("--gpu-json", default="benchmarks/gpu.json", metavar="PATH",
+                   help="GPU results to print beside this run's (default benchmarks/gpu.json; "
+                        "'none' to skip)")
+    p.add_argument("--reps", default="5", help="timed repetitions per label (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (model and tensors)")
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                   help="cases to run: eval, quanto, flips, memory, capture (default all)")
+    p.add_argument("--model", default="smollm2-135m", help="model of eval/quanto/capture")
+    p.add_argument("--quanto-tokens", default="256", metavar="N",
+                   help="tokens decoded through the quanto cache (default 256)")
+    p.add_argument("--eval-windows", default="2x512", metavar="WxL",
+                   help="evaluation windows x tokens (default 2x512), 1 calibration window")
+    p.add_argument("--flip-tokens", default="2048", metavar="T",
+                   help="tokens (= queries) of the flip-engine timing (default 2048)")
+    p.add_argument("--memory-tokens", default="32768", metavar="T",
+                   help="tokens of the memory case (default 32768)")
+    p.add_argument("--memory-queries", default=None, metavar="Q",
+                   help="queries of the memory case (default: all tokens)")
+    p.add_argument("--capture-tokens", default="1024", metavar="N",
+                   help="tokens captured (default 1024)")
+
+
+def _pos_int(name: str, text: Any, lo: int = 1) -> int:
+    try:
+        value = int(str(text))
+    except ValueError:
+        raise bad_argument(name, text, f"an integer >= {lo}") from None
+    if value < lo:
+        raise bad_argument(name, text, f"an integer >= {lo}")
+    return value
+
+
+def _windows(text: str) -> tuple[int, int]:
+    parts = str(text).lower().split("x")
+    if len(parts) != 2:
+        raise bad_argument("--eval-windows", text, "WxL such as 2x512")
+    return _pos_int("--eval-windows", parts[0]), _pos_int("--eval-windows", parts[1], 2)
+
+
+def _only(text: str | None) -> tuple[list[str], bool]:
+    from ..bench import CASES
+
+    if text is None:
+        return list(CASES), False
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    bad = [n for n in names if n not in CASES]
+    if not names or bad:
+        raise bad_argument("--only", text, "comma-separated case names from " + ", ".join(CASES))
+    return [c for c in CASES if c in names], True
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def print_gpu_rows(path: Path, console: Any) -> bool:
+    """Print the rows of a GPU result file (written by benchmarks/gpu_job.py); False if absent."""
+    from ..bench import render_table
+    from ..io import read_json
+
+    if not path.is_file():
+        return False
+    doc = read_json(path, arg="--gpu-json")
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not rows:
+        return False
+    mach = doc.get("machine", {}) or {}
+    gpu = (mach.get("gpu") or {}).get("name", "GPU")
+    peak = doc.get("matmul_peak") or {}
+    extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
+    console.print(f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
+                  f" (random-weight SmolLM2-shaped model, from {path}){extra}")
+    console.print(render_table(rows))
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from .. import bench
+    from ..io import _ensure_dir, write_json
+    from ..models import _as_dtype
+
+    reps = _pos_int("--reps", args.reps)
+    if args.device not in ("cpu", "cuda"):
+        raise bad_argument("--device", args.device, "cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise KVTheoryError("--device: got 'cuda', but torch sees no CUDA device; expected a "
+                            "machine with a GPU, or --device cpu")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise bad_argument("--dtype", args.dtype, "float32 or bfloat16")
+    dtype = _as_dtype(args.dtype)
+    cases, explicit = _only(args.only)
+    n_quanto = _pos_int("--quanto-tokens", args.quanto_tokens, 2)
+    n_win, seq_len = _windows(args.eval_windows)
+    flip_tokens = _pos_int("--flip-tokens", args.flip_tokens)
+    mem_tokens = _pos_int("--memory-tokens", args.memory_tokens)
+    mem_queries = None if args.memory_queries is None else _pos_int("--memory-queries",
+                                                                     args.memory_queries)
+    if mem_queries is not None and mem_queries > mem_tokens:
+        raise bad_argument("--memory-queries", mem_queries, f"at most --memory-tokens {mem_tokens}")
+    n_capture = _pos_int("--capture-tokens", args.capture_tokens, 2)
+    out = Path(args.json)
+    _ensure_dir(out, "--json")  # fail before the work, not after it
+    if "quanto" in cases and not bench.quanto_available():
+        if explicit:
+            bench._require_quanto()
+        _say("kvtheory bench: skipping quanto: optimum-quanto is not installed "
+             "(pip install 'kvtheory[quanto]')")
+        cases.remove("quanto")
+
+    settings = {"cases": cases, "reps": reps, "device": args.device, "dtype": args.dtype,
+                "model": args.model, "quanto_tokens": n_quanto, "eval_windows": [n_win, seq_len],
+                "calib_windows": 1, "flip_tokens": flip_tokens, "memory_tokens": mem_tokens,
+                "memory_queries": mem_queries, "capture_tokens": n_capture,
+                "torch_threads": torch.get_num_threads()}
+    lm = ids = None
+    if {"eval", "quanto", "capture"} & set(cases):
+        from ..data import load_corpus
+        from ..evaluate import check_seq_len, tokenize
+        from ..models import load_model
+
+        corpus = load_corpus("wikitext2", args.data_dir)  # corpus errors before the model loads
+        settings["data"] = corpus.provenance()
+        _say(f"kvtheory bench: loading {args.model} ({args.device}, {args.dtype})")
+        lm = load_model(args.model, device=args.device, dtype=dtype)
+        if lm.tokenizer is None:
+            raise KVTheoryError(f"--model: got {args.model!r}, which has no tokenizer; expected "
+                                "a causal LM folder with one")
+        for name, n in (("--eval-windows", seq_len), ("--quanto-tokens", n_quanto),
+                        ("--capture-tokens", n_capture)):
+            check_seq_len(lm.model, n, name)
+        ids = tokenize(lm.tokenizer, corpus.text)
+
+    results: list[dict[str, Any]] = []
+
+    def save() -> None:
+        write_json(out, bench.results_document(results, settings=settings), arg="--json")
+
+    for case in cases:
+        t0 = time.perf_counter()
+        _say(f"kvtheory bench: {case} ...")
+        if case == "eval":
+            from ..evaluate import split_windows
+
+            windows, calib = split_windows(ids, seq_len, max_windows=n_win, calib_windows=1)
+            res = bench.case_eval(lm.model, windows, calib, reps=reps)
+        elif case == "quanto":
+            _say(f"kvtheory bench: quanto decodes {n_quanto} tokens one at a time once (slow: "
+                 "about 0.4 s a token for SmolLM2 on a CPU); one-pass timed over "
+                 f"{reps} reps around it")
+            res = bench.case_quanto(lm.model, ids[:n_quanto], reps=reps)
+        elif case == "flips":
+            res = bench.case_flips(tokens=flip_tokens, device=args.device, dtype=dtype, reps=reps)
+        elif case == "memory":
+            res = bench.case_memory(tokens=mem_tokens, queries=mem_queries, device=args.device,
+                                    dtype=dtype)
+        else:
+            res = bench.case_capture(lm, ids[None, :n_capture], reps=reps)
+        res["elapsed_s"] = time.perf_counter() - t0
+        results.append(res)
+        save()
+        _say(f"kvtheory bench: {case} done in {res['elapsed_s']:.0f} s")
+
+    console = Console(file=sys.stdout, highlight=False, width=max(200, Console().width))
+    mach = bench.machine()
+    gpu = (mach["gpu"] or {}).get("name")
+    console.print(f"kvtheory bench, {mach['date']}: {mach['cpu']}, {mach['cores']} cores"
+                  f"{f', {gpu}' if gpu else ''}; torch {mach['torch']}, {settings['torch_threads']} "
+                  f"threads; load average {mach['load_average']}")
+    rows = [r for c in results for r in c["rows"]]
+    console.print(bench.render_table(rows))
+    met = [r["met"] for r in rows if r["met"] is not None]
+    console.print(f"targets met: {sum(met)}/{len(met)}; medians of {reps} interleaved reps "
+                  "(quanto: 1 rep of the token-by-token decode); ratio = measured / baseline, "
+                  "for quanto the speed-up baseline / measured")
+    if str(args.gpu_json).lower() != "none":
+        print_gpu_rows(Path(args.gpu_json), console)
+    console.print(f"wrote {out}")
+    return 0

@@ -1,0 +1,450 @@
+r"""Streaming attention-fidelity metrics: what compressed keys do to attention routing.
+
+Query :math:`i` (at position :math:`i + T - Q` of the :math:`T` tokens) has logits
+:math:`s_{ij} = \tau\,q_i\cdot k_j` and :math:`\hat s_{ij} = \tau\,q_i\cdot\hat k_j`
+(:math:`\tau = 1/\sqrt d`) over the tokens it sees (:math:`j \le i + T - Q` when causal, all
+otherwise; never padded ones), :math:`p = \mathrm{softmax}(s)`,
+:math:`\hat p = \mathrm{softmax}(\hat s)`, :math:`\delta = \hat s - s`. Per query:
+
+.. math::
+
+    \mathrm{flip} = \big[\hat s_{t} < \max_j \hat s_j\big],\ t = \arg\max_j s_j, \quad
+    \mathrm{margin} = s_{(1)} - s_{(2)}, \quad
+    \mathrm{overlap} = \frac{|\mathrm{top}_k(s) \cap \mathrm{top}_k(\hat s)|}{k},
+
+    \mathrm{KL}(p\,\|\,\hat p) = \log \sum_j p_j e^{x_j},\quad
+    D = \tfrac12\delta^\top F(p)\,\delta = \tfrac12 \sum_j p_j x_j^2,\quad
+    x = \delta - p\cdot\delta, \qquad
+    \epsilon_o = \frac{\|p V - \hat p \hat V\|}{\|p V\|}
+
+(:math:`k` is clipped to the number of visible tokens; the margin is :math:`+\infty` with one).
+The flip is "the top-1 token changes" (:math:`t` is the first top token if several tie; a
+tie for the top of :math:`\hat s` keeps it). Query head :math:`h`
+reads KV head :math:`h // g` (GQA). Queries are streamed in blocks: memory is linear in the
+number of tokens, never quadratic; logits are float32 (float64 stays float64).
+Sources: arXiv 2604.11501 (flips as the discrete failure of rank reduction); the Fisher
+metric as in :mod:`kvtheory.fisher`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import no_type_check
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ._checks import check_group, check_int, check_positive, check_same_d, check_tensor
+from .errors import KVTheoryError, bad_argument
+
+__all__ = ["AttentionMetrics", "PerQuery", "attention_metrics", "flip_rate", "MARGIN_BINS",
+           "PROB_BINS"]
+
+#: default edges of the top-1 margin strata, ``[0, 0.1), [0.1, 0.5), ..., [2, inf)``
+MARGIN_BINS: tuple[float, ...] = (0.0, 0.1, 0.5, 1.0, 2.0, math.inf)
+#: default edges of the top-1 probability strata, ``[0, 0.25), ..., [0.9, 1]``
+PROB_BINS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+#: overrides of the bytes of one block of logits, per device type (benchmarks)
+_BLOCK_BYTES: dict[str, int] = {}
+_HALF = (torch.float16, torch.bfloat16)
+_METRICS = ("flip_rate", "topk_overlap", "kl", "fisher", "output_rel_err")
+
+
+@dataclass(frozen=True)
+class PerQuery:
+    """Per-query values (``batch q_head query``, on the input device; float32 or float64).
+
+    ``valid`` (``batch query``) marks queries that see a token and are not padding; elsewhere
+    the values are NaN and ``flip`` is False. ``margin`` is ``inf`` with one visible token.
+    """
+
+    valid: Bool[Tensor, "batch query"]
+    flip: Bool[Tensor, "batch q_head query"]
+    margin: Float[Tensor, "batch q_head query"]
+    top1_prob: Float[Tensor, "batch q_head query"]
+    topk_overlap: Float[Tensor, "batch q_head query"]
+    kl: Float[Tensor, "batch q_head query"]
+    fisher: Float[Tensor, "batch q_head query"]
+    output_rel_err: Float[Tensor, "batch q_head query"] | None
+
+
+@dataclass(frozen=True)
+class AttentionMetrics:
+    """Per-head means over valid queries (float64, CPU) and strata counts.
+
+    ``margin_counts[h, b]`` queries of head ``h`` have a top-1 margin in
+    ``[margin_edges[b], margin_edges[b+1])``, of which ``margin_flips[h, b]`` flip; likewise
+    for the top-1 probability (last bin closed). ``n_queries`` queries count for every head
+    (means are NaN if none); ``group`` query heads share a KV head. ``per_query`` is set with
+    ``return_per_query=True``.
+
+    >>> import torch
+    >>> q, k = torch.eye(4).view(1, 2, 2, 4), torch.eye(4)[:2].view(1, 1, 2, 4)
+    >>> m = attention_metrics(q, k, k.flip(-2), causal=False)  # swapped keys
+    >>> m.flip_rate.tolist(), m.per_kv_head().flip_rate.tolist(), m.per_kv_head().n_queries
+    ([1.0, 0.0], [0.5], 4)
+    >>> m.summary()["flip_rate|margin[0.5,1)"], m.summary()["n|margin[0.5,1)"]
+    (1.0, 2.0)
+    """
+
+    flip_rate: Float[Tensor, "head"]
+    topk_overlap: Float[Tensor, "head"]
+    kl: Float[Tensor, "head"]
+    fisher: Float[Tensor, "head"]
+    output_rel_err: Float[Tensor, "head"] | None
+    margin_edges: tuple[float, ...]
+    margin_counts: Int[Tensor, "head margin_bin"]
+    margin_flips: Int[Tensor, "head margin_bin"]
+    prob_edges: tuple[float, ...]
+    prob_counts: Int[Tensor, "head prob_bin"]
+    prob_flips: Int[Tensor, "head prob_bin"]
+    n_queries: int
+    group: int
+    topk: int
+    per_query: PerQuery | None = None
+
+    def mean(self) -> dict[str, float]:
+        """Means over heads, i.e. over all (query, head) pairs, whose number is ``n_queries``."""
+        out = {m: float(getattr(self, m).mean()) for m in _METRICS if getattr(self, m) is not None}
+        return out | {"n_queries": float(self.n_queries * self.flip_rate.numel())}
+
+    def summary(self) -> dict[str, float]:
+        """:meth:`mean` plus flip rate and count per stratum: ``"flip_rate|margin[0.5,1)"``,
+        ``"n|p1[0.9,1]"``, ... (pooled over heads; NaN for an empty stratum)."""
+        out = self.mean()
+        for name, edges, counts, flips in (
+            ("margin", self.margin_edges, self.margin_counts, self.margin_flips),
+            ("p1", self.prob_edges, self.prob_counts, self.prob_flips),
+        ):
+            n, f = counts.sum(0).tolist(), flips.sum(0).tolist()
+            for b in range(len(n)):
+                close = "]" if name == "p1" and b == len(n) - 1 else ")"
+                key = f"{name}[{edges[b]:g},{edges[b + 1]:g}{close}"
+                out[f"flip_rate|{key}"] = f[b] / n[b] if n[b] else math.nan
+                out[f"n|{key}"] = float(n[b])
+        return out
+
+    def per_kv_head(self, group: int | None = None) -> AttentionMetrics:
+        """Pool each run of ``group`` consecutive heads (default: the GQA group) into one.
+
+        Means are averaged, counts summed; ``n_queries`` becomes ``group`` times larger.
+        """
+        heads = self.flip_rate.numel()
+        g = self.group if group is None else check_int("group", group, 1, heads)
+        if heads % g:
+            raise bad_argument("group", group, f"a divisor of the number of heads, {heads}")
+
+        def pool(x: Tensor | None, how: str) -> Tensor | None:
+            return None if x is None else getattr(x.view(heads // g, g, *x.shape[1:]), how)(1)
+
+        return replace(
+            self, **{m: pool(getattr(self, m), "mean") for m in _METRICS},
+            **{c: pool(getattr(self, c), "sum") for c in
+               ("margin_counts", "margin_flips", "prob_counts", "prob_flips")},
+            n_queries=self.n_queries * g, group=1, per_query=None)
+
+
+@no_type_check
+def flip_rate(
+    q: Float[Tensor, "batch q_head query d"],
+    k: Float[Tensor, "batch kv_head token d"],
+    k_hat: Float[Tensor, "batch kv_head token d"],
+    causal: bool = True,
+    *,
+    key_mask: Bool[Tensor, "batch token"] | None = None,
+    scale: float | None = None,
+    block: int | None = None,
+) -> Float[Tensor, "q_head"]:
+    r"""Fraction of queries whose top-1 token changes when ``k`` becomes ``k_hat``, per query head.
+
+    :math:`\mathrm{flip}_i = [\hat s_{i t_i} < \max_j \hat s_{ij}]` with
+    :math:`t_i = \arg\max_j s_{ij}`, averaged over batch and valid queries (module docstring);
+    ``flip_rate(...).mean()`` is the rate over all heads. Arguments as in
+    :func:`attention_metrics`, which also stratifies flips by margin; this function only adds
+    an argmax and a max to the two matmuls of each block. Returns float64 on the CPU.
+
+    >>> import torch
+    >>> q = k = torch.eye(2).view(1, 1, 2, 2)
+    >>> flip_rate(q, k, k.flip(-2), causal=False)   # swapping the keys flips both queries
+    tensor([1.], dtype=torch.float64)
+    """
+    args = _validate(q, k, k_hat, None, None, causal, key_mask, scale, 1, MARGIN_BINS,
+                     PROB_BINS, block)
+    per, valid = _stream(*args[:5], full=False)
+    flips = per["flip"].flatten(1, 2)
+    w = valid.unsqueeze(1).to(torch.float64)
+    return ((flips * w).sum((0, 2)) / w.sum((0, 2))).cpu()
+
+
+@no_type_check
+def attention_metrics(
+    q: Float[Tensor, "batch q_head query d"],
+    k: Float[Tensor, "batch kv_head token d"],
+    k_hat: Float[Tensor, "batch kv_head token d"],
+    v: Float[Tensor, "batch kv_head token dv"] | None = None,
+    v_hat: Float[Tensor, "batch kv_head token dv"] | None = None,
+    *,
+    causal: bool = True,
+    key_mask: Bool[Tensor, "batch token"] | None = None,
+    scale: float | None = None,
+    topk: int = 5,
+    margin_bins: tuple[float, ...] = MARGIN_BINS,
+    prob_bins: tuple[float, ...] = PROB_BINS,
+    block: int | None = None,
+    return_per_query: bool = False,
+) -> AttentionMetrics:
+    r"""All attention-fidelity metrics of ``k -> k_hat`` (and ``v -> v_hat``), streamed.
+
+    Per query (module docstring): top-1 flip, top-1 margin :math:`s_{(1)} - s_{(2)}` and
+    probability :math:`p_{(1)}`, top-``k`` overlap, :math:`\mathrm{KL}(p\|\hat p)`, Fisher damage
+    :math:`\tfrac12\delta^\top F\delta`, and with ``v`` the output error
+    :math:`\|pV - \hat p\hat V\| / \|pV\|` (``v_hat`` defaults to ``v``: keys-only damage).
+    Averaged per query head over batch and valid queries.
+
+    Shapes: ``q`` (batch, q_head, query, d); ``k``, ``k_hat`` (batch, kv_head, token, d) with
+    kv_head dividing q_head; ``v``, ``v_hat`` (batch, kv_head, token, dv). Queries are the
+    last ``query`` token positions; ``causal`` lets query ``i`` see tokens
+    :math:`\le i + T - Q`. ``key_mask`` (batch, token; True = real token) hides padding, and
+    padded positions are not counted as queries. ``scale`` defaults to :math:`1/\sqrt d`.
+    ``margin_bins``/``prob_bins`` are increasing edges from 0 to ``inf``/1. ``block`` (queries
+    per block) defaults to a fixed logits budget; results do not depend on it.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k = torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 1, 16, 8, generator=g)
+    >>> m = attention_metrics(q, k, k)
+    >>> m.mean()["flip_rate"], m.mean()["kl"], m.mean()["topk_overlap"]
+    (0.0, 0.0, 1.0)
+    """
+    args = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
+                     prob_bins, block)
+    per, valid = _stream(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk)
+    return _aggregate(per, valid, *args[7:], group=q.shape[1] // k.shape[1], topk=topk,
+                      keep=bool(return_per_query))
+
+
+def _edges(name: str, edges: object, last: float) -> tuple[float, ...]:
+    try:
+        e = tuple(float(x) for x in edges)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        e = ()
+    if len(e) < 2 or e[0] != 0.0 or e[-1] != last or any(a >= b for a, b in zip(e, e[1:])):
+        raise bad_argument(name, edges, f"increasing bin edges from 0 to {last}")
+    return e
+
+
+def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins, prob_bins,
+              block):
+    check_tensor("q", q, ndim=4, axes="batch q_head query d")
+    for name, x in (("k", k), ("k_hat", k_hat)):
+        check_tensor(name, x, ndim=4, axes="batch kv_head token d")
+        check_same_d("q", q, name, x)
+    if k_hat.shape != k.shape:
+        raise bad_argument("k_hat", k_hat, f"the shape of k, {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise bad_argument("k", k, f"batch size {q.shape[0]}, that of q")
+    check_group(q.shape[1], k.shape[1])
+    if not isinstance(causal, bool):
+        raise bad_argument("causal", causal, "True or False")
+    B, T, Q = q.shape[0], k.shape[2], q.shape[2]
+    if min(B, T, Q, q.shape[3]) == 0:
+        raise bad_argument("q", q, "non-empty batch, query, token and d axes")
+    if causal and Q > T:
+        raise bad_argument("q", q, f"at most {T} queries when causal (the last of the tokens)")
+    if v is None and v_hat is not None:
+        raise bad_argument("v", v, "a tensor when v_hat is given")
+    if v is not None:
+        check_tensor("v", v, ndim=4, axes="batch kv_head token dv")
+        v_hat = v if v_hat is None else check_tensor("v_hat", v_hat, ndim=4)
+        for name, x in (("v", v), ("v_hat", v_hat)):
+            if x.shape[:3] != k.shape[:3] or x.shape != v.shape:
+                raise bad_argument(name, x, f"shape ({', '.join(map(str, k.shape[:3]))}, dv)")
+    if key_mask is not None and (not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool
+                                 or tuple(key_mask.shape) != (B, T)):
+        raise bad_argument("key_mask", key_mask, f"a boolean tensor of shape ({B}, {T})")
+    tensors = [x for x in (q, k, k_hat, v, v_hat, key_mask) if x is not None]
+    if any(x.is_complex() for x in tensors) or len({x.device for x in tensors}) > 1:
+        raise bad_argument("k", k, f"real tensors, all on the device of q ({q.device})")
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else check_positive("scale", scale)
+    check_int("topk", topk, 1)
+    block = None if block is None else check_int("block", block, 1)
+    m_edges = _edges("margin_bins", margin_bins, math.inf)
+    p_edges = _edges("prob_bins", prob_bins, 1.0)
+    dtype = torch.float64 if torch.float64 in {x.dtype for x in tensors} else torch.float32
+    conv = [None if x is None else x.to(dtype) for x in (k, k_hat, v, v_hat)]
+    if q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and _half_matmul(q.device.type):
+        conv[:2] = k, k_hat          # logits on tensor cores, float32 accumulation and output
+    else:
+        q, scale = q.to(dtype) * scale, 1.0
+    return (q, *conv[:2], key_mask, (bool(causal), block, scale), *conv[2:], m_edges, p_edges)
+
+
+@functools.cache
+def _half_matmul(device_type: str) -> bool:
+    """Whether half-precision products with float32 output exist here (CUDA, torch >= 2.8)."""
+    if device_type != "cuda":
+        return False
+    try:
+        x = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=device_type)
+        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _block_queries(device: torch.device, row_bytes: int) -> int:
+    """Queries per block: logits of 256 MiB on accelerators; on the CPU 2 MiB per thread (cache)
+    but at least 32 queries (per-call overheads) unless that exceeds 64 MiB."""
+    if device.type in _BLOCK_BYTES:
+        return max(1, _BLOCK_BYTES[device.type] // row_bytes)
+    if device.type != "cpu":
+        return max(1, (256 << 20) // row_bytes)
+    cache = max(4, 2 * torch.get_num_threads()) << 20
+    return max(1, cache // row_bytes, min(32, (64 << 20) // row_bytes))
+
+
+def _stream(
+    q: Float[Tensor, "batch q_head query d"],
+    k: Float[Tensor, "batch kv_head token d"],
+    k_hat: Float[Tensor, "batch kv_head token d"],
+    key_mask: Bool[Tensor, "batch token"] | None,
+    opts: tuple[bool, int | None, float],
+    *,
+    full: bool,
+    v: Float[Tensor, "batch kv_head token dv"] | None = None,
+    v_hat: Float[Tensor, "batch kv_head token dv"] | None = None,
+    topk: int = 5,
+) -> tuple:
+    """The blocked loop (``q`` pre-scaled unless half); per-query results (batch, kv, g, query)."""
+    causal, block, scale = opts
+    (B, Hq, Q, d), (Hkv, T), dev = q.shape, k.shape[1:3], q.device
+    dt = torch.float32 if q.dtype in _HALF else q.dtype
+    g, off, neg = Hq // Hkv, T - Q, torch.finfo(dt).min
+    q = q.view(B, Hkv, g, Q, d)
+    names = ("margin", "top1_prob", "topk_overlap", "kl", "fisher")
+    names += ("output_rel_err",) * (v is not None)
+    per = {n: torch.zeros(B, Hkv, g, Q, dtype=dt, device=dev) for n in names if full}
+    per["flip"] = torch.zeros(B, Hkv, g, Q, dtype=torch.bool, device=dev)
+    valid = torch.zeros(B, Q, dtype=torch.bool, device=dev)
+    pos = torch.arange(off, T, device=dev)
+    for b in range(B):
+        kv = [x if x is None else x[b] for x in (k, k_hat, v, v_hat)]
+        if key_mask is None:
+            nvis = pos + 1 if causal else torch.full_like(pos, T)
+            valid[b] = True
+        else:  # drop padded keys: a causal query then sees a prefix of the kept ones
+            keep = key_mask[b]
+            idx = keep.nonzero().squeeze(-1)
+            kv = [x if x is None else x.index_select(1, idx) for x in kv]
+            count = keep.cumsum(0)
+            nvis = count[pos] if causal else count[-1].expand(Q)
+            valid[b] = (keep[off:] if off >= 0 else True) & (nvis > 0)
+        kb, khb, vb, vhb = kv
+        n_all = kb.shape[1]
+        host = nvis.tolist() if causal else None
+        n = block or _block_queries(dev, Hq * max(n_all, 1) * dt.itemsize)
+        for a in range(0, Q, n):
+            e = min(a + n, Q)
+            lo, hi = (host[a], host[e - 1]) if causal else (n_all, n_all)
+            if hi == 0:
+                continue
+            qb = q[b, :, :, a:e].reshape(Hkv, g * (e - a), d)
+            unit = scale if full else 1.0      # flips do not depend on a positive scale
+            s, sh = _logits(qb, kb[:, :hi], unit, dt), _logits(qb, khb[:, :hi], unit, dt)
+            if lo < hi:  # columns [lo, hi) are hidden from the earlier queries of the block
+                hide = torch.arange(lo, hi, device=dev) >= nvis[a:e, None]
+                for x in (s, sh):
+                    x.view(Hkv, g, e - a, hi)[..., lo:].masked_fill_(hide, neg)
+            top = s.max(-1, keepdim=True).indices   # the first top token if tied
+            if full:
+                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g), topk, vb, vhb, hi)
+            else:
+                out = {"flip": sh.gather(-1, top) < sh.amax(-1, keepdim=True)}
+            for name, x in out.items():
+                per[name][b, :, :, a:e] = x.view(Hkv, g, e - a)
+    return per, valid
+
+
+def _logits(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``scale * q k^T`` in ``dtype``; half inputs stay half only on the tensor-core path."""
+    if q.dtype == dtype:
+        return torch.matmul(q, k.mT)
+    s = torch.bmm(q, k.mT, out_dtype=dtype)
+    return s if scale == 1.0 else s.mul_(scale)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product over the last axis (no temporary of the rows' size)."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
+
+
+def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
+                   v: Tensor | None, v_hat: Tensor | None, hi: int) -> dict[str, Tensor]:
+    """Metrics of one block of logits (kv, rows, tokens); ``s`` and ``sh`` are overwritten."""
+    kk = min(max(topk, 2), hi)
+    vs, js = s.topk(kk, -1)
+    vh, jh = sh.topk(kk, -1)
+    m, mh = vs[..., :1], vh[..., :1]
+    flip = sh.gather(-1, top) < mh
+    second = vs[..., 1:2] if kk >= 2 else torch.full_like(m, -math.inf)
+    margin = torch.where(rows[:, None] >= 2, m - second, math.inf)
+    keff = rows.clamp(1, topk)
+    rank = torch.arange(kk, device=s.device) < keff[:, None]  # (rows, kk)
+    hit = (js.unsqueeze(-1) == jh.unsqueeze(-2)) & rank[:, :, None] & rank[:, None, :]
+    overlap = hit.sum((-1, -2)).unsqueeze(-1) / keff[:, None]
+    x = sh - s                                # delta; 0 at hidden columns
+    e, eh = s.sub_(m).exp_(), sh.sub_(mh).exp_()  # unnormalised p, p^ (1 at the top token)
+    z, zh = e.sum(-1, keepdim=True), eh.sum(-1, keepdim=True)
+    mu = _dot(e, x) / z
+    x -= mu                                   # centred delta
+    fisher = 0.5 * _dot(e, x.square()) / z
+    small = torch.log1p(_dot(e, x.expm1_()) / z)  # sum_j p_j e^{x_j} - 1, all terms kept
+    # lse(s^) - lse(s) - p.delta: neither under- nor overflows, but cancels when small
+    big = (mh - m - mu) + torch.log(zh / z)
+    slack = 64 * torch.finfo(s.dtype).eps * (m.abs() + mh.abs() + mu.abs() + torch.log(z * zh) + 1)
+    kl = torch.where((big - small).abs() <= slack, small, big).clamp_min(0)
+    res = {"flip": flip, "margin": margin, "top1_prob": 1 / z, "topk_overlap": overlap.to(s.dtype),
+           "kl": kl, "fisher": fisher}
+    if v is not None:
+        o, oh = torch.matmul(e, v[:, :hi]) / z, torch.matmul(eh, v_hat[:, :hi]) / zh
+        num, den = (o - oh).norm(dim=-1, keepdim=True), o.norm(dim=-1, keepdim=True)
+        res["output_rel_err"] = torch.where(num == 0, 0.0, num / den)
+    return res
+
+
+def _aggregate(per: dict, valid: Tensor, m_edges: tuple[float, ...], p_edges: tuple[float, ...],
+               *, group: int, topk: int, keep: bool) -> AttentionMetrics:
+    """Means per head over valid queries, strata counts, optional per-query tensors."""
+    B, Hkv, g, Q = per["flip"].shape
+    H = Hkv * g
+    per = {name: x.reshape(B, H, Q) for name, x in per.items()}
+    vmask = valid.unsqueeze(1).expand(B, H, Q)
+    n = int(valid.sum())
+    w = vmask.to(torch.float64)
+
+    def head_mean(x: Tensor) -> Tensor:
+        return (torch.where(vmask, x.to(torch.float64), 0).sum((0, 2)) / w.sum((0, 2))).cpu()
+
+    head = torch.arange(H, device=valid.device).view(1, H, 1)
+    strata = {}
+    for name, key, edges in (("margin", "margin", m_edges), ("prob", "top1_prob", p_edges)):
+        inner = torch.tensor(edges[1:-1], dtype=per[key].dtype, device=valid.device)
+        nb = len(edges) - 1
+        flat = head * nb + torch.bucketize(per[key], inner, right=True)  # inf, 1 -> last bin
+        for what, sel in (("counts", vmask), ("flips", vmask & per["flip"])):
+            counts = torch.bincount(flat[sel], minlength=H * nb)
+            strata[f"{name}_{what}"] = counts.view(H, nb).cpu()
+    per_query = None
+    if keep:
+        nan = {k: torch.where(vmask, x, math.nan) for k, x in per.items() if k != "flip"}
+        per_query = PerQuery(valid=valid, flip=per["flip"] & vmask,
+                             output_rel_err=nan.pop("output_rel_err", None), **nan)
+    err = per.get("output_rel_err")
+    return AttentionMetrics(
+        flip_rate=head_mean(per["flip"]), topk_overlap=head_mean(per["topk_overlap"]),
+        kl=head_mean(per["kl"]), fisher=head_mean(per["fisher"]),
+        output_rel_err=None if err is None else head_mean(err),
+        margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
+        per_query=per_query, **strata)
