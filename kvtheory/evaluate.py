@@ -227,7 +227,7 @@ def perplexity(
     >>> m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=20)).eval()
     >>> _ = m.lm_head.weight.data.zero_()
     >>> s = perplexity(m, torch.randint(0, 20, (2, 8)), n_boot=10)
-    >>> round(s.value, 9), round(s.ci_low, 9), s.n_tokens
+    >>> round(s.value, 4), round(s.ci_low, 4), s.n_tokens
     (20.0, 20.0, 14)
     """
     if windows.ndim != 2 or windows.shape[0] < 1:

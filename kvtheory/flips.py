@@ -210,7 +210,8 @@ def attention_metrics(
     :math:`\le i + T - Q`. ``key_mask`` (batch, token; True = real token) hides padding, and
     padded positions are not counted as queries. ``scale`` defaults to :math:`1/\sqrt d`.
     ``margin_bins``/``prob_bins`` are increasing edges from 0 to ``inf``/1. ``block`` (queries
-    per block) defaults to a fixed logits budget; results do not depend on it.
+    per block; results do not depend on it) defaults to 2 MiB of logits per CPU thread (at
+    least 32 queries) or 256 MiB on an accelerator; peak memory is a few blocks.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)

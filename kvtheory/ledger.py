@@ -207,14 +207,20 @@ def matched(
     role: str = "k", hybrid_bits: Sequence[int] = (2, 4, 8),
 ) -> list[Setting]:
     """The settings that meet ``budget_bits`` per element, the largest of each family that fits
-    (bits ≤ budget, compared exactly): ``fp`` (if 16 fits), ``int{b}`` and ``int{b}-kivi`` (largest
-    b), ``rank{r}-{basis}`` (largest r ≤ d) and, for each b in ``hybrid_bits``,
-    ``rank{r}x{b}-{basis}`` (largest r). A family that cannot meet the budget is left out.
+    (bits ≤ budget compared exactly, or equal once rounded to a float, so that a budget of
+    ``bits_per_element(spec, ...)`` admits that spec): ``fp`` (if 16 fits), ``int{b}`` and
+    ``int{b}-kivi`` (largest b), ``rank{r}-{basis}`` (largest r ≤ d) and, for each b in
+    ``hybrid_bits``, ``rank{r}x{b}-{basis}`` (largest r). A family that cannot meet the budget
+    is left out.
+
+    >>> matched(bits_per_element("rank16-pca", 48), 48, hybrid_bits=())[-1].spec  # 16/3 bits
+    'rank16-pca'
 
     >>> [s.spec for s in matched(4.5, 64)]
     ['int4', 'int4-kivi', 'rank18-pca', 'rank64x2-pca', 'rank64x4-pca', 'rank32x8-pca']
     """
-    budget = Fraction(check_positive("budget_bits", budget_bits))
+    budget_f = check_positive("budget_bits", budget_bits)
+    budget = Fraction(budget_f)
     d = check_int("d", d, 1)
     name = basis_from_name(basis).name
     families = [("fp", ["fp"]), ("int", [f"int{b}" for b in range(1, 17)]),
@@ -232,7 +238,8 @@ def matched(
         lo, hi = 0, len(specs)  # specs[:lo] fit, specs[hi:] do not
         while lo < hi:
             mid = (lo + hi) // 2
-            if cost(specs[mid]) <= budget:
+            c = cost(specs[mid])
+            if c <= budget or float(c) <= budget_f:  # 16/3 fits float(16/3), a hair below it
                 lo = mid + 1
             else:
                 hi = mid

@@ -84,7 +84,8 @@ def _merge(y: Tensor, shape: torch.Size, axis: str) -> Tensor:
     return y.reshape(*shape[:-2], -1, shape[-1])[..., : shape[-2], :]
 
 
-def _core(x: Tensor, bits: int, axis: str, group: int | None, symmetric: bool) -> tuple[Tensor, Tensor]:
+def _core(x: Tensor, bits: int, axis: str, group: int | None, symmetric: bool,
+          steps: bool = True) -> tuple[Tensor, Tensor | None]:
     x = check_tensor("x", x, min_ndim=2, axes="*batch token d")
     bits = check_bits(bits)
     check_choice("axis", axis, AXES)
@@ -96,21 +97,37 @@ def _core(x: Tensor, bits: int, axis: str, group: int | None, symmetric: bool) -
     if x.shape[-1] == 0 or x.shape[-2] == 0:
         raise KVTheoryError(f"x: got a tensor of shape {tuple(x.shape)}; "
                             "expected at least one token and one channel")
+    return _grid(x, bits, axis, group, symmetric, steps)
+
+
+def _grid(x: Tensor, bits: int, axis: str, group: int | None, symmetric: bool,
+          steps: bool) -> tuple[Tensor, Tensor | None]:
+    """The arithmetic of :func:`_core` on validated arguments; the steps only when asked
+    (merging them back to ``x``'s shape copies a tensor of that size)."""
     g = resolve_group(axis, group, x.shape[-2], x.shape[-1])
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xg, dim = _split(x.to(work), axis, g)
     if symmetric:
         top = 2 ** (bits - 1) - 1
         step = xg.abs().amax(dim, keepdim=True) / top
-        safe = torch.where(step > 0, step, torch.ones_like(step))
+        safe = torch.where(step > 0, step, 1.0)
         x_hat = torch.round(xg / safe).clamp_(-top, top) * step
     else:
         lo = xg.amin(dim, keepdim=True)
         step = (xg.amax(dim, keepdim=True) - lo) / (2**bits - 1)
-        safe = torch.where(step > 0, step, torch.ones_like(step))
+        safe = torch.where(step > 0, step, 1.0)
         x_hat = torch.round((xg - lo) / safe).clamp_(0, 2**bits - 1) * step + lo
     return (_merge(x_hat, x.shape, axis).to(x.dtype),
-            _merge(step.expand_as(xg), x.shape, axis))
+            _merge(step.expand_as(xg), x.shape, axis) if steps else None)
+
+
+def _quantize_checked(x: Tensor, bits: int, axis: str, group: int | None,
+                      symmetric: bool) -> Tensor:
+    """:func:`quantize` for callers that have validated ``x`` (a non-empty, finite floating
+    tensor of at least 2 dimensions) and the options (compressors, in ``__post_init__``)."""
+    if x.shape[-1] == 0 or x.shape[-2] == 0:
+        return _core(x, bits, axis, group, symmetric, steps=False)[0]  # raises the message
+    return _grid(x, bits, axis, group, symmetric, steps=False)[0]
 
 
 def quantize_with_steps(
@@ -163,7 +180,7 @@ def quantize(
     >>> quantize(torch.tensor([[0.0, 0.3, 1.0]]), 1)
     tensor([[0., 0., 1.]])
     """
-    return _core(x, bits, axis, group, symmetric)[0]
+    return _core(x, bits, axis, group, symmetric, steps=False)[0]
 
 
 def quant_steps(

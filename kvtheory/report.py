@@ -46,6 +46,10 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+#: keyword under which a stage's ``run`` receives an earlier stage's result
+_RESULT_ARG = {"flip_study": "flip_result", "budget": "budget_result"}
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """Where results, figures and the report go, and at which size the analyses run.
@@ -83,7 +87,7 @@ def _stage_config(stage: Stage, size: str) -> Any:
     old = os.environ.get("KVTHEORY_SMALL")
     os.environ["KVTHEORY_SMALL"] = "1" if size == "small" else "0"
     try:
-        return cls.for_size()
+        return cls.for_size() if hasattr(cls, "for_size") else cls()
     finally:
         if old is None:
             os.environ.pop("KVTHEORY_SMALL", None)
@@ -120,7 +124,7 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[st
         kwargs: dict[str, Any] = {}
         for dep in stage.needs:
             if dep in saved:
-                kwargs[f"{dep}_result"] = saved[dep]["result"]
+                kwargs[_RESULT_ARG.get(dep, f"{dep}_result")] = saved[dep]["result"]
         key = {"config": scfg, "needs": {d: saved[d]["config_hash"] for d in stage.needs if d in saved}}
 
         def compute(mod=mod, scfg=scfg, kwargs=kwargs):

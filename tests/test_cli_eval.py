@@ -22,7 +22,8 @@ from kvtheory.errors import KVTheoryError
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENV = {k: v for k, v in os.environ.items() if k != "KVTHEORY_DEBUG"}
-ENV.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+ENV.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+           OMP_NUM_THREADS="1")  # one thread: tiny ops stall on thread barriers on a busy machine
 METHODS = "fp,int4,rank8-pca"
 
 
@@ -88,14 +89,16 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def as_cli():
     """In-process runs behave like the CLI process: float32 default; global torch state restored."""
-    det = torch.are_deterministic_algorithms_enabled()
+    det, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): identical numbers
     try:
         yield
     finally:
         torch.set_default_dtype(old)
         torch.use_deterministic_algorithms(det)
+        torch.set_num_threads(threads)
 
 
 def _args(tiny, out, *extra, methods=METHODS):
@@ -130,13 +133,6 @@ def test_cli_errors_one_line_in_a_fresh_process(tiny, tmp_path, data_dir):
     out = tmp_path / "out.json"
     _one_line_error(_cli(*_args(tiny, out, "--max-windows", "0")),
                     "max_windows: got 0; expected an integer >= 1")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        _one_line_error(_cli(*_args(tiny, ro / "out.json")), "read-only")
-    finally:
-        ro.chmod(0o755)
     bad = tmp_path / "data"  # a tampered corpus copy (tmp only)
     (bad / "wikitext-2-raw-v1").mkdir(parents=True)
     raw = (data_dir / "wikitext-2-raw-v1" / "wiki.test.raw").read_bytes()
@@ -157,7 +153,15 @@ def test_cli_errors_one_line(tiny, tmp_path, capsys, as_cli):
     _one_line_error(_main(capsys, *_args(tiny, out, "--limit", "ten")), "limit: got 'ten'")
     _one_line_error(_main(capsys, *_args(tiny, out, "--task", "lambada")), "text_file")
     _one_line_error(_main(capsys, *_args(tiny, tmp_path)), "a file path, not a folder")
-    assert not out.exists()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)  # no write bit: read-only, for root too
+    try:
+        _one_line_error(_main(capsys, *_args(tiny, ro / "out.json")),
+                        "expected a path in a writable folder .*is read-only")
+    finally:
+        ro.chmod(0o755)
+    assert not out.exists() and not list(ro.iterdir())
 
 
 # ----------------------------------------------------------------------------- resume
@@ -214,8 +218,8 @@ def test_killed_and_interrupted_eval_resumes_without_recomputing(tiny, tmp_path,
     assert rc == 130 and err.strip().splitlines() == [
         "kvtheory eval: interrupted; finished rows are saved"]
     assert second[0] == first[0]
-    # run 3: finishes the grid
-    res = _cli(*_args(tiny, out))
+    # run 3 (in this process): finishes the grid
+    res = _main(capsys, *_args(tiny, out))
     assert res.returncode == 0, res.stderr
     assert "1 rows computed, 2 resumed" in res.stdout
     data = json.loads(out.read_text())

@@ -43,6 +43,15 @@ def tiny_llama(vocab: int = 300, max_pos: int = 256, seed: int = 0, arch: str = 
     return LlamaForCausalLM(cfg).to(torch.float32).eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread (small ops stall on OpenMP barriers when cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama()

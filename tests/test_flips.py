@@ -20,6 +20,15 @@ from kvtheory.flips import MARGIN_BINS, PROB_BINS, attention_metrics, flip_rate
 FIELDS = ("flip", "margin", "top1_prob", "topk_overlap", "kl", "fisher", "output_rel_err")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tensors here are tiny: intra-op threads would only add synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- second implementation
 def loop_reference(q, k, k_hat, v=None, v_hat=None, *, causal, key_mask=None, topk=5):
     """One query at a time: logits by a gathered matvec, KL/Fisher from kvtheory.fisher."""
@@ -167,6 +176,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_matches_plain_loop_for_every_block_size(case):
+    case = dict(case)
     causal = case.pop("causal")
     x = make(7, **case, noise=0.7, dv=case["d"] + 1)
     ref, valid = loop_reference(**x, causal=causal, topk=3)

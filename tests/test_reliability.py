@@ -39,6 +39,15 @@ WIKI = DATA / data.FILES["wikitext2"]
 needs_data = pytest.mark.skipif(not WIKI.exists(), reason=f"corpora not found under {DATA}")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one torch thread (two spin-waiting threads cost ~20x the CPU on a busy 2-core box)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def raw(fn):
     """The function as a user calls it (without the test-time type-checking wrapper)."""
     return inspect.unwrap(fn)

@@ -32,7 +32,7 @@ from .._checks import check_choice, check_int
 from ..errors import KVTheoryError, bad_argument
 from .common import small
 
-__all__ = ["AblationConfig", "basis_group", "spread", "apply_rope", "run", "plot", "summary",
+__all__ = ["AblationConfig", "basis_group", "spread", "apply_rope", "rope_fn", "run", "plot", "summary",
            "BASES"]
 
 BASES = ("identity", "pca", "random0", "random1", "random2", "random3", "random4", "hadamard",
@@ -69,34 +69,37 @@ def spread(values: dict[str, float]) -> dict:
             "spread_all": max(values.values()) - min(values.values()), "best": best, "worst": worst}
 
 
-def _rotary(model):
-    for name, mod in model.named_modules():
-        if name.endswith("rotary_emb"):
-            return mod
-    return None
+def rope_fn(model):
+    """A function ``k_pre -> k_post`` applying the model's RoPE (see :func:`apply_rope`),
+    looked up once; the identity for models without a rotary embedding."""
+    from ..patch import attention_modules
+
+    inner = model.model if hasattr(model, "info") else model
+    rot = next((m for name, m in inner.named_modules() if name.endswith("rotary_emb")), None)
+    if rot is None:
+        return lambda k: k
+    fn = getattr(sys.modules[type(attention_modules(inner)[0]).__module__], "apply_rotary_pos_emb")
+
+    @torch.no_grad()
+    def apply(k_pre: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(k_pre.shape[2])[None].expand(k_pre.shape[0], -1)
+        cos, sin = rot(k_pre, pos)
+        return fn(k_pre, k_pre, cos.to(k_pre.dtype), sin.to(k_pre.dtype))[1]
+
+    return apply
 
 
-@torch.no_grad()
 def apply_rope(model, k_pre: torch.Tensor) -> torch.Tensor:
     r"""RoPE of the model applied to pre-RoPE keys (batch, kv_head, token, d) at positions
     0..T−1: :math:`k\cos\theta_t + \mathrm{rot}(k)\sin\theta_t` (the model's own rotary module
     and ``apply_rotary_pos_emb``). Models without RoPE return ``k_pre``."""
-    from ..patch import attention_modules
-
-    inner = model.model if hasattr(model, "info") else model
-    rot = _rotary(inner)
-    if rot is None:
-        return k_pre
-    fn = getattr(sys.modules[type(attention_modules(inner)[0]).__module__], "apply_rotary_pos_emb")
-    pos = torch.arange(k_pre.shape[2])[None].expand(k_pre.shape[0], -1)
-    cos, sin = rot(k_pre, pos)
-    _, k = fn(k_pre, k_pre, cos.to(k_pre.dtype), sin.to(k_pre.dtype))
-    return k
+    return rope_fn(model)(k_pre)
 
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """``rank`` None: d/4. ``flip_tokens`` None: ``seq_len`` (the first evaluation window).
+    """``rank`` None: d/4. ``flip_tokens``: tokens of the captured window (the start of the
+    first evaluation window) for the flip metrics; None: ``min(seq_len, 256)``.
     Windows as in :class:`.budget.BudgetConfig` (same defaults, so points are shared)."""
 
     model: str = "smollm2-135m"
@@ -153,12 +156,13 @@ def _flip_metrics(model, cap_post, cap_side, plan, rope: str, causal: bool) -> d
     edges = (0.0, 0.1, 0.5, 1.0, 2.0, math.inf)
     acc = {"flip_rate": [], "kl": [], "fisher": []}
     n_hi = f_hi = 0
+    rope_of = rope_fn(model) if rope == "pre" else None
     for layer in cap_post.meta.layers:
         q, k = cap_post[layer]["q"], cap_post[layer]["k"]
         ck = plan[layer][0]
         k_hat = ck(cap_side[layer]["k"])
-        if rope == "pre":
-            k_hat = apply_rope(model, k_hat)
+        if rope_of is not None:
+            k_hat = rope_of(k_hat)
         m = attention_metrics(q, k, k_hat.to(k.dtype), causal=causal, margin_bins=edges)
         for f in acc:
             acc[f].append(float(getattr(m, f).mean()))
@@ -190,13 +194,14 @@ def run(cfg: AblationConfig | None = None, *, data_dir=None, root=None, progress
     ev, cal = eval_windows(cfg.model, cfg.seq_len, cfg.n_windows, cfg.calib_windows, data_dir)
     kw = dict(windows=ev, calibration=cal, n_boot=cfg.n_boot, seed=cfg.seed, root=root)
     fp = ppl_point(lm, cfg.model, "fp", "kv", **kw)
-    nf = cfg.flip_tokens or cfg.seq_len
+    nf = cfg.flip_tokens or min(cfg.seq_len, 256)
     caps = {side: load_or_capture(cfg.model, nf, rope=side, data_dir=data_dir, root=root)
             for side in set(cfg.ropes) | {"post"}}
     rope_err = 0.0
     if "pre" in caps and lm.info.rope:
+        rope_of = rope_fn(lm)
         for layer in caps["post"].meta.layers:
-            a, b = apply_rope(lm, caps["pre"][layer]["k"]), caps["post"][layer]["k"]
+            a, b = rope_of(caps["pre"][layer]["k"]), caps["post"][layer]["k"]
             rope_err = max(rope_err, float((a - b).norm() / b.norm()))
         if rope_err > 1e-3:
             raise KVTheoryError(f"rope: RoPE of the pre-RoPE keys differs from the post-RoPE keys "
@@ -259,10 +264,14 @@ def plot(result: dict, out_dir) -> list[Path]:
     methods = list(result["spread"][sides[0]])
     groups = [g for g in _ORDER if any(r["group"] == g for r in result["rows"])]
     shades = {"quant": [COLORS["quant"], COLORS["kivi"]], "rank": [COLORS["rank"]]}
+    def fmt(v: float) -> str:
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2g}"
+
     with style():
-        fig, axes = new_figure(COLUMN_WIDTH, 0.42 * len(sides) + 0.12, nrows=len(sides),
-                               sharex=True, sharey=True, squeeze=False)
+        fig, axes = new_figure(COLUMN_WIDTH, 0.45 * len(sides) + 0.2, nrows=len(sides),
+                               sharex=True, sharey=True, squeeze=False, layout="constrained")
         width = 0.8 / len(methods)
+        top = max(r["ppl"] for r in result["rows"])
         for ax, side in zip(axes[:, 0], sides):
             for i, m in enumerate(methods):
                 kind = "rank" if m.startswith("rank") else "quant"
@@ -274,22 +283,23 @@ def plot(result: dict, out_dir) -> list[Path]:
                 hi = np.array([s["range"][g][1] for g in groups]) - y
                 flips = [np.mean([r["flip_rate"] for r in result["rows"] if r["rope"] == side
                                   and r["method"] == m and r["group"] == g]) for g in groups]
-                label = f"{m} (spread {s['spread']:.2g})"
+                label = f"{m} in the basis" if side == sides[0] else None
                 ax.bar(x, y, width * 0.92, color=col, label=label, yerr=[lo, hi], capsize=1.5,
                        error_kw={"lw": 0.6})
-                for xi, yi, f in zip(x, y, flips):
-                    ax.text(xi, yi * 1.06, f"{100 * f:.0f}", ha="center", va="bottom", fontsize=5)
-            ax.axhline(result["fp"]["value"], color=COLORS["fp"], ls="--", lw=0.8, label="fp16")
+                for xi, yi, hv, f in zip(x, y, hi, flips):
+                    ax.text(xi, (yi + hv) * 1.15, f"{100 * f:.0f}", ha="center", va="bottom", fontsize=5)
+                ax.text(0.99, 0.97 - 0.11 * i, f"{m} spread {fmt(s['spread'])} PPL",
+                        transform=ax.transAxes, ha="right", va="top", fontsize=6, color=col)
+            ax.axhline(result["fp"]["value"], color=COLORS["fp"], ls="--", lw=0.8,
+                       label="fp16" if side == sides[0] else None)
             ax.set_yscale("log")
             ax.set_ylabel("PPL (log)")
-            ax.set_title(f"keys compressed {side}-RoPE (numbers: top-1 flip rate, %)", loc="left", pad=2)
-            ax.legend(loc="upper left", ncol=2, fontsize=6)
-            top = max(r["ppl"] for r in result["rows"])
-            ax.set_ylim(result["fp"]["value"] / 1.2, top * 3)
+            ax.set_title(f"keys compressed {side}-RoPE", loc="left", pad=2)
+            ax.set_ylim(result["fp"]["value"] / 1.2, top * 40)
         axes[-1, 0].set_xticks(np.arange(len(groups)))
         axes[-1, 0].set_xticklabels([g if g != "random" else "random\n(5 seeds)" for g in groups])
-        axes[-1, 0].set_xlabel("basis")
+        axes[-1, 0].set_xlabel("basis (numbers above bars: top-1 flip rate, %)")
+        fig.legend(loc="outside lower center", ncol=len(methods) + 1)
         fig.suptitle(f"{result['model']}: basis ablation, keys only, rank {result['rank']} "
-                     f"vs INT{result['quant_bits'][0]}", y=1.0)
-        fig.tight_layout()
+                     f"vs INT{result['quant_bits'][0]}")
         return save_figure(fig, out_dir, "basis_ablation")

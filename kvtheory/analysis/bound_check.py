@@ -78,13 +78,13 @@ class BoundCheckConfig:
 
     models: tuple[str, ...] = ("smollm2-135m", "minilm-l6")
     n_tokens: int = 512
-    n_queries: int = 64
+    n_queries: int = 32
     n_pca_dirs: int = 4
     n_random_dirs: int = 4
     bits: tuple[int, ...] = (2, 3, 4, 8)
     seed: int = 0
     layers: tuple[int, ...] | None = None
-    mc_samples: int = 32
+    mc_samples: int = 16
     mc_metric: str = "fisher"
 
     def __post_init__(self):
@@ -410,8 +410,8 @@ def plot_theory_vs_measured(result: dict, out_dir) -> list:
             ax.plot([], [], "s", color=color, alpha=0.45, label=f"{name}: measured")
             ax.plot([], [], marker, mfc="white", mec=color, ls="", label=f"{name}: exact prediction")
         head = [result["headline"][b] for b in bits]
-        ax.plot(range(len(bits)), head, "_", color=COLORS["theory"], ms=22, mew=2,
-                label=r"headline $3\cdot 4^b$")
+        ax.hlines(head, np.arange(len(bits)) - 0.42, np.arange(len(bits)) + 0.42,
+                  color=COLORS["theory"], lw=1.8, label=r"headline $3\cdot 4^b$")
         ax.set_yscale("log")
         ax.set_xticks(range(len(bits)), bits)
         ax.set_xlim(-0.6, len(bits) - 0.4)
@@ -424,23 +424,28 @@ def plot_theory_vs_measured(result: dict, out_dir) -> list:
 
 
 def plot_fisher_vs_kl(result: dict, out_dir) -> list:
-    """½δᵀFδ against the exact KL per perturbation (mean over rows), log-log, with y = x."""
+    """½δᵀFδ against the exact KL per perturbation (mean over rows): log-log with y = x (top),
+    and KL / ½δᵀFδ against ½δᵀFδ (bottom)."""
     from ..plotstyle import COLORS, new_figure, save_figure, style
 
     with style():
-        fig, ax = new_figure(aspect=0.85)
+        fig, (ax, ax2) = new_figure(aspect=1.25, nrows=2, sharex=True,
+                                    gridspec_kw={"height_ratios": [2, 1]})
         lo, hi = np.inf, -np.inf
         for m, (name, res) in enumerate(result["models"].items()):
             marker = _MODEL_STYLE[m % len(_MODEL_STYLE)][1]
             for kind, (f, kl) in fisher_kl_pairs(res).items():
                 ok = (f > 0) & (kl > 0)
                 color = COLORS["rank" if kind == "projection" else "quant"]
-                ax.scatter(f[ok], kl[ok], s=3, marker=marker, color=color, alpha=0.35, lw=0,
-                           label=f"{kind}, {name}", rasterized=True)
+                kw = {"s": 3, "marker": marker, "color": color, "alpha": 0.35, "lw": 0,
+                      "rasterized": True}
+                ax.scatter(f[ok], kl[ok], label=f"{kind}, {name}", **kw)
+                ax2.scatter(f[ok], kl[ok] / f[ok], **kw)
                 if ok.any():
                     lo, hi = min(lo, f[ok].min(), kl[ok].min()), max(hi, f[ok].max(), kl[ok].max())
         if np.isfinite(lo):
             ax.plot([lo, hi], [lo, hi], "--", color="black", lw=0.8, label="$y = x$")
+        ax2.axhline(1.0, ls="--", color="black", lw=0.8)
         fk = result["fisher_kl"]["all"]
         if fk["median"] is not None:
             ax.text(0.97, 0.04, f"KL / Fisher: median {fk['median']:.3f}\n"
@@ -448,8 +453,9 @@ def plot_fisher_vs_kl(result: dict, out_dir) -> list:
                     ha="right", va="bottom", fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(r"second-order damage $\frac{1}{2}\delta^\top F\delta$ (nats)")
         ax.set_ylabel("exact KL (nats)")
+        ax2.set_xlabel(r"second-order damage $\frac{1}{2}\delta^\top F\delta$ (nats)")
+        ax2.set_ylabel("KL / Fisher")
         ax.set_title("Fisher form vs exact KL per perturbation\n"
                      "(mean over attention rows; quantization: actual rounding, all $b$)")
         ax.legend(loc="upper left", fontsize=6, markerscale=3)

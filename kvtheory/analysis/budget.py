@@ -72,7 +72,7 @@ def _unwrap(model: Any) -> torch.nn.Module:
 
 
 def fitted_plan(model: Any, model_key: str, k_spec: str, v_spec: str, *, rope: str = "post",
-                calibration: Int[Tensor, "batch token"] | None = None) -> dict[int, tuple[Any, Any]]:
+                calibration: Int[Tensor, "calib calib_token"] | None = None) -> dict[int, tuple[Any, Any]]:
     r"""Per-layer ``(keys, values)`` compressors for ``k_spec``/``v_spec``, their data-dependent
     bases fitted once per (model, basis, rope, calibration) and shared by every spec in that basis
     (the basis is fitted with a rank-1 spec: the fitted basis is the full d×d rotation).
@@ -111,7 +111,7 @@ def _target_specs(spec: str, target: str) -> tuple[str, str]:
 
 
 def ppl_point(model: Any, model_key: str, spec: str, target: str, *,
-              windows: Int[Tensor, "batch token"], calibration: Int[Tensor, "batch token"] | None,
+              windows: Int[Tensor, "batch token"], calibration: Int[Tensor, "calib calib_token"] | None,
               rope: str = "post", n_boot: int = 1000, seed: int = 0,
               root: str | Path | None = None, progress: bool = False) -> dict:
     """Perplexity of ``windows`` with ``spec`` applied to ``target`` (k, v or kv), memoised.
@@ -352,8 +352,8 @@ def plot(result: dict, out_dir) -> list[Path]:
     markers = {"quant": "o", "kivi": "s", "rank": "^", "hybrid": "D"}
     targets = [t for t in TARGETS if any(p["target"] == t for p in result["points"])]
     with style():
-        fig, axes = new_figure(COLUMN_WIDTH, 0.5 * len(targets) + 0.15, nrows=len(targets),
-                               sharex=True, squeeze=False)
+        fig, axes = new_figure(COLUMN_WIDTH, 0.5 * len(targets) + 0.25, nrows=len(targets),
+                               sharex=True, squeeze=False, layout="constrained")
         ppls = [p["ppl"] for p in result["points"]] + [result["fp"]["value"]]
         lo, hi = min(ppls), max(ppls)
         for ax, t in zip(axes[:, 0], targets):
@@ -367,7 +367,8 @@ def plot(result: dict, out_dir) -> list[Path]:
             ax.axhline(result["fp"]["value"], color=COLORS["fp"], ls="--", lw=0.8, label="fp16")
             m = _at_budget(result, t, 4)
             if m is not None:
-                ax.axvline(m["budget"], color=COLORS["other"], ls=":", lw=0.8, label="INT4 budget")
+                ax.axvline(m["budget"], color=COLORS["other"], ls=":", lw=0.8,
+                           label=f"INT4 budget ({m['budget']:g} bits)")
             ax.set_yscale("log")
             ax.set_ylim(lo / 1.15, hi * 1.3)
             ax.set_ylabel("PPL (log)")
@@ -376,8 +377,7 @@ def plot(result: dict, out_dir) -> list[Path]:
         axes[-1, 0].set_xlim(1.5, 16.5)
         axes[-1, 0].set_xticks([2, 3, 4, 6, 8, 12, 16])
         h, lab = axes[0, 0].get_legend_handles_labels()
-        fig.legend(h, lab, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.0 + 0.02))
+        fig.legend(h, lab, loc="outside lower center", ncol=2)
         fig.suptitle(f"{result['model']}: WikiText-2 PPL vs KV storage "
-                     f"({result['n_windows']}×{result['seq_len']} tokens)", y=1.0 + 0.1 / len(targets))
-        fig.tight_layout(rect=(0, 0, 1, 0.93))
+                     f"({result['n_windows']}×{result['seq_len']} tokens)")
         return save_figure(fig, out_dir, "ppl_vs_budget")

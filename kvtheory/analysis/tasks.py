@@ -60,7 +60,7 @@ class TasksConfig:
 
     lm_model: str = "smollm2-135m"
     encoder: str | None = "minilm-l6"
-    lambada_limit: int = 100
+    lambada_limit: int = 50
     lm_methods: tuple[str, ...] | None = None
     calib_len: int = 512
     encoder_methods: tuple[str, ...] | None = None

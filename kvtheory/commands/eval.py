@@ -48,13 +48,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", default="2",
                    help="windows from the corpus END to fit pca/qaware bases (disjoint)")
     p.add_argument("--rope", default="post", help="compress keys post- or pre-RoPE")
-    p.add_argument("--seed", default="0")
+    p.add_argument("--seed", default="0", help="seeds torch before every row and the bootstrap")
     p.add_argument("--n-boot", default="1000", help="bootstrap resamples for the 95%% interval")
     p.add_argument("--data-dir", default=None, help="corpora folder (else $KVTHEORY_DATA, else Hub)")
     p.add_argument("--text-file", default=None, help="score this UTF-8 text instead of WikiText-2")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     p.add_argument("--batch-size", default="16", help="LAMBADA / embed batch (same-length only)")
+    p.add_argument("--threads", default=None,
+                   help="torch CPU threads (default: torch's; 1 is far faster on a busy machine)")
     p.add_argument("--json", default=None, help="result file (default: derived from the config)")
     p.add_argument("--results-dir", default="results", help="root of derived result paths")
     p.add_argument("--overwrite", action="store_true", help="replace a file of another config")
@@ -180,7 +182,9 @@ class Job:
             self.passages, self.data["lambada"] = lam.passages, lam.provenance()
 
     def prov(self) -> dict[str, Any]:
-        return {"model": self.cfg.model, "task": self.cfg.task,
+        import torch
+
+        return {"model": self.cfg.model, "task": self.cfg.task, "threads": torch.get_num_threads(),
                 "data_sha256": {k: v["sha256"] for k, v in self.data.items()}, "data": self.data}
 
     # ---------------------------------------------------------------- model
@@ -280,6 +284,13 @@ def run(args: argparse.Namespace) -> int:
     from ..io import provenance, to_jsonable, write_json
 
     cfg = config_from_args(args)
+    threads = _int("threads", args.threads)
+    if threads is not None:
+        if threads < 1:
+            raise bad_argument("threads", threads, "an integer >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     path = Path(args.json) if args.json else cfg.result_path(args.results_dir)
     check_writable(path)
     prev = load_previous(path, cfg, args.overwrite)
