@@ -31,6 +31,63 @@ from kvtheory import bench  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
 
 
+def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None) -> dict:
+    """Where the compressed-eval time goes: int4-kivi / rank16-pca with and without the
+    compressors' finite-value check (a host sync per call on a GPU), and a torch.profiler
+    table of one evaluation of each (written to ``profile_path``)."""
+    from kvtheory import compress
+    from kvtheory.evaluate import window_nll
+    from kvtheory.patch import compressed_kv, fit_compressors
+    from kvtheory.timing import side_by_side
+
+    plan = fit_compressors(model, "rank16-pca", "rank16-pca", calib)
+    check = compress._check_kv
+
+    def evaluation(method: str, checked: bool = True):
+        def run():
+            compress._check_kv = check if checked else (lambda x: x)
+            try:
+                if method == "fp":
+                    window_nll(model, windows)
+                else:
+                    with compressed_kv(model, method, method,
+                                       calibration=plan if "pca" in method else None):
+                        window_nll(model, windows)
+            finally:
+                compress._check_kv = check
+        return run
+
+    fns = {"fp": evaluation("fp")}
+    for m in ("int4-kivi", "rank16-pca"):
+        fns[m] = evaluation(m)
+        fns[f"{m} unchecked"] = evaluation(m, False)
+    dev = next(model.parameters()).device
+    timing = side_by_side(fns, reps=reps, warmup=1, device=dev)
+    dt = str(next(model.parameters()).dtype).removeprefix("torch.")
+    w, n = windows.shape
+    rows = [bench.ratio_row("eval-diag", f"{lab} PPL eval vs fp forward, {w}×{n} tok", timing, lab,
+                            "fp", device=dev.type, dtype=dt,
+                            note="diagnostic: compressors' finite check off" if "unchecked" in lab
+                            else "diagnostic: as shipped")
+            for lab in fns if lab != "fp"]
+    if profile_path is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        parts = []
+        for lab in ("fp", "int4-kivi", "rank16-pca"):
+            with profile(activities=acts) as prof:
+                fns[lab]()
+                bench.sync(dev)
+            ka = prof.key_averages()
+            for key in (("self_cuda_time_total",) if dev.type == "cuda" else ()) + (
+                    "self_cpu_time_total",):
+                parts.append(f"===== {lab} ({dt}, {w}x{n}), sorted by {key}\n"
+                             + ka.table(sort_by=key, row_limit=22))
+        profile_path.write_text("\n\n".join(parts))
+    return bench._case("eval-diag", timing, rows, windows=[w, n])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/gpu.json")
@@ -94,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                     model, windows, calib, reps=args.reps))
                 if res is not None:
                     cases.append(res)
+            w, n = eval_sizes[0]
+            windows = bench.random_ids(n, vocab, batch=w, seed=1)
+            calib = bench.random_ids(n, vocab, batch=1, seed=2)
+            prof = Path(args.out).with_name(f"profile_{name}.txt")
+            res = step(f"eval diagnostics {name}", lambda: eval_diagnostics(
+                model, windows, calib, args.reps, prof))
+            if res is not None:
+                cases.append(res)
             del model
         for t in flip_tokens:
             res = step(f"flips {name} T={t}", lambda: bench.case_flips(

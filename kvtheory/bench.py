@@ -96,7 +96,7 @@ def flip_flops(batch: int, q_heads: int, queries: int, tokens: int, d: int, matm
     return matmuls * 2 * batch * q_heads * queries * tokens * d
 
 
-def _met(value: float | None, target: tuple[str, float] | None) -> bool | None:
+def _met(value: float | int | None, target: tuple[str, float] | None) -> bool | None:
     if value is None or target is None or not math.isfinite(value):
         return None
     op, bound = target
@@ -245,7 +245,7 @@ EVAL_METHODS = ("int4-kivi", "rank16-pca")
 
 
 def case_eval(model: torch.nn.Module, windows: Int[Tensor, "batch token"],
-              calibration: Int[Tensor, "batch token"], *, methods: tuple[str, ...] = EVAL_METHODS,
+              calibration: Int[Tensor, "..."], *, methods: tuple[str, ...] = EVAL_METHODS,
               reps: int = 5, warmup: int = 1) -> dict[str, Any]:
     """PPL evaluation (:func:`~kvtheory.evaluate.window_nll`) under each method vs uncompressed.
 
@@ -481,8 +481,8 @@ def flip_inputs(tokens: int, *, q_heads: int = 9, kv_heads: int = 3, d: int = 64
     from .quantize import quantize
 
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_heads, tokens, d, generator=g)
-    k = torch.randn(batch, kv_heads, tokens, d, generator=g)
+    q = torch.randn(batch, q_heads, tokens, d, generator=g, dtype=torch.float32)
+    k = torch.randn(batch, kv_heads, tokens, d, generator=g, dtype=torch.float32)
     kh = quantize(k, 4)
     dt = _as_dtype(dtype)
     return tuple(x.to(device=device, dtype=dt) for x in (q, k, kh))  # type: ignore[return-value]
@@ -663,7 +663,7 @@ def case_memory(*, tokens: int = 32768, q_heads: int = 9, kv_heads: int = 3, d: 
         "memory", f"attention_metrics peak memory, {tokens} tok × {q_heads} q heads × d={d}"
         f"{'' if queries == tokens else f' ({queries} queries)'}, {'causal' if causal else 'full'}",
         device=dev.type, dtype=dt, measured=f"{peak / _GIB:.3f} GiB", measured_s=None,
-        target_text=_target_text(target, "GiB"), met=_met(peak, target),
+        target_text=_target_text(target, "GiB"), met=_met(float(peak), target),
         note=f"inputs {out['input_bytes'] / _GIB:.3f} GiB included; {out['elapsed_s']:.1f} s; "
              + ("peak RSS − baseline, subprocess" if dev.type == "cpu" else
                 "cuda max_memory_allocated − before"))
@@ -708,6 +708,8 @@ def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, 
 
 
 # ----------------------------------------------------------------------------- output
+#: console width of the printed table: wide enough that no cell wraps (rows stay Markdown)
+WIDTH = 1000
 _COLUMNS = (("case", "left"), ("what", "left"), ("device", "left"), ("dtype", "left"),
             ("baseline", "right"), ("measured", "right"), ("ratio", "right"),
             ("target", "right"), ("met", "center"), ("note", "left"))
@@ -729,16 +731,18 @@ def render_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
     from rich import box
     from rich.table import Table
 
+    from rich.text import Text
+
     table = Table(title=title, box=box.MARKDOWN, title_justify="left", show_edge=True)
     for name, justify in _COLUMNS:
-        table.add_column(name, justify=justify, overflow="fold")
+        table.add_column(name, justify=justify, no_wrap=True)
     for row in rows:
-        table.add_row(*_cells(row))
+        table.add_row(*(Text(c) for c in _cells(row)))  # plain text: no rich markup
     return table
 
 
-def table_text(rows: list[dict[str, Any]], title: str | None = None, width: int = 400) -> str:
-    """:func:`render_table` as plain text, exactly as printed to a terminal ``width`` wide."""
+def table_text(rows: list[dict[str, Any]], title: str | None = None, width: int = WIDTH) -> str:
+    """:func:`render_table` as plain text, as ``kvtheory bench`` prints it (lines stripped)."""
     import io
 
     from rich.console import Console
@@ -746,7 +750,7 @@ def table_text(rows: list[dict[str, Any]], title: str | None = None, width: int 
     buf = io.StringIO()
     Console(file=buf, width=width, highlight=False, color_system=None,
             force_terminal=False).print(render_table(rows, title))
-    return buf.getvalue()
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines() if line.strip()) + "\n"
 
 
 def results_document(cases: list[dict[str, Any]], *, settings: dict[str, Any],

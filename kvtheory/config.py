@@ -127,14 +127,16 @@ class EvalConfig:
         return d
 
     def identity(self) -> dict[str, Any]:
-        """The fields that determine every number of a row (all but the grid and data folder).
+        """The fields that determine every number of a row (all but the grid, the data folder
+        and the size field the task does not use: ``limit`` for wikitext2, else ``max_windows``).
 
         Rows saved under the same identity can be reused: adding a method to the grid
         resumes the file instead of starting over. The data are pinned by their SHA-256,
         which the result file stores beside it, so the folder they came from is left out.
         """
         d = self.to_dict()
-        for key in ("methods", "targets", "data_dir"):
+        unused = ("limit",) if self.task == "wikitext2" else ("max_windows",)
+        for key in ("methods", "targets", "data_dir", *unused):
             d.pop(key)
         if self.text_file is not None:
             d["text_file"] = Path(self.text_file).name

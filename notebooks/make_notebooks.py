@@ -8,10 +8,16 @@ The notebooks are generated, never edited by hand: change a cell here and run
     .venv/bin/python notebooks/make_notebooks.py --no-execute
 
 Execution uses nbclient with the ``python3`` kernel, cwd = ``notebooks/``, and sets
-``KVTHEORY_DATA`` (default ``../shared/data``), ``KVTHEORY_RESULTS`` (default: a temporary
-folder, or ``--results``) and ``MPLBACKEND=Agg``; ``--small`` sets ``KVTHEORY_SMALL=1`` as the
-test suite (tests/test_notebooks.py) does. Volatile metadata (execution times) is stripped so
-that a rebuild only changes what the cells print.
+``KVTHEORY_DATA`` (default ``../shared/data``), ``KVTHEORY_RESULTS`` and ``MPLBACKEND=Agg``;
+``--small`` sets ``KVTHEORY_SMALL=1`` as the test suite (tests/test_notebooks.py) does.
+``KVTHEORY_RESULTS`` is ``--results`` if given, else a temporary folder, except for
+``03_figures`` at the normal size, which reads (never writes) the repository's ``results/``
+written by ``make report``: run ``make report`` first, then
+
+    .venv/bin/python notebooks/make_notebooks.py 03_figures
+
+Volatile metadata (execution times) is stripped so that a rebuild only changes what the cells
+print.
 """
 
 from __future__ import annotations
@@ -966,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="execute with KVTHEORY_SMALL=1")
     ap.add_argument("--no-execute", action="store_true", help="write the notebooks without outputs")
     ap.add_argument("--data-dir", default=os.environ.get("KVTHEORY_DATA", str(ROOT.parent / "shared" / "data")))
-    ap.add_argument("--results", default=None, help="KVTHEORY_RESULTS (default: a temporary folder)")
+    ap.add_argument("--results", default=None, help="KVTHEORY_RESULTS (default: a temporary folder; 03_figures at normal size: ../results, read only)")
     ap.add_argument("--out", default=str(HERE), help="where to write the .ipynb files")
     args = ap.parse_args(argv)
     names = args.names or list(NOTEBOOKS)
@@ -980,11 +986,14 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for name in names:
             nb = build(name)
+            run_env = dict(env)
+            if name == "03_figures" and not args.small and not args.results:
+                run_env["KVTHEORY_RESULTS"] = str(ROOT / "results")   # the saved report, read only
             if not args.no_execute:
                 from nbclient.exceptions import CellExecutionError
 
                 try:
-                    secs = execute(nb, env)
+                    secs = execute(nb, run_env)
                     print(f"{name}: executed in {secs:.0f} s", file=sys.stderr)
                 except CellExecutionError as exc:  # keep the notebook with its error output
                     failed.append(name)

@@ -64,6 +64,10 @@ def test_config_defaults_paths_and_identity():
     assert c.hash() != a.hash() and c.result_path() != a.result_path()
     assert a.result_path("r") == Path("r/eval/smollm2-135m/wikitext2") / f"L1024-W4-post-s0-{a.hash()}.json"
     assert EvalConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    lam = EvalConfig("smollm2-135m", "lambada", ("fp",), limit=500)
+    assert lam.hash() == EvalConfig("smollm2-135m", "lambada", ("fp",), limit=500, max_windows=9).hash()
+    assert lam.hash() != EvalConfig("smollm2-135m", "lambada", ("fp",), limit=50).hash()
+    assert a.hash() == EvalConfig("smollm2-135m", "wikitext2", ("fp",), limit=3).hash()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from _tiny import save_tiny
 from scipy import stats
 from tol import assert_close

@@ -646,6 +646,10 @@ SUBPROCESS = {  # id -> (argv, parts of the one line); each costs seconds of sta
                         ["kvtheory eval: error: corpus", "SHA-256 mismatch", "wiki.test.raw"]),
     "capture-seq-len": (["capture", "--model", "{model}", "--tokens", "65", "--out", "{root}/cap"],
                         ["kvtheory capture: error: --tokens: got 65; expected at most 64"]),
+    "eval-unknown-spec": (["eval", "--model", "{model}", "--methods", "fp,int4-wat", "--json", "{root}/a.json"],
+                          ["kvtheory eval: error: spec: got 'int4-wat'; expected a method spec"]),
+    "eval-max-windows-0": (["eval", "--model", "{model}", "--max-windows", "0", "--json", "{root}/b.json"],
+                           ["kvtheory eval: error: max_windows: got 0; expected an integer >= 1"]),
 }
 
 
@@ -661,7 +665,11 @@ def cli_runs(cli_env):
         args = [a.format(**cli_env) for a in argv]
         procs[key] = subprocess.Popen([sys.executable, "-m", "kvtheory", *args], cwd=cli_env["root"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return {key: (p.wait(timeout=300), *p.communicate()) for key, p in procs.items()}
+    out = {}
+    for key, p in procs.items():  # they run side by side; collect them one by one
+        stdout, stderr = p.communicate(timeout=300)
+        out[key] = (p.returncode, stdout, stderr)
+    return out
 
 
 @pytest.mark.parametrize("case", list(SUBPROCESS))
@@ -719,10 +727,6 @@ def _eval_argv(argv: list[str], json_path: Path) -> list[str]:
     pytest.param(["verify", "--points", "zero"], ["argument --points: invalid int value: 'zero'"], id="verify-usage"),
     pytest.param(["capture", "--tokens", "8"], ["required: --model, --out", "see kvtheory capture --help"],
                  id="capture-usage"),
-    pytest.param(["eval", "--model", "{model}", "--methods", "fp,int4-wat"],
-                 ["kvtheory eval: error: spec: got 'int4-wat'; expected a method spec"], id="eval-unknown-spec"),
-    pytest.param(["eval", "--model", "{model}", "--max-windows", "0"], ["max_windows: got 0; expected an integer >= 1"],
-                 id="eval-max-windows-0"),
 ])
 def test_cli_in_process_one_line_error(cli_env, capsys, monkeypatch, argv, parts):
     monkeypatch.setenv("KVTHEORY_DATA", str(DATA))

@@ -37,8 +37,9 @@ def _scores(q, k):
     return q @ k.T / math.sqrt(q.shape[-1])
 
 
-def _brute_force(cap, direction):
-    """Every eligible (margin, layer, head, position, dir) by plain loops over queries."""
+def _brute_force(cap, direction, skip_sink=True):
+    """Every flip that INT4 keeps, by plain loops over queries and directions:
+    (strength, layer, head, position, dir, fp top, new top)."""
     out = []
     for layer in cap.meta.layers:
         for h in range(cap.meta.q_heads):
@@ -55,9 +56,12 @@ def _brute_force(cap, direction):
                     continue
                 for j in dirs:
                     u = vecs[:, j]
-                    k_rm = k[: i + 1] - (k[: i + 1] @ u)[:, None] * u
-                    if int(_scores(q[i], k_rm).argmax()) != top:
-                        out.append((margin, layer, h, i, j))
+                    s_rm = _scores(q[i], k[: i + 1] - (k[: i + 1] @ u)[:, None] * u)
+                    new = int(s_rm.argmax())
+                    if new == top or (skip_sink and 0 in (top, new)):
+                        continue
+                    gap = float(s_rm[new] - s_rm[top])
+                    out.append((min(margin, gap), layer, h, i, j, top, new))
     return out
 
 
@@ -83,13 +87,16 @@ def test_chosen_query_flips_under_removal_not_int4(cap, direction):
         assert_close(kk["prob_removed"], float(torch.softmax(s_rm, 0)[p]), "float64")
     assert [kk["position"] for kk in r["keys"][:8]] == s.argsort(descending=True)[:8].tolist()
     assert r["argmax"]["removed"] in by_pos
-    # the choice rule: the largest fp margin among all eligible (brute force over queries)
+    assert_close(r["gap_removed"], float(s_rm.max() - s_rm[r["argmax"]["fp"]]), "float64")
+    assert r["strength"] == min(r["margin"], r["gap_removed"]) > 0
+    assert 0 not in (r["argmax"]["fp"], r["argmax"]["removed"])  # skip_sink
+    # the choice rule: the largest flip strength among all eligible (brute force over queries)
     elig = _brute_force(cap, direction)
-    assert r["counts"]["eligible"] == len({e[1:4] for e in elig})
+    assert r["counts"]["eligible_content"] == len({e[1:4] for e in elig})
     best = max(e[0] for e in elig)
-    assert_close(r["margin"], best, "float64")
+    assert_close(r["strength"], best, "float64")
     first = next(e for e in elig if e[0] == best)
-    assert (r["layer"], r["q_head"], r["query"], r["pca_index"]) == first[1:]
+    assert (r["layer"], r["q_head"], r["query"], r["pca_index"]) == first[1:5]
 
 
 def test_counts_by_hand(cap):
@@ -104,7 +111,8 @@ def test_counts_by_hand(cap):
             n_int4 += sum(int(_scores(q[i], k[: i + 1]).argmax()) != int(_scores(q[i], kq[: i + 1]).argmax())
                           for i in range(4, T))
     assert c["flipped_int4"] == n_int4
-    assert c["eligible"] <= c["flipped_removal"] <= c["searched"]
+    assert c["eligible_content"] <= c["eligible"] <= c["flipped_removal"] <= c["searched"]
+    assert c["eligible"] == len({e[1:4] for e in _brute_force(cap, "top-pca", skip_sink=False)})
 
 
 def test_removal_scores_hand_worked():
@@ -123,7 +131,8 @@ def test_plot_and_summary_from_json(cap, tmp_path):
     fp_top, rm_top = keys[r["argmax"]["fp"]], keys[r["argmax"]["removed"]]
     assert s["margin_fp"] == r["margin"]
     assert_close(s["gap_removed"], rm_top["score_removed"] - fp_top["score_removed"], "exact64")
-    assert s["gap_removed"] > 0
+    assert s["gap_removed"] > 0 and s["prob_fp_top_fp"] == fp_top["prob_fp"]
+    assert s["direction"] == "PCA direction #0"
     assert s["flip_rate_int4"] == r["counts"]["flipped_int4"] / r["counts"]["searched"]
     paths = rt.plot(loaded, tmp_path)
     assert sorted(p.name for p in paths) == ["routing_failure.pdf", "routing_failure.png"]

@@ -275,7 +275,7 @@ def plot(result: dict, out_dir) -> list[Path]:
         for ax, side in zip(axes[:, 0], sides):
             for i, m in enumerate(methods):
                 kind = "rank" if m.startswith("rank") else "quant"
-                col = shades[kind][min(i, len(shades[kind]) - 1)] if kind == "quant" else shades["rank"][0]
+                col = shades[kind][min(i, len(shades[kind]) - 1)]
                 s = result["spread"][side][m]
                 x = np.arange(len(groups)) + (i - (len(methods) - 1) / 2) * width
                 y = np.array([s["by_basis"][g] for g in groups])

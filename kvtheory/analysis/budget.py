@@ -39,7 +39,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .._checks import check_choice, check_int
-from ..errors import KVTheoryError, bad_argument
+from ..errors import bad_argument
 from .common import hybrid_specs, rank_specs, small
 
 __all__ = ["BudgetConfig", "ppl_point", "fitted_plan", "clear_memo", "CALLS", "storage_bits",
@@ -72,7 +72,8 @@ def _unwrap(model: Any) -> torch.nn.Module:
 
 
 def fitted_plan(model: Any, model_key: str, k_spec: str, v_spec: str, *, rope: str = "post",
-                calibration: Int[Tensor, "calib calib_token"] | None = None) -> dict[int, tuple[Any, Any]]:
+                calibration: Int[Tensor, "calib calib_token"] | None = None,
+                ) -> dict[int, tuple[Any, Any]]:
     r"""Per-layer ``(keys, values)`` compressors for ``k_spec``/``v_spec``, their data-dependent
     bases fitted once per (model, basis, rope, calibration) and shared by every spec in that basis
     (the basis is fitted with a rank-1 spec: the fitted basis is the full d×d rotation).
@@ -94,7 +95,8 @@ def fitted_plan(model: Any, model_key: str, k_spec: str, v_spec: str, *, rope: s
             raise bad_argument("calibration", None, f"calibration ids to fit the basis of {spec!r}")
         basis = parse_method(spec).basis
         if role == "v" and basis == "qaware":
-            raise bad_argument("values", spec, "a value spec without the qaware basis (it needs queries)")
+            raise bad_argument("values", spec,
+                               "a value spec without the qaware basis (it needs queries)")
         key = (model_key, basis, rope, _ids_hash(calibration))
         if key not in _BASES:
             vspec = "fp" if basis == "qaware" else f"rank1-{basis}"
@@ -130,7 +132,10 @@ def ppl_point(model: Any, model_key: str, spec: str, target: str, *,
     ks, vs = _target_specs(spec, target)
     rope = check_choice("rope", rope, ("post", "pre")) if ks != "fp" else "post"
     fit = make_compressor(ks, "k").needs_fit or make_compressor(vs, "v").needs_fit
-    key = {"model": model_key, "k": ks, "v": vs, "rope": rope, "windows": _ids_hash(windows),
+    from .. import __version__
+
+    key = {"kvtheory": __version__, "model": model_key, "k": ks, "v": vs, "rope": rope,
+           "windows": _ids_hash(windows),
            "calibration": _ids_hash(calibration) if fit else None,
            "n_boot": int(n_boot), "seed": int(seed)}
     h = config_hash(key)
@@ -222,7 +227,8 @@ class BudgetConfig:
         if isinstance(self.bits, (int, str)) or not self.bits:
             raise bad_argument("bits", self.bits, "a non-empty tuple of bit widths")
         object.__setattr__(self, "bits", tuple(check_int("bits", b, 1, 16) for b in self.bits))
-        if isinstance(self.targets, str) or not self.targets or len(set(self.targets)) != len(self.targets):
+        tg = self.targets
+        if isinstance(tg, str) or not tg or len(set(tg)) != len(tg):
             raise bad_argument("targets", self.targets, "a non-empty subset of k, v, kv")
         object.__setattr__(self, "targets", tuple(check_choice("targets", t, TARGETS)
                                                   for t in self.targets))
@@ -301,8 +307,8 @@ def run(cfg: BudgetConfig | None = None, *, data_dir=None, root=None, progress: 
                        "bits": storage_bits(spec, target, d, cfg.seq_len), "ppl": sc["value"],
                        "ci_low": sc["ci_low"], "ci_high": sc["ci_high"],
                        "dppl": sc["value"] - fp["value"]})
-    matched = {t: [matched_gaps(points, t, bits_per_element(f"int{b}", d, cfg.seq_len)) | {"quant_bits": b}
-                   for b in cfg.bits] for t in cfg.targets}
+    matched = {t: [matched_gaps(points, t, bits_per_element(f"int{b}", d, cfg.seq_len))
+                   | {"quant_bits": b} for b in cfg.bits] for t in cfg.targets}
     c8 = {}
     for p in points:
         if p["target"] == "kv" and p["spec"] in ("int4", "int4-kivi"):
@@ -323,7 +329,8 @@ def summary(result: dict) -> dict[str, float | str]:
     """Headline numbers: fp PPL; at the INT4 budget for K+V (else the first target) the best
     quantizer, rank and hybrid with their PPL and the gaps (C1, C2); C8's K+V INT4 reduction and
     ΔPPL (KIVI and per-token)."""
-    out: dict[str, float | str] = {"fp_ppl": result["fp"]["value"], "n_tokens": float(result["n_tokens"])}
+    out: dict[str, float | str] = {"fp_ppl": result["fp"]["value"],
+                                   "n_tokens": float(result["n_tokens"])}
     target = "kv" if "kv" in result["matched"] else next(iter(result["matched"]))
     m = _at_budget(result, target, 4)
     if m is not None:

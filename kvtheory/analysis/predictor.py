@@ -183,7 +183,7 @@ def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
 
     Keys: model, target, seq_len, n_windows, fp_ppl, fisher_source {spec: "flip_study" |
     "capture"}, rows [{spec, family, bits, fisher, kl, flip_rate, output_rel_err, dppl, dppl_k,
-    dppl_v?, dppl_kv, rank_fisher, rank_dppl, residual}], spearman (spearman_ci of fisher vs
+    dppl_v, dppl_kv, rank_fisher, rank_dppl, residual}], spearman (spearman_ci of fisher vs
     dppl), spearman_alt {metric: spearman_ci vs dppl}, spearman_kv (fisher vs ΔPPL K+V),
     failures [{spec, residual, reason}], seconds.
     """
@@ -228,9 +228,7 @@ def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
             met = capture_metrics(lm.model, cap, plan, lm.info.causal)
             source[spec] = "capture"
         row = {"spec": spec, "family": family(spec), "bits": bits_per_element(spec, d, cfg.seq_len),
-               **met, "dppl_k": dppl(spec, "k"), "dppl_kv": dppl(spec, "kv")}
-        if (spec, "v") in saved:
-            row["dppl_v"] = saved[(spec, "v")] - fp
+               **met, "dppl_k": dppl(spec, "k"), "dppl_v": dppl(spec, "v"), "dppl_kv": dppl(spec, "kv")}
         row["dppl"] = row[f"dppl_{cfg.target}"]
         rows.append(row)
     x = [r["fisher"] for r in rows]

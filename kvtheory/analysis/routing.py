@@ -15,12 +15,14 @@ captured post-RoPE tensors. Three versions of the keys:
   :func:`kvtheory.compress.make_compressor`).
 
 **Choice rule** (deterministic): among the searched (layer, query head, query position
-:math:`i \ge` ``min_position``, direction) whose top-1 key changes when :math:`u` is removed
-while the INT4 top-1 equals the fp top-1, take the one with the largest fp margin
-:math:`s_{(1)} - s_{(2)}` (top-1 minus runner-up logit), so that the example is a clear
-decision overturned, not a near-tie; ties go to the first in (layer, head, position,
-direction) order. ``layer=None`` searches every captured layer. ``seed`` is recorded only: the
-search has no randomness.
+:math:`i \ge` ``min_position``, direction) whose top-1 key changes from :math:`t` to
+:math:`t'` when :math:`u` is removed while the INT4 top-1 stays :math:`t` (and, with
+``skip_sink``, neither :math:`t` nor :math:`t'` is the first token, which many heads use as an
+attention sink, so the example misroutes between content tokens), take the one with the
+largest *flip strength* :math:`\min(s_t - s_{(2)},\; s'_{t'} - s'_t)`: a clear fp decision
+(top-1 minus runner-up logit) overturned clearly, not a near-tie on either side; ties go to
+the first in (layer, head, position, direction) order. ``layer=None`` searches every
+captured layer. ``seed`` is recorded only: the search has no randomness.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ class RoutingConfig:
     n_tokens: int = 512
     layer: int | None = None
     seed: int = 0
-    direction: str = "top-pca"
+    direction: str = "rank-drop"
     rank: int = 16
     min_position: int = 16
     top: int = 8
+    skip_sink: bool = True
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -66,6 +69,8 @@ class RoutingConfig:
         check_int("rank", self.rank, 1)
         check_int("min_position", self.min_position, 0, self.n_tokens - 1)
         check_int("top", self.top, 2)
+        if not isinstance(self.skip_sink, bool):
+            raise bad_argument("skip_sink", self.skip_sink, "True or False")
 
 
 def removal_scores(
@@ -103,6 +108,32 @@ def _candidates(k: Tensor, direction: str, rank: int) -> tuple[Tensor, list[int]
     return rot[:, idx].T, idx
 
 
+def _search_head(q: Tensor, k: Tensor, kq: Tensor, u: Tensor, mask: Tensor, min_position: int):
+    """One query head: fp top-1 and margin (query,), whether INT4 keeps the top-1 (query,), and
+    the (query, dir) pairs whose top-1 flips on removal with the new top-1 and its gap
+    :math:`s'_\\text{new} - s'_\\text{old}`. Only pairs that can flip are evaluated:
+    :math:`|\\alpha|\\,(c_{\\max} - c_{\\min}) > ` margin is necessary for one."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = (q @ k.T * scale).masked_fill(~mask, -math.inf)
+    top, margin = _top2(s, mask)
+    keep = _top2(q @ kq.T * scale, mask)[0] == top
+    alpha, c = q @ u.T * scale, k @ u.T  # (query, dir), (token, dir)
+    cand = alpha.abs() * (c.amax(0) - c.amin(0)) > margin[:, None]
+    cand[:min_position] = False
+    qi, dj = cand.nonzero(as_tuple=True)
+    new_top, gap = [], []
+    for a in range(0, qi.numel(), 4096):  # chunks bound the memory
+        i, j = qi[a:a + 4096], dj[a:a + 4096]
+        s_rm = s[i] - alpha[i, j, None] * c[:, j].T
+        t = s_rm.argmax(-1)
+        new_top.append(t)
+        gap.append(s_rm.gather(-1, t[:, None])[:, 0] - s_rm.gather(-1, top[i, None])[:, 0])
+    new_top = torch.cat(new_top) if new_top else qi
+    gap = torch.cat(gap) if gap else margin[:0]
+    flip = new_top != top[qi]
+    return top, margin, keep, qi[flip], dj[flip], new_top[flip], gap[flip]
+
+
 def find_example(cap, cfg: RoutingConfig, tokenizer=None, *, progress: bool = False) -> dict:
     """Search ``cap`` (a causal :class:`kvtheory.capture.Capture`) by the choice rule of the
     module docstring; returns the result dict of :func:`run` (without ``model``/``config``)."""
@@ -117,40 +148,36 @@ def find_example(cap, cfg: RoutingConfig, tokenizer=None, *, progress: bool = Fa
         raise bad_argument("min_position", cfg.min_position, f"below the {T} captured tokens")
     mask: Bool[Tensor, "query token"] = torch.ones(T, T, dtype=torch.bool).tril()
     int4 = make_compressor("int4", "k")
-    best, counts = None, {"searched": 0, "flipped_removal": 0, "flipped_int4": 0, "eligible": 0}
+    best = None
+    counts = {"searched": 0, "flipped_removal": 0, "flipped_int4": 0, "eligible": 0, "eligible_content": 0}
     for layer in tqdm(layers, desc="routing", disable=not progress, leave=False):
         q_all, k_all = cap[layer]["q"][0], cap[layer]["k"][0]
         kq_all = int4(k_all[None])[0]
         for h in range(meta.q_heads):
             kv = h // g
-            q, k = q_all[h], k_all[kv]
-            u, idx = _candidates(k, cfg.direction, cfg.rank)
-            s, s_rm = removal_scores(q, k, u)
-            top, margin = _top2(s, mask)
-            top_q, _ = _top2(q @ kq_all[kv].T / math.sqrt(q.shape[-1]), mask)
-            top_rm = s_rm.masked_fill(~mask[:, None, :], -math.inf).argmax(-1)  # (query, dir)
-            flip = top_rm != top[:, None]
-            keep = top_q == top
-            flip[: cfg.min_position] = False
-            n_q = T - cfg.min_position
-            counts["searched"] += n_q
-            counts["flipped_removal"] += int(flip.any(-1).sum())
+            u, idx = _candidates(k_all[kv], cfg.direction, cfg.rank)
+            top, margin, keep, qi, dj, new_top, gap = _search_head(
+                q_all[h], k_all[kv], kq_all[kv], u, mask, cfg.min_position)
+            counts["searched"] += T - cfg.min_position
+            counts["flipped_removal"] += int(qi.unique().numel())
             counts["flipped_int4"] += int((~keep[cfg.min_position:]).sum())
-            ok = flip & keep[:, None]
-            counts["eligible"] += int(ok.any(-1).sum())
+            ok = keep[qi]
+            counts["eligible"] += int(qi[ok].unique().numel())
+            if cfg.skip_sink:
+                ok &= (top[qi] != 0) & (new_top != 0)
+            counts["eligible_content"] += int(qi[ok].unique().numel())
             if not ok.any():
                 continue
-            m = torch.where(ok, margin[:, None], -math.inf)
-            flat = int(m.flatten().argmax())  # first maximum in (position, direction) order
-            i, j = divmod(flat, m.shape[1])
-            if best is None or float(margin[i]) > best[0]:
-                best = (float(margin[i]), layer, h, i, j, idx[j], u[j])
+            strength = torch.where(ok, torch.minimum(margin[qi], gap), -math.inf)
+            a = int(strength.argmax())  # first maximum in (position, direction) order
+            if best is None or float(strength[a]) > best[0]:
+                best = (float(strength[a]), layer, h, int(qi[a]), int(dj[a]), idx[int(dj[a])])
     if best is None:
         raise KVTheoryError(
             f"routing: got no query among layers {layers} whose top-1 key flips when a "
             f"{cfg.direction} direction is removed while INT4 keeps it; expected at least one "
-            "(try more tokens or another layer)")
-    _, layer, h, i, j, pca_index, _ = best
+            "(try more tokens, another layer or skip_sink=False)")
+    _, layer, h, i, j, pca_index = best
     return _record(cap, cfg, tokenizer, layer, h, i, j, pca_index, counts)
 
 
@@ -175,10 +202,14 @@ def _record(cap, cfg, tokenizer, layer, h, i, j, pca_index, counts) -> dict:
         return None if tokenizer is None else tokenizer.decode([ids[pos]])
 
     probs = {n: torch.softmax(r.double(), -1) for n, r in rows.items()}
+    top, new = order[0], int(rows["removed"].argmax())
+    margin = float(rows["fp"][top] - rows["fp"][order[1]])
+    gap = float(rows["removed"][new] - rows["removed"][top])
     return {
         "layer": layer, "q_head": h, "kv_head": kv, "query": i, "query_token": ids[i],
         "query_text": text(i), "direction": cfg.direction, "pca_index": pca_index,
-        "margin": float(rows["fp"][order[0]] - rows["fp"][order[1]]),
+        "rank": cfg.rank if cfg.direction == "rank-drop" else None, "skip_sink": cfg.skip_sink,
+        "margin": margin, "gap_removed": gap, "strength": min(margin, gap),
         "argmax": {n: int(r.argmax()) for n, r in rows.items()},
         "keys": [{"position": p, "token": ids[p], "text": text(p),
                   **{f"score_{n}": float(r[p]) for n, r in rows.items()},
@@ -191,12 +222,17 @@ def run(cfg: RoutingConfig, *, data_dir=None, root=None, progress: bool = True) 
     """Find and record the example on a WikiText-2 capture of ``cfg.model``. Result::
 
         {"model", "n_tokens", "layer", "q_head", "kv_head", "query", "query_token", "query_text",
-         "direction", "pca_index", "margin", "argmax": {"fp", "removed", "int4"},
+         "direction", "pca_index", "rank", "skip_sink", "margin", "gap_removed", "strength",
+         "argmax": {"fp", "removed", "int4"},      # positions of the top-1 key
          "keys": [{"position", "token", "text", "score_fp", "score_removed", "score_int4",
                    "prob_fp", "prob_removed", "prob_int4"}],     # top keys by fp score
-         "counts": {"searched", "flipped_removal", "flipped_int4", "eligible"}}
+         "counts": {"searched", "flipped_removal", "flipped_int4", "eligible", "eligible_content"}}
 
-    ``counts`` are over searched (head, position) pairs; scores are logits (nats).
+    ``counts`` are numbers of searched (layer, query head, position) triples: all searched;
+    those whose top-1 flips when one candidate direction (any, for ``rank-drop``) is removed;
+    those INT4 flips; those flipped by a removal that INT4 keeps; and of these, those whose
+    flip is between content tokens (``skip_sink``). ``margin`` is the fp top-1 minus runner-up
+    logit, ``gap_removed`` the new top-1 minus the old one after removal; scores are logits.
     """
     from .common import get_model, load_or_capture
 
@@ -212,19 +248,26 @@ def run(cfg: RoutingConfig, *, data_dir=None, root=None, progress: bool = True) 
 def summary(result: dict) -> dict[str, float | str]:
     """Where the example is, its fp margin, the logit gap after removal, and search counts."""
     keys = {kk["position"]: kk for kk in result["keys"]}
-    a = result["argmax"]
-    fp_top, rm_top = keys[a["fp"]], keys[a["removed"]]
+    fp_top = keys[result["argmax"]["fp"]]
     c = result["counts"]
     return {
         "example": f"{result['model']} layer {result['layer']} head {result['q_head']} "
                    f"query {result['query']}",
+        "direction": _direction_text(result),
         "margin_fp": result["margin"],
-        "gap_removed": rm_top["score_removed"] - fp_top["score_removed"],
+        "gap_removed": result["gap_removed"],
         "prob_fp_top_fp": fp_top["prob_fp"], "prob_fp_top_removed": fp_top["prob_removed"],
         "prob_fp_top_int4": fp_top["prob_int4"],
-        "flip_rate_removal": c["flipped_removal"] / c["searched"],
+        "frac_flipped_by_a_removal": c["flipped_removal"] / c["searched"],
         "flip_rate_int4": c["flipped_int4"] / c["searched"],
     }
+
+
+def _direction_text(result: dict) -> str:
+    text = f"PCA direction #{result['pca_index']}"
+    if result["direction"] == "rank-drop":
+        text += f" (dropped by rank-{result['rank']})"
+    return text
 
 
 def _label(key: dict) -> str:
@@ -240,7 +283,7 @@ def plot(result: dict, out_dir) -> list:
     keys = result["keys"]
     a = result["argmax"]
     series = (("fp", "fp16 keys", COLORS["fp"], "o"),
-              ("removed", f"{result['direction']} direction removed", COLORS["rank"], "X"),
+              ("removed", f"{_direction_text(result)} removed", COLORS["rank"], "X"),
               ("int4", "INT4 per-token", COLORS["quant"], "s"))
     with style():
         fig, ax = new_figure(aspect=0.95)
@@ -261,8 +304,8 @@ def plot(result: dict, out_dir) -> list:
         ax.set_ylabel("key token @ position")
         q_text = result["query_text"]
         q_text = repr(q_text.strip() or q_text)[1:-1][:12] if q_text is not None else ""
-        ax.set_title(f"One removed direction flips the attended token; INT4 keeps it\n"
+        ax.set_title(f"Removing one key direction flips the attended token; INT4 keeps it\n"
                      f"{result['model']}, layer {result['layer']}, head {result['q_head']}, "
-                     f"query '{q_text}' @{result['query']} (fp margin {result['margin']:.2f})")
+                     f"query '{q_text}' @{result['query']}")
         ax.legend(loc="lower right", fontsize=6, title="circled: top-1", title_fontsize=6)
         return save_figure(fig, out_dir, "routing_failure")

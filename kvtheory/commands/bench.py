@@ -88,7 +88,7 @@ def _say(msg: str) -> None:
 
 def print_gpu_rows(path: Path, console: Any) -> bool:
     """Print the rows of a GPU result file (written by benchmarks/gpu_job.py); False if absent."""
-    from ..bench import render_table
+    from ..bench import table_text
     from ..io import read_json
 
     if not path.is_file():
@@ -103,7 +103,7 @@ def print_gpu_rows(path: Path, console: Any) -> bool:
     extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
     console.print(f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
                   f" (random-weight SmolLM2-shaped model, from {path}){extra}")
-    console.print(render_table(rows))
+    console.print(table_text(rows), end="")
     return True
 
 
@@ -196,14 +196,14 @@ def run(args: argparse.Namespace) -> int:
         save()
         _say(f"kvtheory bench: {case} done in {res['elapsed_s']:.0f} s")
 
-    console = Console(file=sys.stdout, highlight=False, width=max(200, Console().width))
+    console = Console(file=sys.stdout, highlight=False, markup=False, width=bench.WIDTH)
     mach = bench.machine()
     gpu = (mach["gpu"] or {}).get("name")
     console.print(f"kvtheory bench, {mach['date']}: {mach['cpu']}, {mach['cores']} cores"
                   f"{f', {gpu}' if gpu else ''}; torch {mach['torch']}, {settings['torch_threads']} "
                   f"threads; load average {mach['load_average']}")
     rows = [r for c in results for r in c["rows"]]
-    console.print(bench.render_table(rows))
+    console.print(bench.table_text(rows), end="")
     met = [r["met"] for r in rows if r["met"] is not None]
     console.print(f"targets met: {sum(met)}/{len(met)}; medians of {reps} interleaved reps "
                   "(quanto: 1 rep of the token-by-token decode); ratio = measured / baseline, "
