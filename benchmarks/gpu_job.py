@@ -11,7 +11,7 @@ random, and the flip engine gets synthetic tensors. Runs, for float32 and bfloat
 and a bf16 (and fp32) ``n×n`` matmul to measure the peak the flip engine is held against.
 Writes the JSON after every step (partial results survive a time-out) and prints the table.
 
-    PYTHONPATH=. python3 benchmarks/gpu_job.py --out gpu.json          # on the GPU machine
+    PYTHONPATH=. python3 benchmarks/gpu_job.py --out gpu.json --git-sha SHA   # on the GPU machine
     PYTHONPATH=. python3 benchmarks/gpu_job.py --small --device cpu     # plumbing dry run
 """
 
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--small", action="store_true", help="tiny sizes: a dry run of the plumbing")
+    p.add_argument("--git-sha", default=None,
+                   help="commit of the working tree sent (the GPU machine gets no .git)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     small = args.small
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model_shape": {**bench.SMOLLM2_SHAPE, **shape}, "eval_windows": eval_sizes,
                 "calib_windows": 1, "tokens": "random ids (seeded)", "flip_tokens": flip_tokens,
                 "memory_tokens": mem_tokens, "matmul_n": peak_n,
-                "tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+                "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                "source_git_sha": args.git_sha}
     cases: list[dict] = []
     doc = bench.results_document(cases, settings=settings)
     doc["job"] = "benchmarks/gpu_job.py"

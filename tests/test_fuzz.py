@@ -32,6 +32,7 @@ from kvtheory.errors import KVTheoryError
 from kvtheory.quantize import quantize, quantize_with_steps
 
 N = 300
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 fuzz = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RTOL, ATOL = TOL["float64"]
 BASES = ["identity", "pca", "pcac", "random", "random7", "hadamard", "qaware"]
@@ -48,7 +49,8 @@ def _one_thread():
 
 
 def randn(shape, seed, dtype=torch.float64, scale=1.0):
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (x * scale).to(dtype)
 
 
 # ============================================================================ spec strategies
@@ -90,7 +92,7 @@ def _fitted(comp, kv_heads: int, d: int, seed: int):
 # ============================================================================ compressors
 @fuzz
 @given(data=st.data(), d=st.sampled_from([4, 8, 16]), batch=st.integers(1, 2), heads=st.integers(1, 2),
-       tokens=st.integers(1, 10), dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       tokens=st.integers(1, 10), dtype=st.sampled_from(DTYPES),
        role=st.sampled_from(["k", "v"]), seed=st.integers(0, 2**31), scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_compressor_preserves_shape_and_dtype(data, d, batch, heads, tokens, dtype, role, seed, scale):
     spec = canonical(data.draw(spec_parts(d)))
@@ -119,7 +121,7 @@ def values(draw, max_tokens=6, d_choices=(1, 2, 4)):
 @fuzz
 @given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.integers(1, 16)),
        seed=st.integers(0, 2**31), scale=st.sampled_from([0.0, 1e-30, 1.0, 1e30]),
-       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+       dtype=st.sampled_from(DTYPES))
 def test_fp_is_exact(shape, seed, scale, dtype):
     x = randn(shape, seed, dtype, scale if dtype in (torch.float64, torch.float32) else min(scale, 1.0))
     y = FP()(x)
@@ -130,7 +132,8 @@ def test_fp_is_exact(shape, seed, scale, dtype):
 def _quant_args(draw, x):
     axis = draw(st.sampled_from(["token", "channel"]))
     d, t = x.shape[-1], x.shape[-2]
-    group = draw(st.sampled_from([None] + ([g for g in (1, 2, 4) if d % g == 0] if axis == "token" else [1, 2, 3, 128])))
+    sizes = [g for g in (1, 2, 4) if d % g == 0] if axis == "token" else [1, 2, 3, 128]
+    group = draw(st.sampled_from([None] + sizes))
     bits = draw(st.integers(1, 16))
     return bits, axis, group, bits >= 2 and draw(st.booleans())
 
@@ -196,7 +199,8 @@ def test_ledger_equals_compressor_bits(parts, d, tokens, role):
     assert row.payload > 0 and row.scales >= 0 and row.basis >= 0
     # a quantized payload is exactly its bits (scaled by r/d for a hybrid); fp is 16
     kind, bits, rank, *_ = parts
-    payload = {"fp": 16, "rank": 16 * (rank or 0) / d, "hybrid": (bits or 0) * (rank or 0) / d}.get(kind, bits)
+    payload = {"fp": 16, "rank": 16 * (rank or 0) / d,
+               "hybrid": (bits or 0) * (rank or 0) / d}.get(kind, bits)
     assert_close(row.payload, payload, "exact64")
 
 
@@ -216,7 +220,8 @@ def _matched_by_hand(budget, d, tokens, basis, role, hybrid):
     kivi_group = F(128) if tokens is None else F(tokens, -(-tokens // 128))
     families = [("fp", [("fp", F(16))]),
                 ("int", [(f"int{b}", b + F(32, d)) for b in range(1, 17)]),
-                ("kivi", [(f"int{b}-kivi", b + (32 / kivi_group if role == "k" else F(32, d))) for b in range(1, 17)]),
+                ("kivi", [(f"int{b}-kivi", b + (32 / kivi_group if role == "k" else F(32, d)))
+                          for b in range(1, 17)]),
                 ("rank", [(f"rank{r}-{name}", F(16 * r, d) + basis_bits(r)) for r in range(1, d + 1)])]
     families += [("hybrid", [(f"rank{r}x{b}-{name}", F(r, d) * (b + F(32, r)) + basis_bits(r))
                              for r in range(1, d + 1)]) for b in hybrid]
@@ -233,7 +238,8 @@ def _matched_by_hand(budget, d, tokens, basis, role, hybrid):
                         st.sampled_from([16 / 3, 4.5, 4.25, 1 / 3, 2.0, 16.0, 0.5 + 1 / 48])),
        d=st.sampled_from([8, 16, 48, 64]), tokens=st.one_of(st.none(), st.integers(1, 4096)),
        basis=st.sampled_from(["pca", "pcac", "identity", "random3", "hadamard", "qaware"]),
-       role=st.sampled_from(["k", "v"]), hybrid=st.lists(st.integers(1, 16), min_size=0, max_size=3, unique=True))
+       role=st.sampled_from(["k", "v"]),
+       hybrid=st.lists(st.integers(1, 16), min_size=0, max_size=3, unique=True))
 def test_matched_never_exceeds_the_budget(budget, d, tokens, basis, role, hybrid):
     assume(basis != "hadamard" or d & (d - 1) == 0)
     got = ledger.matched(budget, d, tokens, basis=basis, role=role, hybrid_bits=hybrid)
@@ -245,7 +251,8 @@ def test_matched_never_exceeds_the_budget(budget, d, tokens, basis, role, hybrid
 # ============================================================================ metrics
 @fuzz
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 12), rows=st.integers(1, 4),
-       s_scale=st.sampled_from([0.0, 1.0, 30.0, 1e3]), d_scale=st.sampled_from([0.0, 1e-8, 1e-3, 1.0, 50.0, 1e3]),
+       s_scale=st.sampled_from([0.0, 1.0, 30.0, 1e3]),
+       d_scale=st.sampled_from([0.0, 1e-8, 1e-3, 1.0, 50.0, 1e3]),
        masked=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_kl_and_fisher_are_nonnegative(seed, n, rows, s_scale, d_scale, masked, dtype):
     s, delta = randn((rows, n), seed, dtype, s_scale), randn((rows, n), seed + 1, dtype, d_scale)
@@ -258,7 +265,8 @@ def test_kl_and_fisher_are_nonnegative(seed, n, rows, s_scale, d_scale, masked, 
     if d_scale == 0.0:
         assert bool((kl == 0).all()) and bool((dmg == 0).all())
     # a constant shift of delta changes neither (softmax invariance)
-    assert_close(kvtheory.softmax_kl(s, delta + 3.0, mask), kl, "float64" if dtype == torch.float64 else "float32")
+    kind = "float64" if dtype == torch.float64 else "float32"
+    assert_close(kvtheory.softmax_kl(s, delta + 3.0, mask), kl, kind)
 
 
 @st.composite
@@ -323,7 +331,8 @@ def test_metric_ranges(case, noise, topk):
 
 # ============================================================================ spec parser
 TOKENS = ["fp", "int", "rank", "x", "-", "g", "sym", "kivi", "pca", "pcac", "random", "hadamard", "qaware",
-          "identity", "0", "1", "4", "8", "16", "17", "32", "99999999999999999999999", "٣", " ", "--", "X", "_"]
+          "identity", "0", "1", "4", "8", "16", "17", "32", "99999999999999999999999", "٣", " ", "--",
+          "X", "_"]
 fragments = st.lists(st.sampled_from(TOKENS), min_size=0, max_size=8).map("".join)
 
 
@@ -331,8 +340,8 @@ def _parse_or_error(spec):
     try:
         return parse(spec)
     except KVTheoryError as exc:
-        assert "\n" not in str(exc) and str(exc).startswith(("spec: got", "bits: got", "rank: got", "group: got",
-                                                            "basis: got", "seed: got"))
+        assert "\n" not in str(exc)
+        assert str(exc).startswith(("spec: got", "bits: got", "rank: got", "group: got", "seed: got"))
         return None
 
 
@@ -354,7 +363,8 @@ def test_random_strings_parse_or_raise_kvtheory_error(spec):
 
 
 @fuzz
-@given(obj=st.one_of(st.none(), st.integers(), st.floats(), st.binary(max_size=8), st.lists(st.text(max_size=4)),
+@given(obj=st.one_of(st.none(), st.integers(), st.floats(), st.binary(max_size=8),
+                     st.lists(st.text(max_size=4)),
                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))
 def test_non_string_specs_raise_kvtheory_error(obj):
     with pytest.raises(KVTheoryError, match=r"^spec: got .*; expected a method spec"):

@@ -18,7 +18,7 @@ import torch
 from tol import TOL, assert_close
 
 import kvtheory
-from kvtheory import bounds, fisher, flips
+from kvtheory import bounds, fisher
 from kvtheory.compress import make_compressor
 from kvtheory.quantize import quant_steps, quantize
 
@@ -103,7 +103,8 @@ BOUND_FUNCTIONS = {
 @pytest.mark.parametrize("name", list(BOUND_FUNCTIONS))
 def test_bounds_upcast_half_inputs(dtype, name):
     fn = BOUND_FUNCTIONS[name]
-    (qh, kh, uh), (qf, kf, uf) = halves(randn(2, 3, 8), randn(2, 10, 8, seed=1), randn(8, seed=2), dtype=dtype)
+    q, k, u = randn(2, 3, 8), randn(2, 10, 8, seed=1), randn(8, seed=2)
+    (qh, kh, uh), (qf, kf, uf) = halves(q, k, u, dtype=dtype)
     half, full = fn(qh, kh, uh), fn(qf, kf, uf)
     assert half.dtype == full.dtype and half.dtype in (torch.float32, torch.bool)
     assert torch.equal(half, full)
@@ -129,7 +130,8 @@ def test_flip_engine_upcasts_half_inputs(dtype):
     (qh, kh, khh, vh), (qf, kf, khf, vf) = halves(q, k, k_hat, v, dtype=dtype)
     half = kvtheory.attention_metrics(qh, kh, khh, vh, return_per_query=True)
     full = kvtheory.attention_metrics(qf, kf, khf, vf, return_per_query=True)
-    for name in ("flip_rate", "topk_overlap", "kl", "fisher", "output_rel_err", "margin_counts", "prob_flips"):
+    for name in ("flip_rate", "topk_overlap", "kl", "fisher", "output_rel_err", "margin_counts",
+                 "prob_flips"):
         assert torch.equal(getattr(half, name), getattr(full, name)), name
     assert half.per_query.kl.dtype == torch.float32
     assert torch.equal(kvtheory.flip_rate(qh, kh, khh), kvtheory.flip_rate(qf, kf, khf))
@@ -237,8 +239,8 @@ def test_no_spurious_damage_at_large_logits(scale):
     """K_hat = K: no flip, KL = Fisher = 0, full top-k overlap, even when exp(s) would overflow."""
     q, k = (randn(1, 4, 16, 8) * scale).float(), randn(1, 2, 16, 8, seed=1).float()
     m = kvtheory.attention_metrics(q, k, k.clone(), v=randn(1, 2, 16, 8, seed=3).float())
-    assert m.mean() == {"flip_rate": 0.0, "topk_overlap": 1.0, "kl": 0.0, "fisher": 0.0, "output_rel_err": 0.0,
-                        "n_queries": 64.0}
+    assert m.mean() == {"flip_rate": 0.0, "topk_overlap": 1.0, "kl": 0.0, "fisher": 0.0,
+                        "output_rel_err": 0.0, "n_queries": 64.0}
 
 
 @pytest.mark.parametrize("scale", [1e3, 1e4])

