@@ -109,7 +109,8 @@ def test_exact_is_weighted_bounds_exact_ratio(cap, cfg, res):
         assert_close(res["columns"]["quant"]["4"]["exact"][row[j]], want, "float64")
         # Monte-Carlo column: replay the generator (two half-sample calls, then the next bit)
     gen = torch.Generator().manual_seed(bc._mix(cfg.seed, 1, layer, h))
-    for b in BITS:
+    for b in BITS:  # mc_samples = 6: halves of 3 draws, each drawn 3 = min(3, _MC_BATCH) at a time
+        assert bc._MC_BATCH >= 3
         m = [B.mc_quant_damage(q[None], k[None, None], u[:, None], b, n, gen, mask).mean((-2, -1))
              for n in (3, 3)]
         want = (m[0] + m[1]) / 2

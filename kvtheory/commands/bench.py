@@ -154,6 +154,12 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluate import check_seq_len, tokenize
         from ..models import load_model
 
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
         corpus = load_corpus("wikitext2", args.data_dir)  # corpus errors before the model loads
         settings["data"] = corpus.provenance()
         _say(f"kvtheory bench: loading {args.model} ({args.device}, {args.dtype})")
