@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import inspect
+
 import pytest
 import torch
 from _tiny import ARCHS, outputs, tiny_ids, tiny_model
@@ -322,7 +324,7 @@ def test_errors(models):
         with compressed_kv(model, layers=[5]):
             pass
     with pytest.raises(KVTheoryError, match="calibration"):
-        fit_compressors(model, "rank4-pca", "fp", torch.rand(1, 8))
+        inspect.unwrap(fit_compressors)(model, "rank4-pca", "fp", torch.rand(1, 8))
     with pytest.raises(KVTheoryError, match="model"):
         with compressed_kv(torch.nn.Linear(2, 2)):
             pass

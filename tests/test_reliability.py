@@ -743,6 +743,7 @@ def cli_runs(cli_env):
     return out
 
 
+@pytest.mark.xdist_group("cli-subprocess")  # one worker starts them all, once
 @pytest.mark.parametrize("case", list(SUBPROCESS))
 def test_cli_subprocess_one_line_error(cli_runs, case):
     rc, out, err = cli_runs[case]

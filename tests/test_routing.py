@@ -24,7 +24,8 @@ def cap():
 
 
 def _cfg(direction="top-pca", **kw):
-    return rt.RoutingConfig(model="tiny", n_tokens=T, direction=direction, rank=4, min_position=4, **kw)
+    return rt.RoutingConfig(model="tiny", n_tokens=T, direction=direction, rank=4,
+                            min_position=4, **kw)
 
 
 def _eig_desc(k):
@@ -108,8 +109,8 @@ def test_counts_by_hand(cap):
         for h in range(cap.meta.q_heads):
             q, k = cap[layer]["q"][0, h], cap[layer]["k"][0, h // cap.meta.group]
             kq = quantize(k, 4)
-            n_int4 += sum(int(_scores(q[i], k[: i + 1]).argmax()) != int(_scores(q[i], kq[: i + 1]).argmax())
-                          for i in range(4, T))
+            n_int4 += sum(int(_scores(q[i], k[: i + 1]).argmax())
+                          != int(_scores(q[i], kq[: i + 1]).argmax()) for i in range(4, T))
     assert c["flipped_int4"] == n_int4
     assert c["eligible_content"] <= c["eligible"] <= c["flipped_removal"] <= c["searched"]
     assert c["eligible"] == len({e[1:4] for e in _brute_force(cap, "top-pca", skip_sink=False)})
@@ -145,7 +146,8 @@ def test_layer_choice_and_errors(cap):
     with pytest.raises(KVTheoryError):
         rt.find_example(cap, _cfg(layer=5))
     with pytest.raises(KVTheoryError):
-        rt.find_example(cap, rt.RoutingConfig(model="tiny", n_tokens=T, direction="rank-drop", rank=8))
+        rt.find_example(cap, rt.RoutingConfig(model="tiny", n_tokens=T, direction="rank-drop",
+                                              rank=8))
 
 
 @pytest.mark.parametrize("kw", [{"direction": "all"}, {"n_tokens": 1}, {"top": 1}, {"layer": -1},
@@ -153,6 +155,11 @@ def test_layer_choice_and_errors(cap):
 def test_config_rejects(kw):
     with pytest.raises(KVTheoryError):
         rt.RoutingConfig(**kw)
+
+
+def test_small_config():
+    assert rt.RoutingConfig.for_size(True).n_tokens == 128
+    assert rt.RoutingConfig.for_size(False) == rt.RoutingConfig()
 
 
 @pytest.mark.slow

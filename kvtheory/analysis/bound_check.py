@@ -42,7 +42,7 @@ Source: arXiv 2604.11501 (per-direction perturbation result).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from torch import Tensor
 from .. import bounds as B
 from .._checks import check_bits, check_choice, check_int
 from ..bases import PCABasis
-from ..errors import KVTheoryError, bad_argument
+from ..errors import bad_argument
 from .common import small
 
 __all__ = [
@@ -187,7 +187,8 @@ def head_damages(
         e = B.expected_quant_damage(qb, kb, ub, b, mask)
         r = B.exact_ratio(qb, kb, ub, b, mask)
         weighted = torch.where(e > 0, r * e, 0).sum(dim=(-2, -1))
-        m1, m2 = (_mc(qb, kb, ub, b, n, generator, mask, mc_metric) for n in (half, mc_samples - half))
+        m1, m2 = (_mc(qb, kb, ub, b, n, generator, mask, mc_metric)
+                  for n in (half, mc_samples - half))
         out["quant"][b] = {
             "expected": mean(e),
             "fisher_round": mean(B.rounded_quant_damage(qb, kb, ub, b, mask)),
@@ -228,7 +229,8 @@ def check_capture(cap, cfg: BoundCheckConfig, causal: bool, *, progress: bool = 
     mask = None
     if causal:
         mask = torch.arange(T)[None, :] <= torch.tensor(pos)[:, None]
-    cols: dict = {c: [] for c in ("layer", "kv_head", "dir_kind", "dir_index", "proj_fisher", "proj_kl")}
+    names = ("layer", "kv_head", "dir_kind", "dir_index", "proj_fisher", "proj_kl")
+    cols: dict = {c: [] for c in names}
     cols["quant"] = {str(b): {c: [] for c in _QUANT_COLS} for b in cfg.bits}
     kinds = ["pca"] * cfg.n_pca_dirs + ["random"] * cfg.n_random_dirs
     index = list(range(cfg.n_pca_dirs)) + list(range(cfg.n_random_dirs))
@@ -322,7 +324,7 @@ def fisher_kl_pairs(res: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def fisher_kl_stats(results: list[dict]) -> dict:
     """KL / ½δᵀFδ over all perturbations of ``results``: overall, per kind, per size bin."""
     pairs = [fisher_kl_pairs(r) for r in results]
-    by_kind = {kd: (np.concatenate([p[kd][0] for p in pairs]), np.concatenate([p[kd][1] for p in pairs]))
+    by_kind = {kd: tuple(np.concatenate([p[kd][i] for p in pairs]) for i in (0, 1))
                for kd in ("projection", "quantization")}
     f = np.concatenate([v[0] for v in by_kind.values()])
     kl = np.concatenate([v[1] for v in by_kind.values()])
@@ -420,10 +422,12 @@ def plot_theory_vs_measured(result: dict, out_dir) -> list:
                                 fmt=marker, mfc="white", mec=color, ecolor=color, ms=3.5, lw=0.8,
                                 capsize=1.5)
             ax.plot([], [], "s", color=color, alpha=0.45, label=f"{name}: measured")
-            ax.plot([], [], marker, mfc="white", mec=color, ls="", label=f"{name}: exact prediction")
+            ax.plot([], [], marker, mfc="white", mec=color, ls="",
+                    label=f"{name}: exact pred. (median, 5-95%)")
         head = [result["headline"][b] for b in bits]
         ax.hlines(head, np.arange(len(bits)) - 0.42, np.arange(len(bits)) + 0.42,
                   color=COLORS["theory"], lw=1.8, label=r"headline $3\cdot 4^b$")
+        ax.axhline(1.0, color="grey", lw=0.6, ls=":")
         ax.set_yscale("log")
         ax.set_xticks(range(len(bits)), bits)
         ax.set_xlim(-0.6, len(bits) - 0.4)
@@ -431,7 +435,7 @@ def plot_theory_vs_measured(result: dict, out_dir) -> list:
         ax.set_ylabel(r"damage ratio $D_\mathrm{proj}/D_\mathrm{quant}$")
         ax.set_title("Projection vs quantization damage per direction\n"
                      "(exact KL, actual rounding; boxes: quartiles, whiskers 5-95%)")
-        ax.legend(loc="upper left", fontsize=6, handlelength=1.2)
+        ax.legend(loc="upper left", fontsize=5.5, handlelength=1.2)
         return save_figure(fig, out_dir, "theory_vs_measured")
 
 

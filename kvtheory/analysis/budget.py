@@ -351,12 +351,20 @@ def summary(result: dict) -> dict[str, float | str]:
 
 def plot(result: dict, out_dir) -> list[Path]:
     """``ppl_vs_budget``: PPL (log) against bits per element, one panel per target, one line per
-    method family, the fp16 PPL dashed and the INT4 budget dotted."""
+    method family (hybrids: one per coefficient bit width), the fp16 PPL dashed and the INT4
+    budget dotted."""
     from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
 
-    labels = {"quant": "INT-b per token", "kivi": "INT-b KIVI", "rank": "rank-r PCA",
-              "hybrid": "hybrid (rank + quant)"}
-    markers = {"quant": "o", "kivi": "s", "rank": "^", "hybrid": "D"}
+    def series(p: dict) -> tuple[str, str]:
+        """(family, series): hybrids form one series per coefficient bit width."""
+        head = p["spec"].split("-")[0]
+        return p["family"], (f"x{head.split('x')[1]}" if p["family"] == "hybrid" else p["family"])
+
+    labels = {"quant": "INT-b per token", "kivi": "INT-b KIVI", "rank": "rank-r PCA"}
+    markers = {"quant": "o", "kivi": "s", "rank": "^"}
+    names = list(dict.fromkeys(series(p) for p in result["points"]))
+    order = {f: i for i, f in enumerate(("quant", "kivi", "rank", "hybrid"))}
+    names.sort(key=lambda fs: (order.get(fs[0], 9), fs[1]))
     targets = [t for t in TARGETS if any(p["target"] == t for p in result["points"])]
     with style():
         fig, axes = new_figure(COLUMN_WIDTH, 0.5 * len(targets) + 0.25, nrows=len(targets),
@@ -364,13 +372,21 @@ def plot(result: dict, out_dir) -> list[Path]:
         ppls = [p["ppl"] for p in result["points"]] + [result["fp"]["value"]]
         lo, hi = min(ppls), max(ppls)
         for ax, t in zip(axes[:, 0], targets):
-            for fam in labels:
-                pts = sorted((p for p in result["points"] if p["target"] == t and p["family"] == fam),
-                             key=lambda p: p["bits"])
+            for fam, name in names:
+                pts = sorted((p for p in result["points"]
+                              if p["target"] == t and series(p) == (fam, name)), key=lambda p: p["bits"])
                 if not pts:
                     continue
-                ax.plot([p["bits"] for p in pts], [p["ppl"] for p in pts], marker=markers[fam],
-                        color=COLORS[fam], label=labels[fam], ms=3.5)
+                style_kw = {"marker": markers.get(fam, "o"), "ls": "-", "label": labels.get(fam, fam)}
+                if fam == "hybrid":
+                    b = name.split("x")[1]
+                    style_kw = {"marker": "D", "ls": "-." if b == "4" else "-",
+                                "label": f"rank r + INT{b} coefficients", "mfc": "white" if b == "4" else None}
+                ax.plot([p["bits"] for p in pts], [p["ppl"] for p in pts], ms=3.5,
+                        color=COLORS.get(fam, COLORS["other"]), **style_kw)
+            if t == "v" and any(p["family"] == "kivi" for p in result["points"]):
+                ax.text(0.99, 0.95, "values: KIVI = per-token INT-b", transform=ax.transAxes,
+                        ha="right", va="top", fontsize=6, color=COLORS["kivi"])
             ax.axhline(result["fp"]["value"], color=COLORS["fp"], ls="--", lw=0.8, label="fp16")
             m = _at_budget(result, t, 4)
             if m is not None:

@@ -38,6 +38,7 @@ from .._checks import check_choice, check_int
 from ..bases import PCABasis
 from ..compress import make_compressor
 from ..errors import KVTheoryError, bad_argument
+from .common import small
 
 __all__ = ["RoutingConfig", "removal_scores", "find_example", "run", "plot", "summary"]
 
@@ -72,6 +73,13 @@ class RoutingConfig:
         if not isinstance(self.skip_sink, bool):
             raise bad_argument("skip_sink", self.skip_sink, "True or False")
 
+    @classmethod
+    def for_size(cls, use_small: bool | None = None, **kw) -> RoutingConfig:
+        """The default config, or a small one (128 tokens) when ``small()``."""
+        if use_small if use_small is not None else small():
+            kw = {"n_tokens": 128, **kw}
+        return cls(**kw)
+
 
 def removal_scores(
     q: Float[Tensor, "query d"],
@@ -81,7 +89,8 @@ def removal_scores(
     r"""Logits :math:`s = qk^\top/\sqrt d` and, per unit direction, those with it removed from the
     keys, :math:`s - \alpha c` (shapes ``query token`` and ``query dir token``).
 
-    >>> s, s_rm = removal_scores(torch.tensor([[2.0, 2.0]]), torch.eye(2), torch.tensor([[1.0, 0.0]]))
+    >>> q, u = torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    >>> s, s_rm = removal_scores(q, torch.eye(2), u)
     >>> s.tolist(), s_rm.tolist()
     ([[1.4142135381698608, 1.4142135381698608]], [[[0.0, 1.4142135381698608]]])
     """
@@ -149,7 +158,8 @@ def find_example(cap, cfg: RoutingConfig, tokenizer=None, *, progress: bool = Fa
     mask: Bool[Tensor, "query token"] = torch.ones(T, T, dtype=torch.bool).tril()
     int4 = make_compressor("int4", "k")
     best = None
-    counts = {"searched": 0, "flipped_removal": 0, "flipped_int4": 0, "eligible": 0, "eligible_content": 0}
+    counts = dict.fromkeys(("searched", "flipped_removal", "flipped_int4", "eligible",
+                            "eligible_content"), 0)
     for layer in tqdm(layers, desc="routing", disable=not progress, leave=False):
         q_all, k_all = cap[layer]["q"][0], cap[layer]["k"][0]
         kq_all = int4(k_all[None])[0]
@@ -189,7 +199,8 @@ def _record(cap, cfg, tokenizer, layer, h, i, j, pca_index, counts) -> dict:
     kq = make_compressor("int4", "k")(cap[layer]["k"][None, 0])[0, kv]
     s, s_rm = removal_scores(q[i:i + 1], k, u[j:j + 1])
     scale = 1.0 / math.sqrt(q.shape[-1])
-    rows = {"fp": s[0, : i + 1], "removed": s_rm[0, 0, : i + 1], "int4": (q[i] @ kq.T * scale)[: i + 1]}
+    rows = {"fp": s[0, : i + 1], "removed": s_rm[0, 0, : i + 1],
+            "int4": (q[i] @ kq.T * scale)[: i + 1]}
     order = torch.argsort(rows["fp"], descending=True, stable=True).tolist()
     keys = order[: cfg.top]
     for name in ("removed", "int4"):
