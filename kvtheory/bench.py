@@ -55,7 +55,7 @@ __all__ = [
     "machine", "smollm2_shaped_model", "quanto_available", "quanto_decode_nll", "onepass_nll",
     "quanto_spec", "random_ids",
     "case_eval", "case_quanto", "case_flips", "case_memory", "case_capture", "matmul_peak",
-    "flip_inputs", "render_table", "table_text", "results_document",
+    "flip_inputs", "render_table", "table_text", "results_document", "compressor_share",
 ]
 
 #: the case names of ``kvtheory bench --only``, in running order
@@ -285,14 +285,17 @@ def case_eval(model: torch.nn.Module, windows: Int[Tensor, "batch token"],
 
     labels = ("fp",) + tuple(methods)
     timing = side_by_side({lab: scorer(lab) for lab in labels}, reps=reps, warmup=warmup, device=dev)
+    share = {m: compressor_share(scorer(m), dev) for m in methods}
     w, n = windows.shape
     kw = dict(device=dev.type, dtype=_dtype_name(dtype))
     rows = []
     for m in methods:
         extra = " (basis fitted once, not timed)" if m in fit_s else ""
+        inside, total = share[m]
         rows.append(ratio_row("eval", f"{m} PPL eval vs fp forward, {w}×{n} tok{extra}", timing,
                               m, "fp", target=TARGETS.get(m), note=f"PPL {ppl[m]:.3f} vs fp "
-                              f"{ppl['fp']:.3f}; {reps} reps", **kw))
+                              f"{ppl['fp']:.3f}; {reps} reps; compressors "
+                              f"{100 * inside / total:.1f}% of an instrumented run", **kw))
     for m, t in fit_s.items():
         c = tuple(calibration.shape)
         rows.append(make_row(
@@ -301,7 +304,38 @@ def case_eval(model: torch.nn.Module, windows: Int[Tensor, "batch token"],
             measured_s=t, ratio=t / timing.median("fp"), note="one forward + eigh per layer; "
             "cached by fit_compressors", **kw))
     return _case("eval", timing, rows, windows=[w, n], calibration=list(calibration.shape),
-                 fit_s=fit_s, ppl=ppl, methods=list(methods))
+                 fit_s=fit_s, ppl=ppl, methods=list(methods),
+                 compressor_s={m: {"inside_s": share[m][0], "total_s": share[m][1]}
+                               for m in methods})
+
+
+def compressor_share(run: Callable[[], Any], device: Any) -> tuple[float, float]:
+    """``(seconds inside the compressors, seconds in all)`` of one ``run()``.
+
+    Every compressor call that :func:`kvtheory.patch.compressed_kv` makes goes through
+    ``patch._apply``; this wraps it with a timer (and a device sync on each side, which on a
+    GPU adds waiting the uninstrumented run does not have). Robust to machine noise, unlike
+    a ratio of two totals when the compressors cost a few percent.
+    """
+    from . import patch
+
+    inner = patch._apply
+    spent = [0.0]
+
+    def timed(comp, x):
+        sync(device)
+        t0 = time.perf_counter()
+        y = inner(comp, x)
+        sync(device)
+        spent[0] += time.perf_counter() - t0
+        return y
+
+    patch._apply = timed
+    try:
+        total = _time_once(run, device)
+    finally:
+        patch._apply = inner
+    return spent[0], total
 
 
 # ----------------------------------------------------------------------------- 2. quanto
@@ -571,19 +605,42 @@ def matmul_peak(*, n: int = 8192, device: Any = "cuda", dtype: Any = torch.bfloa
 
 
 # ----------------------------------------------------------------------------- memory
+def _proc_status(key: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _memory_child(tokens: int, q_heads: int, kv_heads: int, d: int, dtype: str, causal: bool,
                   queries: int) -> None:  # pragma: no cover - runs in a subprocess
-    """Print peak RSS of one ``attention_metrics`` call (JSON on stdout)."""
+    """Print the peak resident memory of one ``attention_metrics`` call (JSON on stdout).
+
+    ``ru_maxrss`` survives ``fork`` + ``exec`` (Linux keeps the parent's high-water mark, here a
+    process holding a model), so the peak is read from ``VmHWM``, the high-water mark of this
+    process image, after resetting it to the current RSS (``/proc/self/clear_refs``); the
+    ``ru_maxrss`` readings are kept for reference.
+    """
     import resource
 
     from kvtheory.flips import attention_metrics
 
-    def rss() -> int:
+    def maxrss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     qs, ks, khs = flip_inputs(32, q_heads=q_heads, kv_heads=kv_heads, d=d, dtype=dtype)
     attention_metrics(qs, ks, khs, ks, causal=causal)  # warm-up: lazily loaded kernels
-    base = rss()
+    reset = False
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        reset = True
+    except OSError:
+        pass
+    base_rss, base_max = _proc_status("VmRSS"), maxrss()
     q, k, kh = flip_inputs(tokens, q_heads=q_heads, kv_heads=kv_heads, d=d, dtype=dtype)
     v = k.clone()
     q = q[:, :, tokens - queries:].contiguous()
@@ -591,8 +648,16 @@ def _memory_child(tokens: int, q_heads: int, kv_heads: int, d: int, dtype: str, 
     t0 = time.perf_counter()
     m = attention_metrics(q, k, kh, v, causal=causal)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"baseline_rss": base, "peak_rss": rss(), "input_bytes": inputs,
-                      "elapsed_s": elapsed, "flip_rate": m.mean()["flip_rate"]}))
+    hwm = _proc_status("VmHWM")
+    if reset and hwm is not None and base_rss is not None:
+        peak, method = hwm - base_rss, ("peak RSS (VmHWM, reset after imports and a warm-up) "
+                                        "minus the RSS then, in a subprocess")
+    else:
+        peak, method = maxrss() - base_max, "ru_maxrss minus its value after imports and a warm-up"
+    print(json.dumps({"baseline_rss": base_rss, "peak_hwm": hwm, "baseline_maxrss": base_max,
+                      "peak_maxrss": maxrss(), "peak_bytes": peak, "method": method,
+                      "input_bytes": inputs, "elapsed_s": elapsed,
+                      "flip_rate": m.mean()["flip_rate"]}))
 
 
 def _memory_cpu(tokens, q_heads, kv_heads, d, dtype, causal, queries, timeout) -> dict[str, Any]:
@@ -611,10 +676,7 @@ def _memory_cpu(tokens, q_heads, kv_heads, d, dtype, causal, queries, timeout) -
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise KVTheoryError(f"memory: the attention_metrics subprocess failed ({tail})")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["peak_bytes"] = out["peak_rss"] - out["baseline_rss"]
-    out["method"] = "peak RSS (ru_maxrss) of a subprocess minus its RSS after imports and a warm-up"
-    return out
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _memory_cuda(tokens, q_heads, kv_heads, d, dtype, causal, queries, device) -> dict[str, Any]:
@@ -665,7 +727,7 @@ def case_memory(*, tokens: int = 32768, q_heads: int = 9, kv_heads: int = 3, d: 
         device=dev.type, dtype=dt, measured=f"{peak / _GIB:.3f} GiB", measured_s=None,
         target_text=_target_text(target, "GiB"), met=_met(float(peak), target),
         note=f"inputs {out['input_bytes'] / _GIB:.3f} GiB included; {out['elapsed_s']:.1f} s; "
-             + ("peak RSS − baseline, subprocess" if dev.type == "cpu" else
+             + ("peak RSS − RSS before, subprocess" if dev.type == "cpu" else
                 "cuda max_memory_allocated − before"))
     return _case("memory", None, [row], tokens=tokens, queries=queries, q_heads=q_heads,
                  kv_heads=kv_heads, d=d, causal=causal, **out)

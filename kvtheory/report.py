@@ -18,10 +18,11 @@ from typing import Any, Callable
 
 from ._checks import check_choice
 from .errors import KVTheoryError
-from .io import atomic_write, provenance
-from .store import cached, load_result
+from .io import atomic_write
+from .store import cached, load_result, result_path
 
-__all__ = ["ReportConfig", "STAGES", "run_stages", "draw_figures", "write_report", "report"]
+__all__ = ["ReportConfig", "STAGES", "run_stages", "load_stages", "draw_figures", "write_report",
+           "report"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,17 @@ def _data_sha(data_dir: str | None) -> dict[str, str]:
     return out
 
 
+_VERIFY_KEY = {"n_points": 20}
+
+
+def _stage_key(stage: Stage, cfg: ReportConfig, saved: dict[str, dict]) -> tuple[Any, dict]:
+    """The stage's config at the report's size, the cache key and the earlier results it reads."""
+    scfg = _stage_config(stage, cfg.size)
+    kwargs = {_RESULT_ARG.get(d, f"{d}_result"): saved[d]["result"] for d in stage.needs if d in saved}
+    key = {"config": scfg, "needs": {d: saved[d]["config_hash"] for d in stage.needs if d in saved}}
+    return scfg, key, kwargs
+
+
 def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run (or load) every selected stage; returns ``{stage: saved envelope}``."""
     from .symbolic import verify_all
@@ -114,18 +126,13 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[st
     data_sha = _data_sha(cfg.data_dir)
     saved: dict[str, dict] = {}
     t0 = time.perf_counter()
-    saved["verify"] = cached("verify", {"n_points": 20, "seed": cfg.seed},
+    saved["verify"] = cached("verify", _VERIFY_KEY | {"seed": cfg.seed},
                              lambda: verify_all(n_points=20, seed=cfg.seed), cfg.results,
                              seed=cfg.seed, force=cfg.force)
     log(f"[{time.perf_counter() - t0:6.1f}s] verify: {saved['verify']['path']}")
     for stage in cfg.selected():
         mod = _module(stage)
-        scfg = _stage_config(stage, cfg.size)
-        kwargs: dict[str, Any] = {}
-        for dep in stage.needs:
-            if dep in saved:
-                kwargs[_RESULT_ARG.get(dep, f"{dep}_result")] = saved[dep]["result"]
-        key = {"config": scfg, "needs": {d: saved[d]["config_hash"] for d in stage.needs if d in saved}}
+        scfg, key, kwargs = _stage_key(stage, cfg, saved)
 
         def compute(mod=mod, scfg=scfg, kwargs=kwargs):
             return mod.run(scfg, data_dir=cfg.data_dir, root=cfg.results, progress=cfg.progress,
@@ -134,6 +141,22 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[st
         saved[stage.name] = cached(stage.name, key, compute, cfg.results, seed=cfg.seed,
                                    force=cfg.force, data_sha256=data_sha)
         log(f"[{time.perf_counter() - t0:6.1f}s] {stage.name}: {saved[stage.name]['path']}")
+    return saved
+
+
+def load_stages(cfg: ReportConfig) -> dict[str, dict]:
+    """The saved results that :func:`run_stages` would return for ``cfg``, loaded without
+    computing anything (a stage whose file is missing is left out)."""
+    saved: dict[str, dict] = {}
+
+    def load(name: str, key: Any) -> None:
+        path = result_path(name, key, cfg.results)
+        if path.exists():
+            saved[name] = load_result(path) | {"path": str(path)}
+
+    load("verify", _VERIFY_KEY | {"seed": cfg.seed})
+    for stage in cfg.selected():
+        load(stage.name, _stage_key(stage, cfg, saved)[1])
     return saved
 
 
@@ -164,7 +187,7 @@ def write_report(saved: dict[str, dict], cfg: ReportConfig, figures: list[Path])
     """Render REPORT.md from the saved results (see :mod:`kvtheory.claims`)."""
     from .claims import render
 
-    text = render(saved, cfg, figures, provenance(seed=cfg.seed))
+    text = render(saved, cfg, figures)
     return atomic_write(cfg.report, text, arg="report")
 
 

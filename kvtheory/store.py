@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .errors import KVTheoryError
 from .io import provenance, read_json, to_jsonable, write_json
 
-__all__ = ["config_hash", "result_path", "cached", "load_result", "DEFAULT_ROOT"]
+__all__ = ["config_hash", "result_path", "cached", "load_result", "result_sha256", "DEFAULT_ROOT"]
 
 #: where results go unless told otherwise
 DEFAULT_ROOT = Path(os.environ.get("KVTHEORY_RESULTS", "results"))
@@ -34,6 +34,17 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def result_sha256(result: Any) -> str:
+    """SHA-256 of a result's canonical JSON (sorted keys, no spaces), stored in its envelope as
+    ``result_sha256`` and checked by :func:`load_result`.
+
+    >>> result_sha256({"b": 1.5, "a": [1, None]}) == result_sha256({"a": [1, None], "b": 1.5})
+    True
+    """
+    text = json.dumps(to_jsonable(result), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def result_path(stage: str, config: Any, root: str | os.PathLike | None = None) -> Path:
     """``root/<stage>-<config hash>.json``."""
     root = Path(root) if root is not None else DEFAULT_ROOT
@@ -41,12 +52,20 @@ def result_path(stage: str, config: Any, root: str | os.PathLike | None = None) 
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a saved result and check that it has the expected envelope."""
+    """Load a saved result, check its envelope and, when it carries one, its ``result_sha256``
+    (every file that :func:`cached` writes does)."""
     data = read_json(path)
     if not isinstance(data, dict) or not {"stage", "config", "provenance", "result"} <= set(data):
         raise KVTheoryError(
             f"path: got {str(path)!r}; expected a kvtheory result file with keys "
             "stage, config, provenance, result"
+        )
+    want = data.get("result_sha256")
+    if want is not None and result_sha256(data["result"]) != want:
+        raise KVTheoryError(
+            f"path: got {str(path)!r}, whose result does not match its result_sha256 "
+            f"{str(want)[:12]}...; expected an unmodified kvtheory result file (delete it to "
+            "recompute)"
         )
     return data
 
@@ -71,13 +90,14 @@ def cached(
         if saved.get("config_hash") == config_hash(config):
             saved["path"] = str(path)
             return saved
-    result = compute()
+    result = to_jsonable(compute())
     envelope = {
         "stage": stage,
         "config": to_jsonable(config),
         "config_hash": config_hash(config),
         "provenance": provenance(seed=seed, **prov),
-        "result": to_jsonable(result),
+        "result_sha256": result_sha256(result),
+        "result": result,
     }
     write_json(path, envelope, arg="results dir")
     envelope["path"] = str(path)

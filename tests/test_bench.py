@@ -112,10 +112,38 @@ def test_case_eval_tiny():
     assert kivi["target"] == "≤ 1.1×" and pca["target"] == "≤ 1.25×"
     assert fit["measured_s"] == res["fit_s"]["rank16-pca"] and fit["met"] is None
     assert list(res["fit_s"]) == ["rank16-pca"]  # int4-kivi needs no fit
+    for m in ("int4-kivi", "rank16-pca"):
+        share = res["compressor_s"][m]
+        assert 0 < share["inside_s"] <= share["total_s"]
     # the PPLs the case reports are those of the evaluation API
     assert_close(res["ppl"]["fp"], perplexity(model, ids[:2], n_boot=1).value, "float32")
     ref = perplexity(model, ids[:2], keys="int4-kivi", values="int4-kivi", n_boot=1).value
     assert_close(res["ppl"]["int4-kivi"], ref, "float32")
+
+
+def test_compressor_share_counts_compressor_calls():
+    from kvtheory.evaluate import window_nll
+    from kvtheory.patch import compressed_kv
+
+    model = tiny_model("llama")
+    ids = tiny_ids(batch=1, tokens=8)
+    calls = []
+
+    def run():
+        with compressed_kv(model, "int4", "fp"):
+            window_nll(model, ids)
+
+    from kvtheory import patch
+
+    inner = patch._apply
+    patch._apply = lambda comp, x: calls.append(x.shape) or inner(comp, x)
+    try:
+        inside, total = bench.compressor_share(run, "cpu")
+    finally:
+        patch._apply = inner
+    assert len(calls) == 2  # keys of the 2 layers; values are fp (no call)
+    assert 0 < inside <= total
+    assert bench.compressor_share(lambda: window_nll(model, ids), "cpu")[0] == 0.0
 
 
 def test_case_capture_tiny(tmp_path):
@@ -133,7 +161,10 @@ def test_case_capture_tiny(tmp_path):
 def test_case_memory_cpu_subprocess():
     res = bench.case_memory(tokens=64, queries=16, q_heads=2, kv_heads=1, d=8)
     _check_rows(res)
-    assert res["peak_bytes"] == res["peak_rss"] - res["baseline_rss"]
+    if res["peak_hwm"] is not None:  # Linux: VmHWM, reset before the call
+        assert res["peak_bytes"] == res["peak_hwm"] - res["baseline_rss"]
+    else:
+        assert res["peak_bytes"] == res["peak_maxrss"] - res["baseline_maxrss"]
     assert res["input_bytes"] == 4 * (2 * 16 * 8 + 3 * 64 * 8)  # q + k, k_hat, v in float32
     row = res["rows"][0]
     assert row["target"] == "< 2 GiB" and row["met"] == (res["peak_bytes"] < 2 * 2**30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import stat
 
 import pytest
@@ -134,6 +135,21 @@ def test_store_caches_by_config(tmp_path):
     (tmp_path / "junk.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(KVTheoryError, match="expected a kvtheory result file"):
         load_result(tmp_path / "junk.json")
+
+
+def test_store_detects_an_edited_result(tmp_path):
+    import hashlib
+
+    saved = cached("stage", {"n": 1}, lambda: {"ppl": 23.5, "rows": [1.0, float("nan")]}, tmp_path)
+    path = Path(saved["path"])
+    data = json.loads(path.read_text())
+    # the checksum is the SHA-256 of the canonical JSON of the result (NaN stored as null)
+    canon = json.dumps({"ppl": 23.5, "rows": [1.0, None]}, sort_keys=True, separators=(",", ":"))
+    assert data["result_sha256"] == hashlib.sha256(canon.encode()).hexdigest()
+    assert load_result(path)["result"] == {"ppl": 23.5, "rows": [1.0, None]}
+    path.write_text(path.read_text().replace("23.5", "21.5"))   # a hand edit
+    with pytest.raises(KVTheoryError, match="does not match its result_sha256"):
+        load_result(path)
 
 
 def test_side_by_side_interleaves_and_counts():

@@ -126,7 +126,7 @@ def test_run_from_capture(tiny_folder, data_dir, tmp_path):
     assert set(res["fisher_source"].values()) == {"capture"}
     lm = get_model(str(tiny_folder))
     cap = load_or_capture(str(tiny_folder), 32, data_dir=data_dir, root=tmp_path)
-    ev, cal = budget.eval_windows(str(tiny_folder), 32, 1, 1, data_dir)
+    ev, cal = budget.eval_windows(str(tiny_folder), 32, cfg.n_windows, cfg.calib_windows, data_dir)
     row = {r["spec"]: r for r in res["rows"]}
     comp = make_compressor("int4", "k")
     want = np.mean([float(attention_metrics(cap[layer]["q"], cap[layer]["k"], comp(cap[layer]["k"]))

@@ -199,12 +199,12 @@ def _default_methods(d: int, tokens: int, bits: tuple[int, ...]) -> list[str]:
 class BudgetConfig:
     """``seq_len`` tokens per window, ``n_windows`` evaluation windows from the start of
     WikiText-2, ``calib_windows`` from its end; ``methods`` None: the default grid at the
-    model's d (see :func:`_default_methods`). Default size: 1 window × 512 tokens (a CPU
+    model's d (see :func:`_default_methods`). Default size: 3 windows × 512 tokens (a CPU
     budget; see the report), ``small``: 1 × 128 and a short grid."""
 
     model: str = "smollm2-135m"
     seq_len: int = 512
-    n_windows: int = 1
+    n_windows: int = 3
     calib_windows: int = 1
     methods: tuple[str, ...] | None = None
     bits: tuple[int, ...] = (2, 3, 4, 8)

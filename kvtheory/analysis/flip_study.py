@@ -360,7 +360,7 @@ def summary(result: dict) -> dict[str, float | str]:
                     out[f"{pre}.{s}.{key}"] = ms[s]["mean"][key]
         for s in (x for x in ("int4", rank4) if x in ms):
             for grp, c in ms[s]["coflip"].items():
-                out |= {f"{pre}.{s}.coflip_{grp}.{k}": c[k] for k in ("observed", "independent")}
+                out |= {f"{pre}.{s}.coflip_{grp}.{k}": c[k] for k in ("observed", "independent", "n")}
         out[f"{pre}.matched_rank_int4"] = rank4 or ""
         out[f"{pre}.certificate_violations"] = float(sum(
             m["certificate"]["violations"] for m in ms.values() if m["certificate"]))
@@ -400,10 +400,11 @@ def _heatmap(result, out_dir, np, new_figure, save_figure):
             ax.axvline(b * result["group"] - 0.5, color="w", lw=0.8)
         bits = result["methods"][s]["bits_per_element"]
         ax.set_title(f"{s}, {bits:.2f} b\nmean {a.mean():.1f}%", fontsize=7)
-        ax.set(xlabel="query head (lines: KV groups)" if result["group"] > 1 else "head")
         ax.grid(False)
         ax.set_yticks(range(len(a))[::5], [str(x) for x in result["layers"][::5]])
     axes[0][0].set_ylabel("layer")
+    fig.supxlabel("query head (white lines separate KV groups)" if result["group"] > 1 else "head",
+                  fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), label="top-1 flip rate (%)", shrink=0.9)
     return save_figure(fig, out_dir, "flip_heatmap")
 

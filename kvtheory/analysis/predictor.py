@@ -96,7 +96,7 @@ class PredictorConfig:
 
     model: str = "smollm2-135m"
     seq_len: int = 512
-    n_windows: int = 1
+    n_windows: int = 3
     calib_windows: int = 1
     methods: tuple[str, ...] | None = None
     target: str = "k"
@@ -134,9 +134,10 @@ class PredictorConfig:
         return cls(**kw)
 
 
-def capture_metrics(model, cap, plan: dict, causal: bool) -> dict[str, float]:
+def capture_metrics(model, cap, plan: dict, causal: bool) -> dict:
     """Means over layers and heads of fisher, kl, flip_rate (keys compressed by ``plan``) and
-    output_rel_err with keys AND values compressed (``plan[layer] = (keys, values)``)."""
+    output_rel_err with keys AND values compressed (``plan[layer] = (keys, values)``), and
+    ``fisher_layers``: the per-layer mean Fisher damage (layer order of the capture)."""
     from ..flips import attention_metrics
 
     acc: dict[str, list[float]] = {m: [] for m in _METRICS}
@@ -146,31 +147,55 @@ def capture_metrics(model, cap, plan: dict, causal: bool) -> dict[str, float]:
         m = attention_metrics(q, k, ck(k).to(k.dtype), v, cv(v).to(v.dtype), causal=causal)
         for f in _METRICS:
             acc[f].append(float(getattr(m, f).mean()))
-    return {f: sum(v) / len(v) for f, v in acc.items()}
+    return {f: sum(v) / len(v) for f, v in acc.items()} | {"fisher_layers": acc["fisher"]}
 
 
-def _reason(row: dict, ranks: dict[str, np.ndarray], i: int, rows: list[dict]) -> str:
-    """Why the Fisher rank of method ``i`` misses its ΔPPL rank, from the measured numbers."""
+def _top_share(layers) -> tuple[int, float] | None:
+    """(layer index, share) of the layer holding the largest part of the per-layer Fisher sum."""
+    if not layers or sum(layers) <= 0:
+        return None
+    top = max(range(len(layers)), key=lambda j: layers[j])
+    return top, layers[top] / sum(layers)
+
+
+def _reason(i: int, rows: list[dict], ranks: dict[str, np.ndarray], target: str) -> str:
+    r"""Why the Fisher rank of method ``i`` misses its ΔPPL rank, from the measured numbers:
+    a near-tie in Fisher (another method within 10%), another metric ranking it where ΔPPL
+    does (KL, flip rate), the Fisher/KL ratio outside [2/3, 3/2] (quadratic form beyond its
+    regime), damage concentrated in one layer (top layer's share > 1.5× the median share),
+    V-dominated damage (target kv, ΔPPL of V alone > of K alone); else errors compounding
+    across layers, which a per-layer metric on clean inputs does not see."""
+    row = rows[i]
     rf, rp = ranks["fisher"][i], ranks["dppl"][i]
-    parts = [f"ΔPPL rank {rp:g} vs Fisher rank {rf:g} of {len(rows)}"]
-    under = rp > rf
+    parts = [f"ΔPPL rank {rp:g} vs Fisher rank {rf:g} of {len(rows)} "
+             f"({'under' if rp > rf else 'over'}-predicted)"]
+    near = [(abs(r["fisher"] / row["fisher"] - 1), r["spec"]) for j, r in enumerate(rows)
+            if j != i and row["fisher"] > 0]
+    if near and min(near)[0] < 0.1:
+        gap, other = min(near)
+        parts.append(f"near-tie in Fisher with {other} ({100 * gap:.1f}% apart)")
     alt = {m: ranks[m][i] for m in ("kl", "flip_rate") if m in ranks}
-    closest = min(alt, key=lambda m: abs(alt[m] - rp)) if alt else None
+    better = {m: a for m, a in alt.items() if abs(a - rp) < abs(rf - rp)}
+    for m, a in better.items():
+        parts.append(f"{m} ranks it {a:g}" + (f" (flip rate {100 * row['flip_rate']:.1f}%: "
+                                              "discrete routing changes)" if m == "flip_rate" else ""))
     ratio = row["fisher"] / row["kl"] if row.get("kl") else math.inf
-    if closest is not None and abs(alt[closest] - rp) < abs(rf - rp):
-        parts.append(f"{closest} ranks it {alt[closest]:g}")
-    if ratio > 1.5:
-        parts.append(f"Fisher/KL = {ratio:.2g}: the quadratic form overshoots the exact KL "
-                     "(large logit shifts saturate the softmax)")
-    elif ratio < 1 / 1.5:
-        parts.append(f"Fisher/KL = {ratio:.2g}: the quadratic form undershoots the exact KL")
-    fr = row.get("flip_rate")
-    if fr is not None and closest == "flip_rate":
-        parts.append(f"flip rate {100 * fr:.1f}%: damage comes from discrete routing changes")
-    if row.get("dppl_v") is not None and row.get("dppl_k") is not None and row["dppl_v"] > row["dppl_k"]:
+    if ratio > 1.5 or ratio < 1 / 1.5:
+        parts.append(f"Fisher/KL = {ratio:.2g}: the quadratic form "
+                     f"{'overshoots' if ratio > 1 else 'undershoots'} the exact KL")
+    shares = [s for r in rows if (s := _top_share(r.get("fisher_layers"))) is not None]
+    mine = _top_share(row.get("fisher_layers"))
+    if mine is not None and shares:
+        med = float(np.median([s[1] for s in shares]))
+        if mine[1] > 1.5 * med:
+            parts.append(f"Fisher concentrated in layer {mine[0]} ({100 * mine[1]:.0f}% of the "
+                         f"per-layer sum; median over methods {100 * med:.0f}%)")
+    if target == "kv" and row.get("dppl_v") is not None and row["dppl_v"] > row["dppl_k"]:
         parts.append(f"V-dominated (ΔPPL V only {row['dppl_v']:.3g} > K only {row['dppl_k']:.3g}), "
                      "invisible to a key-only Fisher metric")
-    parts.append("under-predicted" if under else "over-predicted")
+    if len(parts) == 1:
+        parts.append("no captured-tensor metric explains it: per-layer metrics on clean inputs do "
+                     "not see errors compounding across layers")
     return "; ".join(parts)
 
 
@@ -182,8 +207,8 @@ def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
     flip_rate where present. ``budget_result``: a budget result whose points supply PPL.
 
     Keys: model, target, seq_len, n_windows, fp_ppl, fisher_source {spec: "flip_study" |
-    "capture"}, rows [{spec, family, bits, fisher, kl, flip_rate, output_rel_err, dppl, dppl_k,
-    dppl_v, dppl_kv, rank_fisher, rank_dppl, residual}], spearman (spearman_ci of fisher vs
+    "capture"}, rows [{spec, family, bits, fisher, fisher_layers (per layer, or None), kl,
+    flip_rate, output_rel_err, dppl, dppl_k, dppl_v, dppl_kv, rank_fisher, rank_dppl, residual}], spearman (spearman_ci of fisher vs
     dppl), spearman_alt {metric: spearman_ci vs dppl}, spearman_kv (fisher vs ΔPPL K+V),
     failures [{spec, residual, reason}], seconds.
     """
@@ -218,6 +243,8 @@ def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
         mean = flips.get(spec, {}).get("mean", {})
         if "fisher" in mean:
             met = {f: mean.get(f) for f in _METRICS}
+            per_head = flips[spec].get("per_head", {}).get("fisher")
+            met["fisher_layers"] = [float(np.mean(h)) for h in per_head] if per_head else None
             source[spec] = "flip_study"
         else:
             if cap is None:
@@ -244,7 +271,8 @@ def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
         r["residual"] = r["rank_dppl"] - r["rank_fisher"]
     worst = sorted(range(len(rows)), key=lambda i: -abs(rows[i]["residual"]))[:cfg.n_fail]
     failures = [{"spec": rows[i]["spec"], "residual": rows[i]["residual"],
-                 "reason": _reason(rows[i], ranks, i, rows)} for i in worst if rows[i]["residual"] != 0]
+                 "reason": _reason(i, rows, ranks, cfg.target)}
+                for i in worst if rows[i]["residual"] != 0]
     return {"model": cfg.model, "target": cfg.target, "seq_len": cfg.seq_len,
             "n_windows": int(ev.shape[0]), "fp_ppl": fp, "fisher_source": source, "rows": rows,
             "spearman": sp, "spearman_alt": alt, "spearman_kv": sp_kv, "failures": failures,
@@ -265,37 +293,120 @@ def summary(result: dict) -> dict[str, float | str]:
     return out
 
 
+def _place_labels(ax, xs, ys, texts, fontsize: float = 4.5, fallback: bool = True) -> None:
+    """Greedy label placement: points closer than 4 px share one label ("a = b"); each label
+    (largest y first) takes the first offset, nearest first in eight directions, whose box
+    stays inside the axes, overlaps no point and no label placed before and lies clearly nearer
+    its own point than any other; labels away from their point get a thin leader line. Without
+    ``fallback`` a label with no such place is left out, else it goes at (5, 3) points."""
+    import math as _m
+
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pts = ax.transData.transform(list(zip(xs, ys)))
+    groups: list[list[int]] = []   # points closer than 4 px share one label
+    for j in range(len(xs)):
+        for g in groups:
+            if _m.dist(pts[g[0]], pts[j]) < 4:
+                g.append(j)
+                break
+        else:
+            groups.append([j])
+    dots = [(px - 4, py - 4, px + 4, py + 4) for px, py in pts]
+    cands = [(r * _m.cos(a), r * _m.sin(a)) for r in (5, 12, 20, 30, 42, 56)
+             for a in (_m.radians(d) for d in (30, -30, 150, -150, 90, -90, 0, 180, 60, -60, 120, -120))]
+    placed: list = []
+
+    def gap(box, q) -> float:
+        return _m.hypot(max(box.x0 - q[0], 0, q[0] - box.x1), max(box.y0 - q[1], 0, q[1] - box.y1))
+
+    def free(box, own: list[int]) -> bool:
+        """Inside the axes, clear of labels and points, and nearer its own point than any other."""
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        others = [gap(box, pts[i]) for i in range(len(xs)) if i not in own]
+        return bool(inside and not any(box.overlaps(b) for b in placed)
+                and not any(box.x0 < x1 and x0 < box.x1 and box.y0 < y1 and y0 < box.y1
+                            for x0, y0, x1, y1 in dots)
+                and (not others or 2 * gap(box, pts[own[0]]) + 4 < min(others)))
+
+    for g in sorted(groups, key=lambda g: -ys[g[0]]):
+        j, text = g[0], " = ".join(texts[i] for i in g)
+        for k, (dx, dy) in enumerate(cands + [(5, 3)]):
+            ha = "left" if dx > 1 else "right" if dx < -1 else "center"
+            va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
+            far = dx * dx + dy * dy > 40
+            t = ax.annotate(text, (xs[j], ys[j]), xytext=(dx, dy), textcoords="offset points",
+                            fontsize=fontsize, ha=ha, va=va,
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.3",
+                                        "shrinkA": 0, "shrinkB": 2} if far else None)
+            t.update_positions(renderer)
+            box = Text.get_window_extent(t, renderer)  # the text alone, not its leader line
+            if free(box, g) or (fallback and k == len(cands)):
+                placed.append(box)
+                break
+            t.remove()
+
+
 def plot(result: dict, out_dir) -> list[Path]:
-    """``predictor_scatter``: ΔPPL (symlog) against mean Fisher damage (log), one labelled point
-    per method coloured by family; failures ringed; ρ and its interval in the title."""
+    """``predictor_scatter``: (top) |ΔPPL| (log) against mean Fisher damage (log), one point per
+    method coloured by family (open marker: ΔPPL < 0), labelled where a label fits without
+    ambiguity; (bottom) rank of ΔPPL against rank of Fisher with every method labelled and the
+    diagonal of a perfect prediction. The largest rank residuals are ringed; ρ and its 95%
+    interval in the title."""
     from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
 
     rows = result["rows"]
     fails = {f["spec"] for f in result["failures"]}
     s = result["spearman"]
+    floor = 1e-4
     with style():
-        fig, ax = new_figure(COLUMN_WIDTH, 0.85)
-        seen = set()
+        fig, (ax, bx) = new_figure(COLUMN_WIDTH, 1.55, nrows=2,
+                                   gridspec_kw={"height_ratios": [1.0, 1.05]})
+        xs, ys = [], []
         for r in rows:
-            fam = r["family"]
-            ax.scatter(r["fisher"], r["dppl"], color=COLORS.get(fam, COLORS["other"]), s=14, zorder=3,
-                       label=None if fam in seen else fam)
-            seen.add(fam)
-            if r["spec"] in fails:
-                ax.scatter(r["fisher"], r["dppl"], s=60, facecolors="none", edgecolors="k", lw=0.7,
-                           zorder=2, label=None if "fail" in seen else "largest rank residual")
-                seen.add("fail")
-            ax.annotate(r["spec"], (r["fisher"], r["dppl"]), fontsize=4.5, xytext=(2, 2),
-                        textcoords="offset points")
+            fam, y = r["family"], max(abs(r["dppl"]), floor)
+            col = COLORS.get(fam, COLORS["other"])
+            for a, (px, py) in ((ax, (r["fisher"], y)), (bx, (r["rank_fisher"], r["rank_dppl"]))):
+                a.scatter(px, py, s=14, zorder=3, color=col if r["dppl"] >= 0 else "white",
+                          edgecolors=col, linewidths=0.8)
+                if r["spec"] in fails:
+                    a.scatter(px, py, s=60, facecolors="none", edgecolors="k", lw=0.7, zorder=2)
+            bx.annotate(r["spec"], (r["rank_fisher"], r["rank_dppl"]), xytext=(5, 0),
+                        textcoords="offset points", fontsize=5, va="center")
+            xs.append(r["fisher"])
+            ys.append(y)
+        for fam in dict.fromkeys(r["family"] for r in rows):
+            ax.scatter([], [], s=14, color=COLORS.get(fam, COLORS["other"]), label=fam)
+        if fails:
+            ax.scatter([], [], s=60, facecolors="none", edgecolors="k", lw=0.7,
+                       label="largest rank residual")
+        if any(r["dppl"] < 0 for r in rows):
+            ax.scatter([], [], s=14, color="white", edgecolors="k", linewidths=0.8, label="ΔPPL < 0")
         ax.set_xscale("log")
-        small_pos = min([abs(r["dppl"]) for r in rows if r["dppl"] != 0] or [1e-2])
-        ax.set_yscale("symlog", linthresh=max(small_pos, 1e-3))
-        ax.axhline(0, color=COLORS["fp"], lw=0.5)
+        ax.set_yscale("log")
         tgt = {"k": "keys only", "kv": "keys + values"}[result["target"]]
         ax.set_xlabel(r"mean Fisher damage $\frac{1}{2}\delta^\top F\delta$ (nats, log)")
-        ax.set_ylabel(f"ΔPPL vs fp16, {tgt} (symlog)")
+        ax.set_ylabel(f"|ΔPPL| vs fp16, {tgt}")
         ax.set_title(f"Spearman ρ = {s['rho']:.2f} [95% CI {s['ci_low']:.2f}, {s['ci_high']:.2f}], "
-                     f"n = {s['n']}", loc="left", pad=2)
+                     f"n = {s['n']} methods", loc="left", pad=2)
         ax.legend(loc="upper left", fontsize=6)
+        ax.margins(x=0.15, y=0.15)
+        n = len(rows)
+        bx.plot([0.5, n + 0.5], [0.5, n + 0.5], color=COLORS["other"], lw=0.8, ls="--",
+                label="perfect prediction")
+        bx.set_xlim(0.5, n + 3.5)
+        bx.set_xticks(range(1, n + 1, 2))
+        bx.set_yticks(range(1, n + 1, 2))
+        bx.set_ylim(0.5, n + 0.5)
+        bx.set_xlabel("rank of mean Fisher damage (1 = least)")
+        bx.set_ylabel("rank of ΔPPL")
+        bx.legend(loc="lower right", fontsize=6)
         fig.tight_layout()
+        ax.set_xlim(ax.get_xlim())  # freeze the geometry the labels are placed in
+        ax.set_ylim(ax.get_ylim())
+        _place_labels(ax, xs, ys, [r["spec"] for r in rows], fallback=False)
         return save_figure(fig, out_dir, "predictor_scatter")

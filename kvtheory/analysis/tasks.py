@@ -60,7 +60,7 @@ class TasksConfig:
 
     lm_model: str = "smollm2-135m"
     encoder: str | None = "minilm-l6"
-    lambada_limit: int = 50
+    lambada_limit: int = 150
     lm_methods: tuple[str, ...] | None = None
     calib_len: int = 512
     encoder_methods: tuple[str, ...] | None = None
@@ -211,9 +211,25 @@ def summary(result: dict) -> dict[str, float | str]:
     return out
 
 
+def _short(spec: str) -> str:
+    """A tick label: ``int4-kivi`` -> ``int4 KIVI``, ``rank16-pca`` -> ``rank16``.
+
+    >>> _short("int4-kivi"), _short("rank32x8-pca")
+    ('int4\\nKIVI', 'rank32\\n×INT8')
+    """
+    head = spec.split("-")[0]
+    if "kivi" in spec:
+        return f"{head}\nKIVI"
+    if "x" in head:
+        r, b = head.split("x")
+        return f"{r}\n×INT{b}"
+    return head
+
+
 def plot(result: dict, out_dir) -> list[Path]:
-    """``tasks``: LAMBADA accuracy per method (bars, 95% CI) and, for the encoder, 1 − cosine of
-    sentence embeddings to fp (log bars, 95% CI), bars coloured by method family."""
+    """``tasks``: LAMBADA accuracy per method (bars, 95% CI; accuracy and target-word PPL above
+    the bars) and, for the encoder, 1 − cosine of sentence embeddings to fp (log bars, 95% CI);
+    bars coloured by method family, storage (bits per element, basis not counted) under each."""
     import numpy as np
 
     from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
@@ -232,12 +248,16 @@ def plot(result: dict, out_dir) -> list[Path]:
         ax.bar(range(len(specs)), acc, color=cols, yerr=[lo, hi], capsize=2, error_kw={"lw": 0.6})
         for i, (s, a) in enumerate(zip(specs, acc)):
             ppl = lam["methods"][s]["target_ppl"]["value"]
-            ax.text(i, a + hi[i] + 1, f"{a:.1f}%\nppl {ppl:.3g}", ha="center", va="bottom", fontsize=5)
+            txt = f"{ppl / 1e3:.0f}k" if ppl >= 1e4 else f"{ppl:,.0f}" if ppl >= 100 else f"{ppl:.1f}"
+            ax.text(i, a + hi[i] + 1, f"{a:.0f}%\n{txt}", ha="center", va="bottom", fontsize=5)
         ax.set_xticks(range(len(specs)))
-        ax.set_xticklabels(specs, rotation=20, ha="right")
+        ax.set_xticklabels([f"{_short(s)}\n{lam['methods'][s]['bits']:.3g} b" for s in specs], fontsize=6)
+        ax.text(0.99, 0.97, "above bars: accuracy,\ntarget-word PPL", transform=ax.transAxes,
+                ha="right", va="top", fontsize=5.5)
         ax.set_ylabel("LAMBADA accuracy (%)")
         ax.set_ylim(0, max(acc + hi) * 1.45 + 1)
-        ax.set_title(f"{lam['model']}, K+V compressed, {lam['n_passages']} passages", loc="left", pad=2)
+        ax.set_title(f"{lam['model']}: LAMBADA, K+V, {lam['n_passages']} passages "
+                     "(ranks: PCA)", loc="left", pad=2)
         if enc is not None:
             ax = axes[1, 0]
             specs = [s for s in enc["methods"] if s != "fp"]
@@ -254,9 +274,10 @@ def plot(result: dict, out_dir) -> list[Path]:
             ax.set_yscale("log")
             ax.set_ylim(y.min() / 3, y.max() * 8)
             ax.set_xticks(range(len(specs)))
-            ax.set_xticklabels(specs, rotation=20, ha="right")
+            ax.set_xticklabels([f"{_short(s)}\n{enc['methods'][s]['bits']:.3g} b" for s in specs],
+                               fontsize=6)
             ax.set_ylabel("1 − cosine to fp (log)")
-            ax.set_title(f"{enc['model']}: sentence embeddings, {enc['n_sentences']} sentences",
+            ax.set_title(f"{enc['model']}: sentence embeddings, {enc['n_sentences']} sentences, K+V",
                          loc="left", pad=2)
         fig.tight_layout()
         return save_figure(fig, out_dir, "tasks")

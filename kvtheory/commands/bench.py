@@ -103,7 +103,7 @@ def print_gpu_rows(path: Path, console: Any) -> bool:
     extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
     console.print(f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
                   f" (random-weight SmolLM2-shaped model, from {path}){extra}")
-    console.print(table_text(rows), end="")
+    console.print("\n" + table_text(rows))
     return True
 
 
@@ -209,11 +209,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{f', {gpu}' if gpu else ''}; torch {mach['torch']}, {settings['torch_threads']} "
                   f"threads; load average {mach['load_average']}")
     rows = [r for c in results for r in c["rows"]]
-    console.print(bench.table_text(rows), end="")
+    console.print("\n" + bench.table_text(rows))
     met = [r["met"] for r in rows if r["met"] is not None]
     console.print(f"targets met: {sum(met)}/{len(met)}; medians of {reps} interleaved reps "
                   "(quanto: 1 rep of the token-by-token decode); ratio = measured / baseline, "
-                  "for quanto the speed-up baseline / measured")
+                  "for quanto the speed-up baseline / measured\n")
     if str(args.gpu_json).lower() != "none":
         print_gpu_rows(Path(args.gpu_json), console)
     console.print(f"wrote {out}")
