@@ -33,7 +33,8 @@ figures: venv
 	$(VENV)/bin/kvtheory figures
 
 bench: venv
-	$(VENV)/bin/kvtheory bench --data-dir $(DATA)
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[quanto]'
+	$(VENV)/bin/kvtheory bench --data-dir $(DATA) --readme README.md,benchmarks/README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -330,6 +330,7 @@ def _stream(
     per["flip"] = torch.zeros(B, Hkv, g, Q, dtype=torch.bool, device=dev)
     valid = torch.zeros(B, Q, dtype=torch.bool, device=dev)
     pos = torch.arange(off, T, device=dev)
+    ws = _Workspace(dev)
     for b in range(B):
         kv = [x if x is None else x[b] for x in (k, k_hat, v, v_hat)]
         if key_mask is None:
@@ -353,14 +354,16 @@ def _stream(
                 continue
             qb = q[b, :, :, a:e].reshape(Hkv, g * (e - a), d)
             unit = scale if full else 1.0      # flips do not depend on a positive scale
-            s, sh = _logits(qb, kb[:, :hi], unit, dt), _logits(qb, khb[:, :hi], unit, dt)
+            shape = (Hkv, qb.shape[1], hi)
+            s = _logits(qb, kb[:, :hi], unit, dt, ws.get("s", shape, qb))
+            sh = _logits(qb, khb[:, :hi], unit, dt, ws.get("sh", shape, qb))
             if lo < hi:  # columns [lo, hi) are hidden from the earlier queries of the block
                 hide = torch.arange(lo, hi, device=dev) >= nvis[a:e, None]
                 for x in (s, sh):
                     x.view(Hkv, g, e - a, hi)[..., lo:].masked_fill_(hide, neg)
-            top = s.max(-1, keepdim=True).indices   # the first top token if tied
+            top = _top_first(s)[1]                  # the first top token if tied
             if full:
-                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g), topk, vb, vhb, hi)
+                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g), topk, vb, vhb, hi, ws)
             else:
                 out = {"flip": sh.gather(-1, top) < sh.amax(-1, keepdim=True)}
             for name, x in out.items():
@@ -368,10 +371,112 @@ def _stream(
     return per, valid
 
 
-def _logits(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+def _groups(T: int, k: int) -> int:
+    """Entries per group for rows of ``T`` entries and ``k`` wanted: the power of two nearest
+    :math:`\sqrt{T/k}` (it minimises the :math:`T/c + kc` entries ranked), within [8, 256].
+
+    >>> _groups(2048, 5), _groups(2048, 1), _groups(32768, 5), _groups(16, 5)
+    (16, 64, 64, 8)
+    """
+    return int(min(256, max(8, 2 ** round(math.log2(math.sqrt(T / k))))))
+
+
+def _group_max(x: Tensor, c: int) -> tuple[Tensor, int]:
+    r"""Maxima of the ``n = T // c`` strided groups :math:`G_j = \{j, j + n, \dots, j + (c-1)n\}`
+    of the first ``c·n`` entries (``(..., n)``, one vectorised pass), and ``n``."""
+    n = x.shape[-1] // c
+    return x[..., :c * n].unflatten(-1, (c, n)).amax(-2), n
+
+
+def _top_first(x: Tensor, c: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(max, index of its first occurrence)`` over the last axis, both ``(..., 1)``.
+
+    The same as ``x.max(-1, keepdim=True)`` (whose index is documented as the first maximal
+    one), through ``amax`` (vectorised; an indexed ``max`` is not): when one group
+    (:func:`_group_max`), or the tail past the last whole group, holds the maximum, its first
+    maximal entry is the row's; a block with a row whose maximum is shared by two groups falls
+    back to ``x.max``.
+
+    >>> x = torch.tensor([[0., 3., 1., 3., 2., 0., 3., 1.], [5., 2., 6., 5., 1., 1., 1., 6.]])
+    >>> _top_first(x, c=2)[1].tolist(), x.max(-1, keepdim=True).indices.tolist()
+    ([[1], [2]], [[1], [2]])
+    """
+    T = x.shape[-1]
+    c = c or _groups(T, 1)
+    if T // c < 2:
+        m = x.max(-1, keepdim=True)
+        return m.values, m.indices
+    m = x.amax(-1, keepdim=True)
+    gm, n = _group_max(x, c)
+    hit = gm == m                                                          # (..., n)
+    count = hit.sum(-1, keepdim=True)
+    if c * n < T:
+        in_tail = x[..., c * n:] == m
+        count = count + in_tail.any(-1, keepdim=True)
+    if bool((count > 1).any()):   # a maximum shared across groups: order matters, use max
+        return m, x.max(-1, keepdim=True).indices
+    cols = hit.to(torch.uint8).argmax(-1, keepdim=True) + n * torch.arange(c, device=x.device)
+    idx = cols.gather(-1, (x.gather(-1, cols) == m).to(torch.uint8).argmax(-1, keepdim=True))
+    if c * n < T:
+        tail = in_tail.to(torch.uint8).argmax(-1, keepdim=True) + c * n
+        idx = torch.where(hit.any(-1, keepdim=True), idx, tail)
+    return m, idx
+
+
+def _topk(x: Tensor, k: int, c: int | None = None) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, -1)`` (values in descending order, their indices), through group maxima.
+
+    The ``k`` largest entries of a row lie in the ``k`` groups (:func:`_group_max`) with the
+    largest maxima (each of those maxima is at least as large as any entry outside them) or in
+    the tail past the last whole group, so only those ``k·c + tail`` entries are ranked.
+    Values are those of ``x.topk``; among tied values the indices may differ, as they may
+    between two topk calls.
+
+    >>> x = torch.tensor([[0., 7., 1., 3., 9., 2., 8., 4., 6., 5., 0., 1., 2.]])
+    >>> _topk(x, 2, c=2)
+    (tensor([[9., 8.]]), tensor([[4, 6]]))
+    """
+    T = x.shape[-1]
+    c = c or _groups(T, k)
+    if T // c <= 2 * k:
+        return x.topk(k, -1)
+    gm, n = _group_max(x, c)
+    top = gm.topk(k, -1).indices                                           # (..., k)
+    cols = (top.unsqueeze(-1) + n * torch.arange(c, device=x.device)).flatten(-2)  # (..., k·c)
+    if c * n < T:
+        tail = torch.arange(c * n, T, device=x.device)
+        cols = torch.cat([cols, tail.expand(*cols.shape[:-1], T - c * n)], -1)
+    v, j = x.gather(-1, cols).topk(k, -1)
+    return v, cols.gather(-1, j)
+
+
+class _Workspace:
+    """Reused buffers for the per-block temporaries on the CPU.
+
+    A fresh tensor of a few MiB comes from ``mmap`` and is page-faulted in on first touch, at a
+    cost comparable to the arithmetic done on it; reusing one buffer per name avoids that.
+    On accelerators (caching allocators) :meth:`get` returns ``None`` and ops allocate.
+    """
+
+    def __init__(self, device: torch.device):
+        self.on = device.type == "cpu"
+        self.bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+        if not self.on:
+            return None
+        n = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+            buf = self.bufs[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+
+def _logits(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype, out: Tensor | None = None
+            ) -> Tensor:
     """``scale * q k^T`` in ``dtype``; half inputs stay half only on the tensor-core path."""
     if q.dtype == dtype:
-        return torch.matmul(q, k.mT)
+        return torch.matmul(q, k.mT, out=out) if out is not None else torch.matmul(q, k.mT)
     s = torch.bmm(q, k.mT, out_dtype=dtype)
     return s if scale == 1.0 else s.mul_(scale)
 
@@ -382,11 +487,12 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
-                   v: Tensor | None, v_hat: Tensor | None, hi: int) -> dict[str, Tensor]:
+                   v: Tensor | None, v_hat: Tensor | None, hi: int,
+                   ws: _Workspace | None = None) -> dict[str, Tensor]:
     """Metrics of one block of logits (kv, rows, tokens); ``s`` and ``sh`` are overwritten."""
     kk = min(max(topk, 2), hi)
-    vs, js = s.topk(kk, -1)
-    vh, jh = sh.topk(kk, -1)
+    vs, js = _topk(s, kk)
+    vh, jh = _topk(sh, kk)
     m, mh = vs[..., :1], vh[..., :1]
     flip = sh.gather(-1, top) < mh
     second = vs[..., 1:2] if kk >= 2 else torch.full_like(m, -math.inf)
@@ -395,12 +501,14 @@ def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
     rank = torch.arange(kk, device=s.device) < keff[:, None]  # (rows, kk)
     hit = (js.unsqueeze(-1) == jh.unsqueeze(-2)) & rank[:, :, None] & rank[:, None, :]
     overlap = hit.sum((-1, -2)).unsqueeze(-1) / keff[:, None]
-    x = sh - s                                # delta; 0 at hidden columns
+    ws = ws or _Workspace(s.device)
+    x = torch.sub(sh, s, out=ws.get("x", s.shape, s)) if ws.on else sh - s  # delta; 0 if hidden
     e, eh = s.sub_(m).exp_(), sh.sub_(mh).exp_()  # unnormalised p, p^ (1 at the top token)
     z, zh = e.sum(-1, keepdim=True), eh.sum(-1, keepdim=True)
     mu = _dot(e, x) / z
     x -= mu                                   # centred delta
-    fisher = 0.5 * _dot(e, x.square()) / z
+    sq = torch.mul(x, x, out=ws.get("sq", x.shape, x)) if ws.on else x.square()
+    fisher = 0.5 * _dot(e, sq) / z
     small = torch.log1p(_dot(e, x.expm1_()) / z)  # sum_j p_j e^{x_j} - 1, all terms kept
     # lse(s^) - lse(s) - p.delta: neither under- nor overflows, but cancels when small
     big = (mh - m - mu) + torch.log(zh / z)

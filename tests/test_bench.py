@@ -258,6 +258,37 @@ def test_cli_prints_gpu_rows(tmp_path, capsys):
     assert "Test GPU" in printed and "gpu row" in printed and "700 TFLOP/s" in printed
 
 
+def test_cli_records_the_printed_table_in_readmes(tmp_path, capsys):
+    from kvtheory.commands.bench import README_END, README_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    code = main(["bench", "--only", "flips", "--flip-tokens", "16", "--reps", "1",
+                 "--json", str(tmp_path / "r.json"), "--gpu-json", "none",
+                 "--readme", str(readme)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    text = readme.read_text()
+    head, rest = text.split(README_START)
+    body, tail = rest.split(README_END)
+    assert head == "# title\n\n" and tail == "\n\nafter\n" and "old table" not in body
+    # the section is what the command printed, line for line
+    table = [ln for ln in body.strip().splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + 3 and all(ln in printed for ln in table)   # header, rule, 3 rows
+    assert body.strip().splitlines()[0] in printed and "targets met" in body
+
+
+def test_cli_readme_without_markers_fails_before_the_work(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    out = tmp_path / "r.json"
+    code = main(["bench", "--only", "flips", "--flip-tokens", "16", "--reps", "1",
+                 "--json", str(out), "--readme", str(readme)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and readme.read_text() == "# no markers\n"
+    assert len(err) == 1 and "--readme" in err[0] and "kvtheory bench: results start" in err[0]
+
+
 @pytest.mark.parametrize("argv, word", [
     (["--only", "nope"], "--only"),
     (["--device", "tpu"], "--device"),

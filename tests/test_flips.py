@@ -405,3 +405,26 @@ def test_rank16_pca_flips_far_more_than_int4_per_channel(seed):
     assert r["kl"] > 5 * qn["kl"]
     assert r["flip_rate|margin[1,inf)"] > 0.1 > 100 * qn["flip_rate|margin[1,inf)"]
     assert r["n|margin[1,inf)"] == qn["n|margin[1,inf)"] > 500
+
+
+# ------------------------------------------------------------------ chunked top-k / first argmax
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(1, 4), T=st.integers(1, 300), c=st.sampled_from([1, 2, 3, 8, 64, None]),
+       k=st.integers(1, 6), levels=st.sampled_from([3, 50, 0]), seed=st.integers(0, 2**16))
+def test_chunked_topk_and_first_argmax_match_torch(rows, T, c, k, levels, seed):
+    """Against torch's own reductions, with ties (few levels) and tails past the last chunk."""
+    from kvtheory.flips import _top_first, _topk
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, T, generator=g, dtype=torch.float32)
+    if levels:
+        x = torch.randint(0, levels, (rows, T), generator=g).to(torch.float32)
+    m, i = _top_first(x, c)
+    ref = x.max(-1, keepdim=True)   # documented: the index of the first maximal value
+    assert torch.equal(m, ref.values) and torch.equal(i, ref.indices)
+    k = min(k, T)
+    v, j = _topk(x, k, c)
+    rv, _ = x.topk(k, -1)
+    assert torch.equal(v, rv)                      # the same values, in descending order
+    assert torch.equal(x.gather(-1, j), v)         # indices point at them
+    assert all(len(set(r)) == k for r in j.tolist())   # k distinct positions

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-json", default="benchmarks/gpu.json", metavar="PATH",
                    help="GPU results to print beside this run's (default benchmarks/gpu.json; "
                         "'none' to skip)")
+    p.add_argument("--readme", default="none", metavar="PATH[,PATH]",
+                   help="Markdown files whose results section (between the kvtheory bench "
+                        "markers) receives this run's printed table (default none; `make bench` "
+                        "records it in README.md and benchmarks/README.md)")
     p.add_argument("--reps", default="5", help="timed repetitions per label (default 5)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (model and tensors)")
@@ -86,25 +90,61 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def print_gpu_rows(path: Path, console: Any) -> bool:
-    """Print the rows of a GPU result file (written by benchmarks/gpu_job.py); False if absent."""
+def gpu_section(path: Path) -> str | None:
+    """The heading line and table of a GPU result file (written by benchmarks/gpu_job.py), or
+    None when the file is absent or holds no rows."""
     from ..bench import table_text
     from ..io import read_json
 
     if not path.is_file():
-        return False
+        return None
     doc = read_json(path, arg="--gpu-json")
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not rows:
-        return False
+        return None
     mach = doc.get("machine", {}) or {}
     gpu = (mach.get("gpu") or {}).get("name", "GPU")
     peak = doc.get("matmul_peak") or {}
     extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
-    console.print(f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
-                  f" (random-weight SmolLM2-shaped model, from {path}){extra}")
-    console.print("\n" + table_text(rows))
+    return (f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
+            f" (random-weight SmolLM2-shaped model, from {path.as_posix()}){extra}\n\n"
+            + table_text(rows))
+
+
+def print_gpu_rows(path: Path, console: Any) -> bool:
+    """Print the rows of a GPU result file (written by benchmarks/gpu_job.py); False if absent."""
+    text = gpu_section(path)
+    if text is None:
+        return False
+    console.print(text)
     return True
+
+
+#: the lines between which ``--readme`` files receive the results
+README_START = "<!-- kvtheory bench: results start (written by `kvtheory bench`, do not edit) -->"
+README_END = "<!-- kvtheory bench: results end -->"
+
+
+def record_readme(path: Path, text: str) -> Path:
+    """Replace what stands between :data:`README_START` and :data:`README_END` in ``path``
+    with ``text`` (atomically); a file without both markers is an error, nothing is written."""
+    from ..io import atomic_write
+
+    head, tail = _readme_parts(path)
+    return atomic_write(path, head + "\n" + text.rstrip("\n") + "\n" + tail, arg="--readme")
+
+
+def _readme_parts(path: Path) -> tuple[str, str]:
+    """``path``'s text up to and including :data:`README_START`, and from :data:`README_END`."""
+    try:
+        old = path.read_text(encoding="utf-8")
+    except OSError:
+        raise bad_argument("--readme", str(path), "an existing Markdown file") from None
+    a, b = old.find(README_START), old.find(README_END)
+    if a < 0 or b < a:
+        raise bad_argument("--readme", str(path), f"a file holding the lines {README_START!r} "
+                           f"and {README_END!r}")
+    return old[:a + len(README_START)], old[b:]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
     n_capture = _pos_int("--capture-tokens", args.capture_tokens, 2)
     out = Path(args.json)
     _ensure_dir(out, "--json")  # fail before the work, not after it
+    readmes = [] if str(args.readme).lower() == "none" else [
+        Path(x.strip()) for x in str(args.readme).split(",") if x.strip()]
+    for path in readmes:  # markers checked before the work, not after it
+        _readme_parts(path)
     if "quanto" in cases and not bench.quanto_available():
         if explicit:
             bench._require_quanto()
@@ -205,16 +249,20 @@ def run(args: argparse.Namespace) -> int:
     console = Console(file=sys.stdout, highlight=False, markup=False, width=bench.WIDTH)
     mach = bench.machine()
     gpu = (mach["gpu"] or {}).get("name")
-    console.print(f"kvtheory bench, {mach['date']}: {mach['cpu']}, {mach['cores']} cores"
-                  f"{f', {gpu}' if gpu else ''}; torch {mach['torch']}, {settings['torch_threads']} "
-                  f"threads; load average {mach['load_average']}")
     rows = [r for c in results for r in c["rows"]]
-    console.print("\n" + bench.table_text(rows))
     met = [r["met"] for r in rows if r["met"] is not None]
-    console.print(f"targets met: {sum(met)}/{len(met)}; medians of {reps} interleaved reps "
-                  "(quanto: 1 rep of the token-by-token decode); ratio = measured / baseline, "
-                  "for quanto the speed-up baseline / measured\n")
-    if str(args.gpu_json).lower() != "none":
-        print_gpu_rows(Path(args.gpu_json), console)
+    text = (f"kvtheory bench, {mach['date']}: {mach['cpu']}, {mach['cores']} cores"
+            f"{f', {gpu}' if gpu else ''}; torch {mach['torch']}, {settings['torch_threads']} "
+            f"threads; load average {mach['load_average']}\n\n" + bench.table_text(rows)
+            + f"\ntargets met: {sum(met)}/{len(met)}; medians of {reps} interleaved reps "
+            "(quanto: 1 rep of the token-by-token decode); ratio = measured / baseline, "
+            "for quanto the speed-up baseline / measured\n")
+    gpu_text = None if str(args.gpu_json).lower() == "none" else gpu_section(Path(args.gpu_json))
+    if gpu_text is not None:
+        text += "\n" + gpu_text
+    console.print(text)
+    for path in readmes:
+        record_readme(path, text)
+        console.print(f"recorded the table in {path}")
     console.print(f"wrote {out}")
     return 0
