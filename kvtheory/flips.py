@@ -395,7 +395,8 @@ def _top_first(x: Tensor, c: int | None = None) -> tuple[Tensor, Tensor]:
     one), through ``amax`` (vectorised; an indexed ``max`` is not): when one group
     (:func:`_group_max`), or the tail past the last whole group, holds the maximum, its first
     maximal entry is the row's; a block with a row whose maximum is shared by two groups falls
-    back to ``x.max``.
+    back to ``x.max``, and so do accelerators (where ``max`` is one kernel and the fallback test
+    would cost a host sync).
 
     >>> x = torch.tensor([[0., 3., 1., 3., 2., 0., 3., 1.], [5., 2., 6., 5., 1., 1., 1., 6.]])
     >>> _top_first(x, c=2)[1].tolist(), x.max(-1, keepdim=True).indices.tolist()
@@ -403,7 +404,7 @@ def _top_first(x: Tensor, c: int | None = None) -> tuple[Tensor, Tensor]:
     """
     T = x.shape[-1]
     c = c or _groups(T, 1)
-    if T // c < 2:
+    if T // c < 2 or x.device.type != "cpu":  # one fused kernel on accelerators
         m = x.max(-1, keepdim=True)
         return m.values, m.indices
     m = x.amax(-1, keepdim=True)
@@ -486,6 +487,35 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
 
 
+def _softmax_terms(s: Tensor, sh: Tensor, m: Tensor, mh: Tensor) -> tuple[Tensor, ...]:
+    r""":math:`z = \sum_j e^{s_j - m}`, :math:`\hat z`, :math:`\mu = p\cdot\delta`, Fisher
+    :math:`\tfrac12\sum_j p_j (\delta_j - \mu)^2` and :math:`\log(1 + \sum_j p_j
+    (e^{\delta_j - \mu} - 1))` of one block, written for :func:`torch.compile` (each
+    reduction one fused pass, nothing of the block's size kept); the eager path of
+    :func:`_block_metrics` computes the same in place."""
+    x = sh - s
+    e = torch.exp(s - m)
+    z = e.sum(-1, keepdim=True)
+    zh = torch.exp(sh - mh).sum(-1, keepdim=True)
+    mu = (e * x).sum(-1, keepdim=True) / z
+    xc = x - mu
+    fisher = 0.5 * (e * xc * xc).sum(-1, keepdim=True) / z
+    small = torch.log1p((e * torch.expm1(xc)).sum(-1, keepdim=True) / z)
+    return z, zh, mu, fisher, small
+
+
+@functools.cache
+def _compiled_terms():
+    """:func:`_softmax_terms` compiled by inductor (Triton), for CUDA blocks without values;
+    ``None`` (the eager path) without Triton or with ``KVTHEORY_NO_COMPILE=1``."""
+    import importlib.util
+    import os
+
+    if os.environ.get("KVTHEORY_NO_COMPILE") == "1" or importlib.util.find_spec("triton") is None:
+        return None
+    return torch.compile(_softmax_terms, dynamic=True, fullgraph=True)
+
+
 def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
                    v: Tensor | None, v_hat: Tensor | None, hi: int,
                    ws: _Workspace | None = None) -> dict[str, Tensor]:
@@ -501,15 +531,19 @@ def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
     rank = torch.arange(kk, device=s.device) < keff[:, None]  # (rows, kk)
     hit = (js.unsqueeze(-1) == jh.unsqueeze(-2)) & rank[:, :, None] & rank[:, None, :]
     overlap = hit.sum((-1, -2)).unsqueeze(-1) / keff[:, None]
-    ws = ws or _Workspace(s.device)
-    x = torch.sub(sh, s, out=ws.get("x", s.shape, s)) if ws.on else sh - s  # delta; 0 if hidden
-    e, eh = s.sub_(m).exp_(), sh.sub_(mh).exp_()  # unnormalised p, p^ (1 at the top token)
-    z, zh = e.sum(-1, keepdim=True), eh.sum(-1, keepdim=True)
-    mu = _dot(e, x) / z
-    x -= mu                                   # centred delta
-    sq = torch.mul(x, x, out=ws.get("sq", x.shape, x)) if ws.on else x.square()
-    fisher = 0.5 * _dot(e, sq) / z
-    small = torch.log1p(_dot(e, x.expm1_()) / z)  # sum_j p_j e^{x_j} - 1, all terms kept
+    fused = _compiled_terms() if v is None and s.device.type == "cuda" else None
+    if fused is not None:
+        z, zh, mu, fisher, small = fused(s, sh, m, mh)
+    else:
+        ws = ws or _Workspace(s.device)
+        x = torch.sub(sh, s, out=ws.get("x", s.shape, s)) if ws.on else sh - s  # delta; 0 if hidden
+        e, eh = s.sub_(m).exp_(), sh.sub_(mh).exp_()  # unnormalised p, p^ (1 at the top token)
+        z, zh = e.sum(-1, keepdim=True), eh.sum(-1, keepdim=True)
+        mu = _dot(e, x) / z
+        x -= mu                                   # centred delta
+        sq = torch.mul(x, x, out=ws.get("sq", x.shape, x)) if ws.on else x.square()
+        fisher = 0.5 * _dot(e, sq) / z
+        small = torch.log1p(_dot(e, x.expm1_()) / z)  # sum_j p_j e^{x_j} - 1, all terms kept
     # lse(s^) - lse(s) - p.delta: neither under- nor overflows, but cancels when small
     big = (mh - m - mu) + torch.log(zh / z)
     slack = 64 * torch.finfo(s.dtype).eps * (m.abs() + mh.abs() + mu.abs() + torch.log(z * zh) + 1)
