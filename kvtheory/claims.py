@@ -275,11 +275,11 @@ def _table(rows: list[Claim]) -> str:
 
 def _summary_tables(s: dict[str, Any]) -> list[str]:
     """A stage summary as Markdown: keys without a dot in a two-column table; dotted keys
-    ``row.column`` (split at the last dot) pivoted into one table, rows and columns in the
-    order they first appear.
+    ``row.column`` (split at the last dot) pivoted, one table per set of columns, rows and
+    columns in the order they first appear.
 
     >>> print("\\n".join(_summary_tables({"n": 3, "m.b2.ratio": 2.5, "m.b2.within": 0.5,
-    ...                                    "m.b4.ratio": 64.7})))
+    ...                                    "m.b4.ratio": 64.7, "m.b4.within": 0.25, "kl.median": 1})))
     | quantity | value |
     |---|---|
     | n | 3 |
@@ -287,7 +287,11 @@ def _summary_tables(s: dict[str, Any]) -> list[str]:
     | | ratio | within |
     |---|---|---|
     | m.b2 | 2.5 | 0.5 |
-    | m.b4 | 64.7 | |
+    | m.b4 | 64.7 | 0.25 |
+    <BLANKLINE>
+    | | median |
+    |---|---|
+    | kl | 1 |
     """
     flat = {k: v for k, v in s.items() if "." not in k}
     grid: dict[str, dict[str, Any]] = {}
@@ -295,16 +299,17 @@ def _summary_tables(s: dict[str, Any]) -> list[str]:
         if "." in k:
             row, col = k.rsplit(".", 1)
             grid.setdefault(row, {})[col] = v
+    tables: dict[tuple[str, ...], list[str]] = {}
+    for row, cells in grid.items():
+        tables.setdefault(tuple(cells), []).append(row)
     lines: list[str] = []
     if flat:
         lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {fmt(v)} |" for k, v in flat.items()]
-    if grid:
-        cols = list(dict.fromkeys(c for r in grid.values() for c in r))
+    for cols, rows in tables.items():
         lines += [""] if lines else []
         lines += ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        lines += [f"| {r} | " + " | ".join(fmt(v[c]) if c in v else "" for c in cols).rstrip() + " |"
-                  for r, v in grid.items()]
-    return [ln.replace("|  |", "| |") for ln in lines]
+        lines += [f"| {r} | " + " | ".join(fmt(grid[r][c]) for c in cols) + " |" for r in rows]
+    return lines
 
 
 def _stage_section(saved: dict, stage: str, title: str, figures: list[Path], names: list[str]) -> str:

@@ -111,7 +111,7 @@ def _data_sha(data_dir: str | None) -> dict[str, str]:
 _VERIFY_KEY = {"n_points": 20}
 
 
-def _stage_key(stage: Stage, cfg: ReportConfig, saved: dict[str, dict]) -> tuple[Any, dict]:
+def _stage_key(stage: Stage, cfg: ReportConfig, saved: dict[str, dict]) -> tuple[Any, dict, dict]:
     """The stage's config at the report's size, the cache key and the earlier results it reads."""
     scfg = _stage_config(stage, cfg.size)
     kwargs = {_RESULT_ARG.get(d, f"{d}_result"): saved[d]["result"] for d in stage.needs if d in saved}

@@ -199,6 +199,8 @@ def test_summary_and_plots_from_json(res, tmp_path, cfg):
     loaded = json.loads(json.dumps(result, allow_nan=False))
     s = bc.summary(loaded)
     assert s["tiny.b4.ratio_median"] == res["stats"]["4"]["all"]["kl_round"]["measured"]["median"]
+    assert s["tiny.b4.ratio_p5"] <= s["tiny.b4.ratio_median"] <= s["tiny.b4.ratio_p95"]
+    assert s["tiny.b4.headline"] == 768 and s["tiny.b2.headline"] == 48
     assert s["tiny.b2.within10_mc"] == res["stats"]["2"]["all"]["mc"]["over_exact"]["within"]
     assert s["kl_over_fisher.median"] == result["fisher_kl"]["all"]["median"]
     paths = bc.plot(loaded, tmp_path)

@@ -366,14 +366,18 @@ def run(cfg: BoundCheckConfig, *, data_dir=None, root=None, progress: bool = Tru
 
 
 def summary(result: dict) -> dict[str, float | str]:
-    """Headline numbers: per model and bit width the median measured ratio (``kl_round``), its
-    median over the headline and over the exact prediction, the within-10% fractions with
-    actual rounding (``kl_round``) and the Monte-Carlo expectation (``mc``); KL/Fisher."""
+    """Headline numbers: per model and bit width the measured ratio (``kl_round``: median, 5th
+    and 95th percentiles) beside the headline 3·4^b, its median over the headline and over the
+    exact prediction, the within-10% fractions with actual rounding (``kl_round``) and the
+    Monte-Carlo expectation (``mc``); KL/Fisher."""
     out: dict[str, float | str] = {}
     for name, res in result["models"].items():
         for b, st in res["stats"].items():
             a = st["all"]
             out[f"{name}.b{b}.ratio_median"] = a["kl_round"]["measured"]["median"]
+            out[f"{name}.b{b}.ratio_p5"] = a["kl_round"]["measured"]["p5"]
+            out[f"{name}.b{b}.ratio_p95"] = a["kl_round"]["measured"]["p95"]
+            out[f"{name}.b{b}.headline"] = float(3 * 4 ** int(b))
             out[f"{name}.b{b}.over_headline_median"] = a["kl_round"]["over_headline"]["median"]
             out[f"{name}.b{b}.over_exact_median"] = a["kl_round"]["over_exact"]["median"]
             out[f"{name}.b{b}.within10_round"] = a["kl_round"]["over_exact"]["within"]
