@@ -24,7 +24,7 @@ test-fast: venv
 	KVTHEORY_DATA=$(DATA) $(PY) -m pytest -n $(JOBS) -q -m "not slow"
 
 report: venv
-	$(VENV)/bin/kvtheory report --data-dir $(DATA)
+	$(VENV)/bin/kvtheory report --data-dir $(DATA) $(if $(FRESH),--force)
 
 verify: venv
 	$(VENV)/bin/kvtheory verify --json results/verify.json

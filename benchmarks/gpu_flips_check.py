@@ -26,8 +26,7 @@ from kvtheory.io import write_json  # noqa: E402
 
 
 def per_query(q, k, kh, *, compiled: bool, **kw):
-    os.environ["KVTHEORY_NO_COMPILE"] = "0" if compiled else "1"
-    flips._compiled_terms.cache_clear()
+    os.environ["KVTHEORY_COMPILE"] = "always" if compiled else "never"
     m = flips.attention_metrics(q, k, kh, return_per_query=True, **kw)
     torch.cuda.synchronize()
     return m
@@ -63,8 +62,7 @@ def main() -> int:
         for causal, masked in ((False, False), (True, False), (True, True)):
             doc["checks"].append(compare(dtype, causal, masked))
             print(doc["checks"][-1], flush=True)
-    os.environ["KVTHEORY_NO_COMPILE"] = "0"
-    flips._compiled_terms.cache_clear()
+    os.environ["KVTHEORY_COMPILE"] = "auto"
     for dtype in (torch.float32, torch.bfloat16):
         for T in (8192, 16384):
             doc["cases"].append(bench.case_flips(tokens=T, device="cuda", dtype=dtype, reps=args.reps))

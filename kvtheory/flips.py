@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import no_type_check
 
@@ -331,6 +332,7 @@ def _stream(
     valid = torch.zeros(B, Q, dtype=torch.bool, device=dev)
     pos = torch.arange(off, T, device=dev)
     ws = _Workspace(dev)
+    fused = _terms_for(dev, B * Hq * Q * T, v is not None) if full else None
     for b in range(B):
         kv = [x if x is None else x[b] for x in (k, k_hat, v, v_hat)]
         if key_mask is None:
@@ -363,7 +365,8 @@ def _stream(
                     x.view(Hkv, g, e - a, hi)[..., lo:].masked_fill_(hide, neg)
             top = _top_first(s)[1]                  # the first top token if tied
             if full:
-                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g), topk, vb, vhb, hi, ws)
+                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g), topk, vb, vhb, hi, ws,
+                                     fused)
             else:
                 out = {"flip": sh.gather(-1, top) < sh.amax(-1, keepdim=True)}
             for name, x in out.items():
@@ -487,7 +490,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
 
 
-def _softmax_terms(s: Tensor, sh: Tensor, m: Tensor, mh: Tensor) -> tuple[Tensor, ...]:
+def _softmax_terms(s, sh, m, mh):  # unannotated: torch.compile traces it as it is
     r""":math:`z = \sum_j e^{s_j - m}`, :math:`\hat z`, :math:`\mu = p\cdot\delta`, Fisher
     :math:`\tfrac12\sum_j p_j (\delta_j - \mu)^2` and :math:`\log(1 + \sum_j p_j
     (e^{\delta_j - \mu} - 1))` of one block, written for :func:`torch.compile` (each
@@ -504,22 +507,48 @@ def _softmax_terms(s: Tensor, sh: Tensor, m: Tensor, mh: Tensor) -> tuple[Tensor
     return z, zh, mu, fisher, small
 
 
-@functools.cache
-def _compiled_terms():
-    """:func:`_softmax_terms` compiled by inductor (Triton), for CUDA blocks without values;
-    ``None`` (the eager path) without Triton or with ``KVTHEORY_NO_COMPILE=1``."""
-    import importlib.util
-    import os
+#: logits per call (batch · q_head · query · token) from which a device uses the compiled
+#: softmax terms with ``KVTHEORY_COMPILE=auto``: compiling costs about 20 s on a 2-core CPU
+#: once per process (inductor's cache shortens later ones), so small calls stay eager there
+_COMPILE_MIN_LOGITS = {"cpu": 1 << 24, "cuda": 0}
+#: calls that went through the compiled path (tests check it ran)
+_COMPILED_CALLS = [0]
+#: why compiling failed on this machine, if it did (the eager path is used from then on)
+_COMPILE_BROKEN: list[str] = []
 
-    if os.environ.get("KVTHEORY_NO_COMPILE") == "1" or importlib.util.find_spec("triton") is None:
+
+@functools.cache
+def _compiled_terms(device_type: str):
+    """:func:`_softmax_terms` compiled by inductor (C++ on the CPU, Triton on CUDA), or ``None``
+    where that cannot work (no Triton for CUDA, another device type)."""
+    import importlib.util
+
+    if device_type not in _COMPILE_MIN_LOGITS or (
+            device_type == "cuda" and importlib.util.find_spec("triton") is None):
         return None
     return torch.compile(_softmax_terms, dynamic=True, fullgraph=True)
 
 
+def _terms_for(device: torch.device, n_logits: int, has_values: bool):
+    """The compiled softmax-terms function for a call of ``n_logits`` logits, or ``None`` for the
+    eager path: ``KVTHEORY_COMPILE`` = ``auto`` (default: from :data:`_COMPILE_MIN_LOGITS`
+    logits, without values), ``always`` (without values) or ``never``."""
+    import os
+
+    mode = os.environ.get("KVTHEORY_COMPILE", "auto")
+    if mode not in ("auto", "always", "never"):
+        raise bad_argument("KVTHEORY_COMPILE", mode, "auto, always or never")
+    if has_values or mode == "never" or _COMPILE_BROKEN or (
+            mode == "auto" and n_logits < _COMPILE_MIN_LOGITS.get(device.type, 1 << 62)):
+        return None
+    return _compiled_terms(device.type)
+
+
 def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
                    v: Tensor | None, v_hat: Tensor | None, hi: int,
-                   ws: _Workspace | None = None) -> dict[str, Tensor]:
-    """Metrics of one block of logits (kv, rows, tokens); ``s`` and ``sh`` are overwritten."""
+                   ws: _Workspace | None = None, fused=None) -> dict[str, Tensor]:
+    """Metrics of one block of logits (kv, rows, tokens); ``s`` and ``sh`` are overwritten
+    (eager path) or left as they are (``fused``, from :func:`_terms_for`)."""
     kk = min(max(topk, 2), hi)
     vs, js = _topk(s, kk)
     vh, jh = _topk(sh, kk)
@@ -531,10 +560,16 @@ def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
     rank = torch.arange(kk, device=s.device) < keff[:, None]  # (rows, kk)
     hit = (js.unsqueeze(-1) == jh.unsqueeze(-2)) & rank[:, :, None] & rank[:, None, :]
     overlap = hit.sum((-1, -2)).unsqueeze(-1) / keff[:, None]
-    fused = _compiled_terms() if v is None and s.device.type == "cuda" else None
     if fused is not None:
-        z, zh, mu, fisher, small = fused(s, sh, m, mh)
-    else:
+        try:
+            z, zh, mu, fisher, small = fused(s, sh, m, mh)
+            _COMPILED_CALLS[0] += 1
+        except Exception as exc:  # noqa: BLE001 - inductor cannot build here (no compiler, ...)
+            _COMPILE_BROKEN.append(f"{type(exc).__name__}: {exc}"[:300])
+            warnings.warn("kvtheory.flips: torch.compile failed, using the eager path from now "
+                          f"on ({_COMPILE_BROKEN[-1]})", RuntimeWarning, stacklevel=2)
+            fused = None
+    if fused is None:
         ws = ws or _Workspace(s.device)
         x = torch.sub(sh, s, out=ws.get("x", s.shape, s)) if ws.on else sh - s  # delta; 0 if hidden
         e, eh = s.sub_(m).exp_(), sh.sub_(mh).exp_()  # unnormalised p, p^ (1 at the top token)

@@ -119,6 +119,17 @@ def _stage_key(stage: Stage, cfg: ReportConfig, saved: dict[str, dict]) -> tuple
     return scfg, key, kwargs
 
 
+def _how(envelope: dict) -> str:
+    """``computed, saved to PATH`` or ``loaded PATH (computed DATE at git SHA; --force
+    recomputes)``."""
+    if not envelope.get("loaded"):
+        return f"computed, saved to {envelope['path']}"
+    prov = envelope.get("provenance") or {}
+    sha = str(prov.get("git_sha") or "?")
+    return (f"loaded {envelope['path']} (computed {prov.get('created', '?')} at git {sha[:12]}"
+            f"{'-dirty' if sha.endswith('-dirty') else ''}; --force recomputes)")
+
+
 def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run (or load) every selected stage; returns ``{stage: saved envelope}``."""
     from .symbolic import verify_all
@@ -129,7 +140,7 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[st
     saved["verify"] = cached("verify", _VERIFY_KEY | {"seed": cfg.seed},
                              lambda: verify_all(n_points=20, seed=cfg.seed), cfg.results,
                              seed=cfg.seed, force=cfg.force)
-    log(f"[{time.perf_counter() - t0:6.1f}s] verify: {saved['verify']['path']}")
+    log(f"[{time.perf_counter() - t0:6.1f}s] verify: {_how(saved['verify'])}")
     for stage in cfg.selected():
         mod = _module(stage)
         scfg, key, kwargs = _stage_key(stage, cfg, saved)
@@ -140,7 +151,7 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[st
 
         saved[stage.name] = cached(stage.name, key, compute, cfg.results, seed=cfg.seed,
                                    force=cfg.force, data_sha256=data_sha)
-        log(f"[{time.perf_counter() - t0:6.1f}s] {stage.name}: {saved[stage.name]['path']}")
+        log(f"[{time.perf_counter() - t0:6.1f}s] {stage.name}: {_how(saved[stage.name])}")
     return saved
 
 

@@ -82,13 +82,16 @@ def cached(
 ) -> dict[str, Any]:
     """Return the saved ``result`` for (stage, config), computing and saving it if needed.
 
-    The file holds ``{"stage", "config", "config_hash", "provenance", "result"}``.
+    The file holds ``{"stage", "config", "config_hash", "provenance", "result_sha256",
+    "result"}``; the returned envelope adds ``path`` and ``loaded`` (True when nothing was
+    computed).
     """
     path = result_path(stage, config, root)
     if path.exists() and not force:
         saved = load_result(path)
         if saved.get("config_hash") == config_hash(config):
             saved["path"] = str(path)
+            saved["loaded"] = True   # not saved: tells the caller nothing was computed
             return saved
     result = to_jsonable(compute())
     envelope = {
@@ -101,4 +104,5 @@ def cached(
     }
     write_json(path, envelope, arg="results dir")
     envelope["path"] = str(path)
+    envelope["loaded"] = False
     return envelope

@@ -428,3 +428,33 @@ def test_chunked_topk_and_first_argmax_match_torch(rows, T, c, k, levels, seed):
     assert torch.equal(v, rv)                      # the same values, in descending order
     assert torch.equal(x.gather(-1, j), v)         # indices point at them
     assert all(len(set(r)) == k for r in j.tolist())   # k distinct positions
+
+
+def test_compiled_softmax_terms_match_the_eager_path(monkeypatch):
+    """The torch.compile'd softmax terms (used for large calls) against the in-place eager path,
+    per query, float32, causal with a key mask; the compiled path must really have run."""
+    from kvtheory import flips
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 96, 16, generator=g, dtype=torch.float32)
+    k = torch.randn(1, 2, 96, 16, generator=g, dtype=torch.float32)
+    kh = k + 0.05 * torch.randn(k.shape, generator=g, dtype=torch.float32)
+    mask = torch.ones(1, 96, dtype=torch.bool)
+    mask[0, :9] = False
+    runs = {}
+    for mode in ("never", "always"):
+        monkeypatch.setenv("KVTHEORY_COMPILE", mode)
+        before = flips._COMPILED_CALLS[0]
+        runs[mode] = attention_metrics(q, k, kh, key_mask=mask, return_per_query=True)
+        assert (flips._COMPILED_CALLS[0] > before) == (mode == "always")
+    a, b = runs["never"].per_query, runs["always"].per_query
+    assert torch.equal(a.flip, b.flip) and torch.equal(a.valid, b.valid)
+    for name in ("fisher", "top1_prob", "margin", "topk_overlap"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x.isnan(), y.isnan())
+        assert_close(y[~y.isnan()], x[~x.isnan()], "float32")
+    kx, ky = a.kl[~a.kl.isnan()], b.kl[~b.kl.isnan()]
+    assert_close(ky, kx, "float32_kl")
+    monkeypatch.setenv("KVTHEORY_COMPILE", "sometimes")
+    with pytest.raises(KVTheoryError, match="KVTHEORY_COMPILE"):
+        attention_metrics(q, k, kh)

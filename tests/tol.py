@@ -18,6 +18,9 @@ TOL: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-10),
     # float32 model outputs and reductions
     "float32": (1e-5, 1e-6),
+    # float32 KL through two summation orders (fused vs in-place): sum_j p_j expm1(x_j) of tiny
+    # KL loses a few digits to the order of the terms
+    "float32_kl": (1e-3, 1e-7),
     # second-order expansions and other approximations checked in the limit
     "approx": (1e-3, 1e-6),
     # Monte-Carlo estimates at 10^4 samples
