@@ -375,7 +375,7 @@ def _stream(
 
 
 def _groups(T: int, k: int) -> int:
-    """Entries per group for rows of ``T`` entries and ``k`` wanted: the power of two nearest
+    r"""Entries per group for rows of ``T`` entries and ``k`` wanted: the power of two nearest
     :math:`\sqrt{T/k}` (it minimises the :math:`T/c + kc` entries ranked), within [8, 256].
 
     >>> _groups(2048, 5), _groups(2048, 1), _groups(32768, 5), _groups(16, 5)
