@@ -138,6 +138,8 @@ def split_windows(
     >>> e.tolist(), c.tolist()
     ([[0, 1, 2], [3, 4, 5]], [[7, 8, 9]])
     """
+    if not isinstance(ids, Tensor) or ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
+        raise bad_argument("ids", ids, "integer token ids shaped (token,)")
     seq_len = check_int("seq_len", seq_len, 2)
     calib_windows = check_int("calib_windows", calib_windows, 0)
     n, tail = int(ids.numel()), calib_windows * seq_len
@@ -196,12 +198,23 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- perplexity
+def _check_windows(windows: Any) -> None:
+    if (not isinstance(windows, Tensor) or windows.ndim != 2 or windows.shape[0] < 1
+            or windows.shape[1] < 2 or windows.is_floating_point() or windows.is_complex()):
+        raise bad_argument("windows", windows, "integer token ids shaped (windows, seq_len), "
+                           "seq_len >= 2")
+
+
 @torch.inference_mode()
 def window_nll(
     model: torch.nn.Module, windows: Int[Tensor, "batch token"], *, progress: bool = False
 ) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
     """Summed next-token NLL (float64) and predicted-token count of each window, one by one."""
+    from .capture import _check_fits
+
+    _check_windows(windows)
     check_seq_len(model, windows.shape[-1], "windows")
+    _check_fits(model, windows, "windows")
     dev, nll = _device(model), []
     for w in tqdm(windows, desc="windows", leave=False, disable=not progress):
         logits = model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1]
@@ -230,8 +243,7 @@ def perplexity(
     >>> round(s.value, 4), round(s.ci_low, 4), s.n_tokens
     (20.0, 20.0, 14)
     """
-    if windows.ndim != 2 or windows.shape[0] < 1:
-        raise bad_argument("windows", windows, "token ids shaped (windows, seq_len)")
+    _check_windows(windows)
     with _compressed(model, keys, values, calibration, rope):
         nll, cnt = window_nll(model, windows, progress=progress)
     return _score("ppl", nll, cnt.double(), torch.exp, int(cnt.sum()), n_boot, seed)

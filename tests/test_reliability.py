@@ -819,20 +819,20 @@ def test_cli_in_process_one_line_error(cli_env, capsys, monkeypatch, argv, parts
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason="commands/eval.check_writable creates the folder inside a "
-                   "read-only folder (root may) before checking it; proposed fix: check the nearest "
-                   "existing ancestor first, e.g. use kvtheory.io._ensure_dir(path, 'json')")
 def test_cli_eval_json_in_new_folder_inside_read_only_folder(cli_env, capsys, monkeypatch):
     monkeypatch.setenv("KVTHEORY_DATA", str(DATA))
     target = cli_env["ro"] / "sub" / "e.json"
+    created = False
     try:
         rc, err = _main(capsys, _eval_argv(["eval", "--model", cli_env["model"], "--seq-len", "65"], target))
     finally:
-        if (cli_env["ro"] / "sub").exists():  # the bug: clean up what it wrote
+        created = (cli_env["ro"] / "sub").exists()
+        if created:  # root may create it: clean up before failing below
             cli_env["ro"].chmod(0o755)
             shutil.rmtree(cli_env["ro"] / "sub")
             cli_env["ro"].chmod(0o555)
     _check_cli(rc, err, "json: got", "read-only")
+    assert not created, "the read-only folder was written into"
 
 
 def test_cli_user_errors_never_show_a_traceback(capsys, monkeypatch, tmp_path):
@@ -846,25 +846,16 @@ def test_cli_user_errors_never_show_a_traceback(capsys, monkeypatch, tmp_path):
 
 
 # ============================================================================ evaluate (another helper's)
-XFAIL_EVAL = "kvtheory/evaluate.py does not check this input (another helper's module; reported to the lead)"
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": float windows reach the embedding (RuntimeError); "
-                   "fix: `if windows.ndim != 2 or windows.shape[0] < 1 or windows.is_floating_point(): "
-                   "raise bad_argument(...)`")
 def test_perplexity_rejects_float_windows():
     raises(lambda: raw(kvtheory.perplexity)(tiny_model("llama"), t(1, 8)), "windows:", "token ids")
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": ids outside the vocabulary raise IndexError; fix: "
-                   "call kvtheory.capture._check_fits(model, windows, 'windows') in window_nll")
 def test_perplexity_rejects_ids_outside_the_vocabulary():
     raises(lambda: raw(kvtheory.perplexity)(tiny_model("llama"), torch.full((1, 8), 99)), "windows:", "0..63")
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_EVAL + ": 2-D ids give a RuntimeError from view(); fix: "
-                   "`if ids.ndim != 1: raise bad_argument('ids', ids, 'token ids shaped (token,)')` in "
-                   "split_windows")
 def test_split_windows_rejects_2d_ids():
     from kvtheory import evaluate
 

@@ -88,12 +88,10 @@ def config_from_args(args: argparse.Namespace):
 
 def check_writable(path: Path) -> None:
     """Fail now, before any computing, when ``path`` cannot be written."""
+    from ..io import _ensure_dir
+
     folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KVTheoryError(f"json: got {str(path)!r}; expected a path whose folder can be "
-                            f"created ({exc.strerror})") from None
+    _ensure_dir(path, "json")  # checks the nearest existing folder before creating any
     if path.is_dir():
         raise bad_argument("json", str(path), "a file path, not a folder")
     mode_ro = not (folder.stat().st_mode & 0o222)  # no write bit: read-only even for root
