@@ -774,7 +774,8 @@ FIGURES = [
                            "needs": ", ".join(st.needs) or "–",
                            "importable": stage_module(name) is not None} for name, st in STAGES.items()])
             .set_index("stage"))
-    print(f"{'small' if SMALL else 'normal'} size; results from {RESULTS.resolve()}")
+    where = os.path.relpath(RESULTS.resolve(), Path.cwd().parent) if not SMALL else "a temporary folder"
+    print(f"{'small' if SMALL else 'normal'} size; results from {where}")
     """),
     code(r"""
     # small size: run the cheap stages at reduced sizes, each through its own config class
