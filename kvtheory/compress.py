@@ -34,8 +34,10 @@ Method specs (:func:`parse_method`, :func:`make_compressor`), with ``[...]`` opt
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
 
 import torch
 from jaxtyping import Float
@@ -72,15 +74,50 @@ def _check_options(bits: int, group: int | None, symmetric: bool) -> None:
         raise bad_argument("bits", bits, "an integer in 2..16 for symmetric quantization")
 
 
+#: device flags of the open :func:`deferred_finite_checks` blocks (innermost last)
+_DEFERRED: list[Tensor] = []
+
+
 def _check_kv(x: Tensor) -> Tensor:
     """``check_tensor("x", x, ndim=4)`` with a cheaper finite test: one sum instead of
     ``isfinite(x).all()`` (a sum is finite when every term is; when it is not, because of a
     NaN/Inf or an overflow, the exact test decides and words the error). Compressors run on
-    every attention call, so this keeps validation from costing more than the compression."""
+    every attention call, so this keeps validation from costing more than the compression.
+    Inside :func:`deferred_finite_checks` on an accelerator the test is folded into a device
+    flag instead (no host sync per call) and decided when the block ends."""
     check_tensor("x", x, ndim=4, axes=KV_AXES, finite=False)
-    if x.numel() and not bool(torch.isfinite(x.sum())):
+    if not x.numel():
+        return x
+    if _DEFERRED and x.device == _DEFERRED[-1].device:
+        _DEFERRED[-1].logical_and_(torch.isfinite(x.sum()))
+    elif not bool(torch.isfinite(x.sum())):
         check_tensor("x", x, ndim=4, axes=KV_AXES)
     return x
+
+
+@contextlib.contextmanager
+def deferred_finite_checks(device: Any) -> Iterator[None]:
+    """On an accelerator, check the compressors' inputs for NaN/Inf once, when the block ends
+    (one host sync instead of one per attention call; the error is the same
+    :class:`KVTheoryError`, raised at the end of the block); on the CPU, do nothing special.
+
+    >>> with deferred_finite_checks("cpu"):
+    ...     _ = _check_kv(torch.zeros(1, 1, 2, 2))
+    """
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        yield
+        return
+    flag = torch.ones((), dtype=torch.bool, device=dev)
+    _DEFERRED.append(flag)
+    try:
+        yield
+    finally:
+        del _DEFERRED[next(i for i, f in enumerate(_DEFERRED) if f is flag)]
+    if not bool(flag):
+        raise KVTheoryError("x: got key/value states with NaN or Inf inside compressed_kv (checked "
+                            "once at the end of the block on the accelerator); expected finite "
+                            "attention inputs")
 
 
 def _project(fb: FittedBasis, x: Tensor, rank: int) -> Tensor:

@@ -351,6 +351,13 @@ def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"]) -> Float[Tensor
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return torch.device("cpu")
+
+
 def _is_fp(comp: Any) -> bool:
     from .compress import FP
 
@@ -422,5 +429,8 @@ def compressed_kv(
     projections = {}
     if pre and not all(_is_fp(plan[layer][0]) for layer in chosen):
         projections["k_proj"] = lambda layer: (lambda heads: _apply(plan[layer][0], heads))
-    with _route(model, chosen, attention=attention, projections=projections):
+    from .compress import deferred_finite_checks
+
+    with _route(model, chosen, attention=attention, projections=projections), \
+            deferred_finite_checks(_model_device(model)):
         yield plan

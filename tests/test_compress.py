@@ -281,3 +281,25 @@ def test_rank_reduction_loses_far_more_logit_energy_than_int4_kivi():
     assert bits_per_element("rank16-pca", d, n) == 5.0
     for spec in ("rank16-pca", rank_spec):
         assert logit_err(spec) > FAR_ABOVE * kivi, spec
+
+
+def test_deferred_finite_checks_fold_into_a_flag():
+    """Inside deferred_finite_checks (accelerators), _check_kv does not sync per call: a NaN
+    clears the block's device flag instead of raising; the block raises when it ends."""
+    from kvtheory import compress
+
+    flag = torch.ones((), dtype=torch.bool)
+    compress._DEFERRED.append(flag)   # what deferred_finite_checks does on a CUDA device
+    try:
+        x = torch.zeros(1, 1, 3, 4)
+        assert compress._check_kv(x) is x and bool(flag)
+        x[0, 0, 1, 2] = float("nan")
+        compress._check_kv(x)               # no error here ...
+        assert not bool(flag)               # ... but the flag records it
+    finally:
+        compress._DEFERRED.pop()
+    with pytest.raises(KVTheoryError, match="NaN"):   # outside a block: immediate, as before
+        compress._check_kv(x)
+    with compress.deferred_finite_checks("cpu"):       # the CPU keeps the immediate check
+        with pytest.raises(KVTheoryError, match="NaN"):
+            compress._check_kv(x)
