@@ -92,7 +92,10 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         target = out_dir / f"{name}.{ext}"
-        atomic_write(target, lambda tmp, ext=ext: fig.savefig(tmp, format=ext), arg="figures dir")
+        # no creation date: the same results redraw byte-identical files
+        meta = {"CreationDate": None} if ext == "pdf" else {}
+        atomic_write(target, lambda tmp, ext=ext, meta=meta: fig.savefig(tmp, format=ext, metadata=meta),
+                     arg="figures dir")
         paths.append(target)
     plt.close(fig)
     return paths

@@ -171,3 +171,24 @@ def test_cli_help_and_unknown_command(capsys):
     assert info.value.code == 0
     assert "kvtheory 0.1.0" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_save_figure_redraws_byte_identical_files(tmp_path):
+    """The same figure saved twice gives the same PNG and PDF bytes (no creation date), so
+    rerunning `kvtheory figures` on unchanged results leaves the committed figures unchanged."""
+    from kvtheory.io import sha256_file
+    from kvtheory.plotstyle import new_figure, save_figure, style
+
+    import time
+
+    digests = []
+    for run in range(2):
+        time.sleep(1.1 * run)   # a later second: a stored creation date would differ
+        with style():
+            fig, ax = new_figure()
+            ax.plot([1, 2, 3], [3, 1, 2], label="x")
+            ax.set_xlabel("bits per element")
+            paths = save_figure(fig, tmp_path / str(run), "f")
+        assert sorted(p.suffix for p in paths) == [".pdf", ".png"]
+        digests.append({p.suffix: sha256_file(p) for p in paths})
+    assert digests[0] == digests[1]
