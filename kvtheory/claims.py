@@ -355,9 +355,8 @@ def _provenance_line(saved: dict, cfg: Any) -> str:
             f"{each('transformers_version')}, {each('machine')}.")
 
 
-def render(saved: dict, cfg: Any, figures: list[Path], prov: dict | None = None) -> str:
-    """The whole REPORT.md as a string, a function of ``saved`` (and the figure list) only;
-    ``prov`` is accepted for backwards compatibility and ignored."""
+def render(saved: dict, cfg: Any, figures: list[Path]) -> str:
+    """The whole REPORT.md as a string, a function of ``saved`` (and the figure list) only."""
     rel = [Path(p) for p in figures]
     parts = [
         "# kvtheory report: quantization against rank reduction at matched storage", "",

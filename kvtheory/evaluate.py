@@ -191,10 +191,9 @@ def _compressed(model, keys, values, calibration, rope):
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    from .patch import _model_device
+
+    return _model_device(model)
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -333,7 +333,7 @@ def fit_compressors(
         cv = cv0.fit(v.float()) if cv0.needs_fit else cv0
         fitted[layer] = (ck, cv)
 
-    device = next(model.parameters()).device
+    device = _model_device(model)
     with torch.no_grad(), _observe(model, chosen, rope, fit):
         _forward(model, ids.to(device))
     missing = sorted(set(chosen) - set(fitted))
@@ -352,6 +352,7 @@ def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"]) -> Float[Tensor
 
 
 def _model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError, TypeError):

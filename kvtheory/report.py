@@ -138,7 +138,8 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[st
     saved: dict[str, dict] = {}
     t0 = time.perf_counter()
     saved["verify"] = cached("verify", _VERIFY_KEY | {"seed": cfg.seed},
-                             lambda: verify_all(n_points=20, seed=cfg.seed), cfg.results,
+                             lambda: verify_all(n_points=_VERIFY_KEY["n_points"], seed=cfg.seed),
+                             cfg.results,
                              seed=cfg.seed, force=cfg.force)
     log(f"[{time.perf_counter() - t0:6.1f}s] verify: {_how(saved['verify'])}")
     for stage in cfg.selected():
