@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +21,9 @@ from .errors import KVTheoryError
 
 __all__ = [
     "atomic_write",
+    "check_output_file",
+    "check_output_dir",
+    "file_lock",
     "write_json",
     "read_json",
     "sha256_file",
@@ -69,6 +76,106 @@ def _ensure_dir(path: Path, arg: str) -> None:
         )
 
 
+#: errors of a full or over-quota disk: named, never a traceback
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _os_error(arg: str, path: Path, exc: OSError, doing: str) -> KVTheoryError:
+    why = exc.strerror or type(exc).__name__
+    if exc.errno in _NO_SPACE:
+        why = f"{why}: the disk or quota is full; free space and run again"
+    elif exc.errno == errno.ENAMETOOLONG:
+        why = f"{why}: a file name is limited to {_name_max(path.parent)} bytes here"
+    return KVTheoryError(f"{arg}: got {str(path)!r}; expected a path that can be {doing} ({why}; "
+                         "nothing was written)")
+
+
+def _name_max(folder: Path) -> int:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - not POSIX
+        return 255
+
+
+def _sidecar(path: Path, suffix: str) -> str:
+    """A hidden name beside ``path`` (``.NAME<suffix>``), shortened to fit the file-name limit."""
+    name = f".{path.name}{suffix}"
+    limit = _name_max(path.parent) - 16  # room for mkstemp's random part
+    if len(name.encode()) <= limit:
+        return name
+    digest = sha256_bytes(path.name.encode())[:12]
+    head = path.name.encode()[: max(1, limit - len(suffix) - 14)].decode("utf-8", "ignore")
+    return f".{head}-{digest}{suffix}"
+
+
+def _resolve_output(path: Path, arg: str) -> Path:
+    """Follow a symlink to the file it names; refuse an existing non-regular file or folder."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # update the target, keep the link
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _os_error(arg, path, exc, "written") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise KVTheoryError(f"{arg}: got {str(path)!r}, which is a folder; expected a file path, not a folder")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device node"
+                    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket"
+                    if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise KVTheoryError(f"{arg}: got {str(path)!r}, which is {kind}; expected a regular "
+                                "file (or a new path) to write")
+    limit = _name_max(path.parent)
+    if len(path.name.encode()) > limit:
+        raise KVTheoryError(f"{arg}: got a file name of {len(path.name.encode())} bytes "
+                            f"({path.name[:40]!r}...); expected at most {limit} bytes, the limit "
+                            "of this filesystem")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, arg: str = "path") -> Path:
+    """Check, before any work, that ``path`` can be written atomically; return the path to write.
+
+    Refuses folders, device nodes, FIFOs and sockets, names longer than the filesystem allows and
+    read-only folders (a probe file is created and removed). A symlink resolves to its target,
+    which is what :func:`atomic_write` then replaces.
+
+    >>> check_output_file("/dev/null", "json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    kvtheory.errors.KVTheoryError: json: got '/dev/null', which is a device node; expected ...
+    """
+    path = _resolve_output(Path(path), arg)
+    _ensure_dir(path, arg)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_sidecar(path, "."), suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _os_error(arg, path, exc, "written") from None
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, arg: str = "out") -> Path:
+    """Check, before any work, that ``path`` is (or can be created as) a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KVTheoryError(f"{arg}: got {str(path)!r}, which is a file; expected a folder")
+    probe = path / ".kvtheory-probe"
+    _ensure_dir(probe, arg)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".kvtheory-", suffix=".probe", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise _os_error(arg, path, exc, "written into") from None
+    return path
+
+
 def atomic_write(
     path: str | os.PathLike, write: Callable[[Path], None] | bytes | str, arg: str = "path"
 ) -> Path:
@@ -77,12 +184,17 @@ def atomic_write(
     ``write`` is the content (``bytes``/``str``) or a callable that writes to the
     temporary path it is given (for writers such as ``safetensors.torch.save_file``).
     A reader never sees a partial file, and an interrupted write leaves the old file.
+    A symlink is followed (its target is replaced); folders, device nodes and FIFOs are
+    refused; a full disk or an over-long name is a :class:`KVTheoryError` and leaves the old
+    file and no temporary file. Returns the path written (the symlink's target for a symlink).
     """
-    path = Path(path)
+    path = _resolve_output(Path(path), arg)
     _ensure_dir(path, arg)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_sidecar(path, "."), suffix=".tmp", dir=path.parent)
     except OSError as exc:
+        if exc.errno in _NO_SPACE or exc.errno == errno.ENAMETOOLONG:
+            raise _os_error(arg, path, exc, "written") from None
         raise KVTheoryError(
             f"{arg}: got {str(path)!r}; expected a path in a writable folder ({exc.strerror})"
         ) from None
@@ -101,13 +213,126 @@ def atomic_write(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise _os_error(arg, path, exc, "written") from None
         raise
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, arg: str = "path", timeout: float | None = None):
+    """Hold an exclusive advisory lock for ``path`` (``fcntl.flock`` on ``.NAME.lock`` beside it).
+
+    The lock file holds the holder's PID. The kernel drops a ``flock`` when its holder dies, so
+    a lock file left by a killed process (its PID gone) is stale and simply taken over. Waits
+    up to ``timeout`` seconds (default ``$KVTHEORY_LOCK_TIMEOUT``, else 120), then raises a
+    :class:`KVTheoryError` naming the holder's PID. Yields the lock file's path. Where
+    ``flock`` is not supported (some network filesystems) the lock is an exclusively created
+    file with the PID, and a file whose PID is gone on this machine is removed as stale.
+    """
+    import fcntl
+
+    path = Path(path)
+    lock = path.parent / _sidecar(path, ".lock")
+    if timeout is None:
+        timeout = float(os.environ.get("KVTHEORY_LOCK_TIMEOUT", "120"))
+    deadline = time.monotonic() + timeout
+    _ensure_dir(lock, arg)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _os_error(arg, lock, exc, "locked") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise _lock_timeout(arg, path, lock, timeout) from None
+            time.sleep(0.05)
+            continue
+        except OSError:  # no flock here: fall back to an exclusively created file
+            os.close(fd)
+            with _excl_lock(path, lock, arg, deadline, timeout):
+                yield lock
+            return
+        # the file may have been unlinked by its previous holder after we opened it
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        break
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)  # still ours: we hold the flock on this very inode
+        except FileNotFoundError:  # pragma: no cover
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _lock_timeout(arg: str, path: Path, lock: Path, timeout: float) -> KVTheoryError:
+    pid = _holder(lock)
+    who = f"PID {pid}" if pid is not None else "an unknown process"
+    state = "still running" if pid is not None and _pid_alive(pid) else "gone (an inherited descriptor may hold it)"
+    return KVTheoryError(f"{arg}: got {str(path)!r}, locked by {who} ({state}) for over "
+                         f"{timeout:g} s; expected an unlocked file (wait for that run, or use "
+                         f"another --json; lock file {str(lock)!r})")
+
+
+@contextlib.contextmanager
+def _excl_lock(path: Path, lock: Path, arg: str, deadline: float, timeout: float):
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            pid = _holder(lock)
+            if pid is not None and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)  # stale: its holder is gone
+                continue
+            if time.monotonic() > deadline:
+                raise _lock_timeout(arg, path, lock, timeout) from None
+            time.sleep(0.05)
+        except OSError as exc:
+            raise _os_error(arg, lock, exc, "locked") from None
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
 
 
 def to_jsonable(obj: Any) -> Any:

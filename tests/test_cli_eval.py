@@ -171,7 +171,7 @@ def test_cli_errors_one_line(tiny, tmp_path, capsys, as_cli):
 # ----------------------------------------------------------------------------- resume
 DRIVER = textwrap.dedent("""
     import os, sys, time
-    import kvtheory.commands.eval as ev
+    import kvtheory.runs as ev
     orig, calls = ev.compute_row, []
     def hooked(job, method, target):
         calls.append((method, target))
