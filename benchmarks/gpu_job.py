@@ -35,7 +35,7 @@ def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None
     """Where the compressed-eval time goes: int4-kivi / rank16-pca with and without the
     compressors' finite-value check (a host sync per call on a GPU), and a torch.profiler
     table of one evaluation of each (written to ``profile_path``)."""
-    from kvtheory import compress
+    from kvtheory.methods import compressor as compress  # where Compressor.__call__ reads _check_kv
     from kvtheory.evaluate import window_nll
     from kvtheory.patch import compressed_kv, fit_compressors
     from kvtheory.timing import side_by_side

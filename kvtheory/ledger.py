@@ -22,40 +22,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._checks import check_choice, check_int, check_positive, check_rank
 from .bases import basis_from_name
 from .errors import bad_argument
+from .methods import FAMILIES, parse_method, registered_methods
+from .methods.storage import FP_BITS, KIVI_GROUP, SCALE_BITS as _SCALE_BITS, basis as _basis
+from .methods.storage import frac as _frac, quant as _quant
 
 __all__ = [
     "FP_BITS", "KIVI_GROUP", "quant_bits_per_element", "rank_bits_per_element",
     "basis_bits_per_element", "bits_per_element", "breakdown", "LedgerRow", "Setting",
     "matched", "ledger_table",
 ]
-
-#: bits per element of the uncompressed (fp16) cache
-FP_BITS = 16
-#: KIVI key group: tokens per per-channel group
-KIVI_GROUP = 128
-_SCALE_BITS = 16
-_INDEX_BITS = 16
-
-
-def _frac(name: str, value, zero_ok: bool = False) -> Fraction:
-    """A positive (or, with ``zero_ok``, non-negative) number as an exact fraction."""
-    if zero_ok and not isinstance(value, bool) and value == 0:
-        return Fraction(0)
-    if isinstance(value, Fraction) and value > 0:
-        return value
-    check_positive(name, value)
-    return Fraction(value)
-
-
-def _quant(bits, group, scale_bits=_SCALE_BITS, zero_point=True) -> tuple[Fraction, Fraction]:
-    """(payload, scale overhead) per element."""
-    scales = _frac("scale_bits", scale_bits, True) * (1 + bool(zero_point))
-    return _frac("bits", bits), scales / _frac("group", group)
 
 
 def quant_bits_per_element(
@@ -95,18 +75,6 @@ def rank_bits_per_element(
     return float(total)
 
 
-def _basis(basis: str, d: int, rank: int, tokens: int | None) -> Fraction:
-    if basis == "hadamard" and d & (d - 1):  # as the compressor itself refuses it
-        raise bad_argument("d", d, "a power of two for the Hadamard basis")
-    if tokens is None or basis == "hadamard" or basis.startswith("random"):
-        return Fraction(0)
-    if basis == "identity":
-        return Fraction(_INDEX_BITS * rank, d * tokens)
-    stored = d * rank + (d if basis == "pcac" else 0)
-    check_choice("basis", basis, ("pca", "pcac", "qaware"))
-    return Fraction(_SCALE_BITS * stored, d * tokens)
-
-
 def basis_bits_per_element(basis: str, d: int, rank: int, tokens: int | None) -> float:
     r"""Basis storage per element, amortised over ``tokens`` (0 when ``tokens`` is None):
     pca/qaware :math:`16\,d r/(dT)`, pcac :math:`16(dr + d)/(dT)`, identity :math:`16\,r/(dT)`
@@ -142,34 +110,13 @@ class LedgerRow:
 
 
 def _breakdown(spec, d: int, tokens: int | None, role: str) -> tuple[str, Fraction, Fraction, Fraction]:
-    from .compress import parse_method
-
-    m = parse_method(spec) if isinstance(spec, str) else spec
+    """(canonical spec, payload, scales, basis): the spec's own storage (one implementation:
+    the compressor's ``storage``, which ``bits_per_element`` of the compressor also sums)."""
+    m = parse_method(spec)
     d = check_int("d", d, 1)
     tokens = None if tokens is None else check_int("tokens", tokens, 1)
     check_choice("role", role, ("k", "v"))
-    zp = not m.symmetric
-    if m.kind == "fp":
-        return str(m), Fraction(FP_BITS), Fraction(0), Fraction(0)
-    if m.kind == "kivi" and role == "k":
-        g = m.group or KIVI_GROUP
-        eff = g if tokens is None else Fraction(tokens, -(-tokens // g))
-        return (str(m), *_quant(m.bits, eff, zero_point=zp), Fraction(0))
-    if m.kind in ("int", "kivi"):
-        g = d if m.group is None or m.kind == "kivi" else m.group
-        if d % g:
-            raise bad_argument("group", g, f"a divisor of the head dimension d={d}")
-        basis = Fraction(0) if m.basis is None else _basis(m.basis, d, d, tokens)
-        return (str(m), *_quant(m.bits, g, zero_point=zp), basis)
-    r = check_rank(m.rank, d)
-    basis = _basis(m.basis, d, r, tokens)
-    if m.kind == "rank":
-        return str(m), Fraction(FP_BITS * r, d), Fraction(0), basis
-    g = m.group or r
-    if r % g:
-        raise bad_argument("group", g, f"a divisor of the rank r={r}")
-    payload, scales = _quant(m.bits, g, zero_point=zp)
-    return str(m), payload * r / d, scales * r / d, basis
+    return (str(m), *m.storage(d, tokens, role))
 
 
 def breakdown(spec, d: int, tokens: int | None = None, *, role: str = "k") -> LedgerRow:
@@ -204,14 +151,16 @@ class Setting:
 
 def matched(
     budget_bits: int | float, d: int, tokens: int | None = None, *, basis: str = "pca",
-    role: str = "k", hybrid_bits: Sequence[int] = (2, 4, 8),
+    role: str = "k", hybrid_bits: Sequence[int] = (2, 4, 8), extra: Sequence[str] = (),
 ) -> list[Setting]:
     """The settings that meet ``budget_bits`` per element, the largest of each family that fits
     (bits ≤ budget compared exactly, or equal once rounded to a float, so that a budget of
     ``bits_per_element(spec, ...)`` admits that spec): ``fp`` (if 16 fits), ``int{b}`` and
     ``int{b}-kivi`` (largest b), ``rank{r}-{basis}`` (largest r ≤ d) and, for each b in
     ``hybrid_bits``, ``rank{r}x{b}-{basis}`` (largest r). A family that cannot meet the budget
-    is left out.
+    is left out. ``extra`` names families added with
+    :func:`kvtheory.methods.register_method`; each contributes its costliest spec (of its
+    ``sweep``) that fits.
 
     >>> matched(bits_per_element("rank16-pca", 48), 48, hybrid_bits=())[-1].spec  # 16/3 bits
     'rank16-pca'
@@ -223,12 +172,21 @@ def matched(
     budget = Fraction(budget_f)
     d = check_int("d", d, 1)
     name = basis_from_name(basis).name
-    families = [("fp", ["fp"]), ("int", [f"int{b}" for b in range(1, 17)]),
-                ("kivi", [f"int{b}-kivi" for b in range(1, 17)]),
-                ("rank", [f"rank{r}-{name}" for r in range(1, d + 1)])]
+    fam = FAMILIES
+    families = [("fp", ["fp"]), ("int", fam["int"].sweep(d)), ("kivi", fam["kivi"].sweep(d)),
+                ("rank", fam["rank"].sweep(d, basis=name))]
     for b in hybrid_bits:
         b = check_int("hybrid_bits", b, 1, 16)
-        families.append(("hybrid", [f"rank{r}x{b}-{name}" for r in range(1, d + 1)]))
+        families.append(("hybrid", fam["hybrid"].sweep(d, basis=name, bits=b)))
+    if isinstance(extra, str):
+        extra = [extra]
+    user = []
+    for key in extra:
+        if key not in registered_methods():
+            raise bad_argument("extra", key, "the name of a family added with register_method "
+                               f"(registered: {', '.join(registered_methods()) or 'none'})")
+        user.append((key, FAMILIES[key].sweep(d)))
+
     def cost(spec: str) -> Fraction:
         return sum(_breakdown(spec, d, tokens, role)[1:])
 
@@ -245,6 +203,12 @@ def matched(
                 hi = mid
         if lo:
             out.append(Setting(specs[lo - 1], family, float(cost(specs[lo - 1]))))
+    for family, specs in user:  # no order assumed: the costliest spec that fits
+        fits = [(cost(s), i, s) for i, s in enumerate(specs)]
+        fits = [f for f in fits if f[0] <= budget or float(f[0]) <= budget_f]
+        if fits:
+            c, _, spec = max(fits)
+            out.append(Setting(spec, family, float(c)))
     return out
 
 
