@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import numbers
 import random
 import weakref
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Score:
-    """One metric with its bootstrap 95% interval; ``n_tokens`` scored, ``n_items`` resampled."""
+    """One metric with its bootstrap 95% interval; ``n_tokens`` scored, ``n_items`` resampled.
+
+    With a single item there is no interval: ``ci_low`` and ``ci_high`` are NaN."""
 
     metric: str
     value: float
@@ -161,8 +164,9 @@ def bootstrap_ci(
     r"""Percentile bootstrap of :math:`f(\sum_i \text{num}_i / \sum_i \text{den}_i)` over items."""
     n_boot = check_int("n_boot", n_boot, 1)
     num, den = num.detach().double().cpu(), den.detach().double().cpu()
-    if num.numel() == 0:
-        raise bad_argument("num", num, "at least one item")
+    if num.numel() < 2:
+        raise bad_argument("num", num, "at least two items (a bootstrap interval resamples items; "
+                           "one item gives an interval of zero width)")
     gen = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(0, num.numel(), (n_boot, num.numel()), generator=gen)
     stats = transform(num[idx].sum(1) / den[idx].sum(1))
@@ -174,7 +178,10 @@ def bootstrap_ci(
 def _score(metric: str, num: Tensor, den: Tensor, f: Callable[[Tensor], Tensor], n_tokens: int,
            n_boot: int, seed: int) -> Score:
     value = float(f(num.double().sum() / den.double().sum()))
-    lo, hi = bootstrap_ci(num, den, transform=f, n_boot=n_boot, seed=seed)
+    if num.numel() < 2:  # no interval from one item: NaN, saved as null with a note
+        lo = hi = float("nan")
+    else:
+        lo, hi = bootstrap_ci(num, den, transform=f, n_boot=n_boot, seed=seed)
     return Score(metric, value, lo, hi, int(n_tokens), int(num.numel()))
 
 
@@ -282,6 +289,28 @@ def _last_logits(model, ids: Tensor, keep: int) -> Tensor:
         return model(input_ids=ids, use_cache=False).logits[:, -keep:]
 
 
+def _check_items(model: torch.nn.Module, items: Any) -> None:
+    """Each item a (context, target) pair of non-empty integer id lists inside the vocabulary."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None),
+                                                           "vocab_size", None)
+    for i, item in enumerate(items):
+        try:
+            c, t = item
+            c, t = list(c), list(t)
+        except (TypeError, ValueError):
+            raise bad_argument(f"items[{i}]", item, "a (context ids, target ids) pair") from None
+        for name, ids in (("context", c), ("target", t)):
+            if not ids:
+                raise bad_argument(f"items[{i}]", item, f"a non-empty {name} (at least one token id)")
+            if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in ids):
+                raise bad_argument(f"items[{i}]", item, f"integer token ids in its {name}")
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or (isinstance(vocab, int) and hi >= vocab):
+                raise bad_argument(f"items[{i}]", item, f"{name} ids in 0..{vocab - 1 if vocab else 'vocab'}"
+                                   f" (got ids in {lo}..{hi}), the vocabulary of the model")
+
+
 def lambada(
     model: torch.nn.Module, items: Sequence[tuple[Sequence[int], Sequence[int]]], *,
     keys: Any = None, values: Any = None, calibration: Any = None, rope: str = "post",
@@ -294,6 +323,7 @@ def lambada(
     batch_size = check_int("batch_size", batch_size, 1)
     if len(items) == 0:
         raise bad_argument("items", items, "at least one (context, target) pair")
+    _check_items(model, items)
     limit = max_positions(model)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (c, t) in enumerate(items):

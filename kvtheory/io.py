@@ -112,9 +112,14 @@ def _sidecar(path: Path, suffix: str) -> str:
 
 def _resolve_output(path: Path, arg: str) -> Path:
     """Follow a symlink to the file it names; refuse an existing non-regular file or folder."""
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))  # update the target, keep the link
+    limit = _name_max(path.parent)
+    if len(path.name.encode()) > limit:
+        raise KVTheoryError(f"{arg}: got a file name of {len(path.name.encode())} bytes "
+                            f"({path.name[:40]!r}...); expected at most {limit} bytes, the limit "
+                            "of this filesystem")
     try:
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))  # update the target, keep the link
         st = path.stat()
     except FileNotFoundError:
         st = None
@@ -129,11 +134,6 @@ def _resolve_output(path: Path, arg: str) -> Path:
                     if stat.S_ISSOCK(st.st_mode) else "not a regular file")
             raise KVTheoryError(f"{arg}: got {str(path)!r}, which is {kind}; expected a regular "
                                 "file (or a new path) to write")
-    limit = _name_max(path.parent)
-    if len(path.name.encode()) > limit:
-        raise KVTheoryError(f"{arg}: got a file name of {len(path.name.encode())} bytes "
-                            f"({path.name[:40]!r}...); expected at most {limit} bytes, the limit "
-                            "of this filesystem")
     return path
 
 

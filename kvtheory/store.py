@@ -52,8 +52,9 @@ def result_path(stage: str, config: Any, root: str | os.PathLike | None = None) 
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a saved result, check its envelope and, when it carries one, its ``result_sha256``
-    (every file that :func:`cached` writes does)."""
+    """Load a saved result, check its envelope and its ``result_sha256`` (every file that
+    :func:`cached` writes carries one; a file without it is refused, as is one whose result
+    does not match it)."""
     data = read_json(path)
     if not isinstance(data, dict) or not {"stage", "config", "provenance", "result"} <= set(data):
         raise KVTheoryError(
@@ -61,7 +62,12 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
             "stage, config, provenance, result"
         )
     want = data.get("result_sha256")
-    if want is not None and result_sha256(data["result"]) != want:
+    if not isinstance(want, str):
+        raise KVTheoryError(
+            f"path: got {str(path)!r}, which carries no result_sha256; expected a kvtheory result "
+            "file with its checksum (delete it to recompute)"
+        )
+    if result_sha256(data["result"]) != want:
         raise KVTheoryError(
             f"path: got {str(path)!r}, whose result does not match its result_sha256 "
             f"{str(want)[:12]}...; expected an unmodified kvtheory result file (delete it to "

@@ -1,4 +1,8 @@
-"""``kvtheory figures``: redraw every figure from the saved results (no computation)."""
+"""``kvtheory figures``: redraw every figure from the saved results (no computation).
+
+Every result file must carry its ``result_sha256`` and match it
+(:func:`kvtheory.store.load_result`); ``--out`` must be a writable folder (checked first).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import KVTheoryError
+    from ..io import check_output_dir
     from ..report import draw_figures, load_saved
 
-    paths = draw_figures(load_saved(args.results), args.out)
+    from pathlib import Path
+
+    if not Path(args.results).is_dir():
+        raise KVTheoryError(f"--results: got {args.results!r}, which is not a folder; expected "
+                            "a folder of saved results")
+    out = check_output_dir(args.out, "--out")
+    paths = draw_figures(load_saved(args.results), out)
     for p in paths:
         print(p)
     return 0

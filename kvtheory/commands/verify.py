@@ -60,12 +60,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import _ensure_dir, write_json
+    from ..io import check_output_file, write_json
 
     points = check_int("--points", args.points, 1)
     seed = check_int("--seed", args.seed, 0)
-    if args.json:  # fail before the work, not after it
-        _ensure_dir(Path(args.json), "--json")
+    if args.json:  # fail before the work, not after it (folders, FIFOs, long names, read-only)
+        args.json = check_output_file(Path(args.json), "--json")
     from ..symbolic import derivations, verification_row
     rows = []
     for derivation in derivations():
