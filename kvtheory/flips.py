@@ -155,7 +155,8 @@ def flip_rate(
     k_hat: Float[Tensor, "batch kv_head token d"],
     causal: bool = True,
     *,
-    key_mask: Bool[Tensor, "batch token"] | None = None,
+    key_mask: Bool[Tensor, "batch token"] | Bool[Tensor, "batch head token"] | None = None,
+    window: int | None = None,
     scale: float | None = None,
     block: int | None = None,
 ) -> Float[Tensor, "q_head"]:
@@ -172,12 +173,13 @@ def flip_rate(
     >>> flip_rate(q, k, k.flip(-2), causal=False)   # swapping the keys flips both queries
     tensor([1.], dtype=torch.float64)
     """
-    args = _validate(q, k, k_hat, None, None, causal, key_mask, scale, 1, MARGIN_BINS,
-                     PROB_BINS, block)
-    per, valid = _stream(*args[:5], full=False)
-    flips = per["flip"].flatten(1, 2)
-    w = valid.unsqueeze(1).to(torch.float64)
-    return ((flips * w).sum((0, 2)) / w.sum((0, 2))).cpu()
+    with torch.no_grad():
+        args = _validate(q, k, k_hat, None, None, causal, key_mask, scale, 1, MARGIN_BINS,
+                         PROB_BINS, block, window)
+        per, valid, nv = _run(*args[:5], full=False)
+        flips = per["flip"].flatten(1, 2)
+        w = (valid.unsqueeze(1) & (nv.flatten(1, 2) > 0)).to(torch.float64)
+        return ((flips * w).sum((0, 2)) / w.sum((0, 2))).cpu()
 
 
 @no_type_check
@@ -189,7 +191,8 @@ def attention_metrics(
     v_hat: Float[Tensor, "batch kv_head token dv"] | None = None,
     *,
     causal: bool = True,
-    key_mask: Bool[Tensor, "batch token"] | None = None,
+    key_mask: Bool[Tensor, "batch token"] | Bool[Tensor, "batch head token"] | None = None,
+    window: int | None = None,
     scale: float | None = None,
     topk: int = 5,
     margin_bins: tuple[float, ...] = MARGIN_BINS,
@@ -207,12 +210,28 @@ def attention_metrics(
 
     Shapes: ``q`` (batch, q_head, query, d); ``k``, ``k_hat`` (batch, kv_head, token, d) with
     kv_head dividing q_head; ``v``, ``v_hat`` (batch, kv_head, token, dv). Queries are the
-    last ``query`` token positions; ``causal`` lets query ``i`` see tokens
-    :math:`\le i + T - Q`. ``key_mask`` (batch, token; True = real token) hides padding, and
-    padded positions are not counted as queries. ``scale`` defaults to :math:`1/\sqrt d`.
+    last ``query`` token positions; ``causal`` lets the query at absolute position
+    :math:`i` (:math:`= \text{index} + T - Q`) see tokens :math:`j \le i`. ``window`` (causal
+    only; sliding-window attention) also hides :math:`j \le i - w`: the query sees
+    :math:`i - w < j \le i`, the convention of transformers' ``sliding_window_causal``
+    mask (``kv_idx > q_idx - sliding_window`` and ``kv_idx <= q_idx``, transformers 5.x),
+    i.e. :math:`w` tokens including itself. ``key_mask`` (True = kept token) is (batch, token),
+    shared by the heads, or per head: (batch, kv_head, token) or (batch, q_head, token), as
+    eviction keeps different tokens per KV head. A position hidden in every head is padding and
+    not counted as a query; a (head, query) pair that sees no token is left out of that head's
+    means (and NaN in ``per_query``), so with a per-head mask heads can average over different
+    numbers of queries. ``scale`` defaults to :math:`1/\sqrt d`.
     ``margin_bins``/``prob_bins`` are increasing edges from 0 to ``inf``/1. ``block`` (queries
     per block; results do not depend on it) defaults to 2 MiB of logits per CPU thread (at
     least 32 queries) or 256 MiB on an accelerator; peak memory is a few blocks.
+
+    Paths: on CUDA with bf16/fp16 ``q``, ``k``, ``k_hat`` and Triton importable, one fused
+    kernel (:mod:`kvtheory._triton_metrics`) streams the key blocks and never builds a block
+    of logits (``KVTHEORY_FUSED=never`` forces the torch path; float32/float64 inputs always
+    take it). Range safety: if the logits could overflow float32 (Cauchy–Schwarz bound
+    :math:`\tau\, d \max|q| \max|k| > 10^{15}`) they are computed in float64, and beyond
+    :math:`10^{150}` a :class:`~kvtheory.errors.KVTheoryError` names ``q``. Inputs that require
+    grad are fine (no graph is built).
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -221,11 +240,12 @@ def attention_metrics(
     >>> m.mean()["flip_rate"], m.mean()["kl"], m.mean()["topk_overlap"]
     (0.0, 0.0, 1.0)
     """
-    args = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
-                     prob_bins, block)
-    per, valid = _stream(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk)
-    return _aggregate(per, valid, *args[7:], group=q.shape[1] // k.shape[1], topk=topk,
-                      keep=bool(return_per_query))
+    with torch.no_grad():
+        args = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
+                         prob_bins, block, window)
+        per, valid, nv = _run(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk)
+        return _aggregate(per, valid, nv, *args[7:], group=q.shape[1] // k.shape[1],
+                          topk=topk, keep=bool(return_per_query))
 
 
 def _edges(name: str, edges: object, last: float) -> tuple[float, ...]:
@@ -239,7 +259,7 @@ def _edges(name: str, edges: object, last: float) -> tuple[float, ...]:
 
 
 def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins, prob_bins,
-              block):
+              block, window=None):
     check_tensor("q", q, ndim=4, axes="batch q_head query d")
     for name, x in (("k", k), ("k_hat", k_hat)):
         check_tensor(name, x, ndim=4, axes="batch kv_head token d")
@@ -264,9 +284,24 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
         for name, x in (("v", v), ("v_hat", v_hat)):
             if x.shape[:3] != k.shape[:3] or x.shape != v.shape:
                 raise bad_argument(name, x, f"shape ({', '.join(map(str, k.shape[:3]))}, dv)")
-    if key_mask is not None and (not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool
-                                 or tuple(key_mask.shape) != (B, T)):
-        raise bad_argument("key_mask", key_mask, f"a boolean tensor of shape ({B}, {T})")
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if key_mask is not None:
+        ok = isinstance(key_mask, Tensor) and key_mask.dtype == torch.bool and (
+            tuple(key_mask.shape) == (B, T) or (key_mask.ndim == 3 and key_mask.shape[0] == B
+                                                and key_mask.shape[2] == T
+                                                and key_mask.shape[1] in (1, Hkv, Hq)))
+        if not ok:
+            raise bad_argument("key_mask", key_mask, f"a boolean tensor of shape ({B}, {T}), "
+                               f"({B}, {Hkv}, {T}) (per KV head) or ({B}, {Hq}, {T}) (per "
+                               "query head)")
+        key_mask = key_mask.unsqueeze(1) if key_mask.ndim == 2 else key_mask
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise bad_argument("window", window, "a positive int (tokens a query sees, itself "
+                               "included) or None")
+        if not causal:
+            raise bad_argument("window", window, "None when causal=False (a sliding window is "
+                               "causal)")
     tensors = [x for x in (q, k, k_hat, v, v_hat, key_mask) if x is not None]
     if any(x.is_complex() for x in tensors) or len({x.device for x in tensors}) > 1:
         raise bad_argument("k", k, f"real tensors, all on the device of q ({q.device})")
@@ -276,12 +311,30 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
     m_edges = _edges("margin_bins", margin_bins, math.inf)
     p_edges = _edges("prob_bins", prob_bins, 1.0)
     dtype = torch.float64 if torch.float64 in {x.dtype for x in tensors} else torch.float32
+    bound = scale * q.shape[-1] * _amax(q) * max(_amax(k), _amax(k_hat))
+    if bound > _RANGE[torch.float64]:
+        raise bad_argument("q", q, f"q and k whose logits fit in float64 (|scale·q·k| may reach "
+                           f"{bound:.3g}; rescale them)")
+    wide = bound > _RANGE[torch.float32]
+    dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
     conv = [None if x is None else x.to(dtype) for x in (k, k_hat, v, v_hat)]
-    if q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and _half_matmul(q.device.type):
+    if (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
+            and _half_matmul(q.device.type)):
         conv[:2] = k, k_hat          # logits on tensor cores, float32 accumulation and output
     else:
         q, scale = q.to(dtype) * scale, 1.0
-    return (q, *conv[:2], key_mask, (bool(causal), block, scale), *conv[2:], m_edges, p_edges)
+    return (q, *conv[:2], key_mask, (bool(causal), block, scale, window), *conv[2:], m_edges,
+            p_edges)
+
+
+#: logit bound (Cauchy–Schwarz) up to which a dtype is used: squared deltas summed over
+#: 2^31 tokens stay finite
+_RANGE = {torch.float32: 1e15, torch.float64: 1e150}
+
+
+def _amax(x: Tensor) -> float:
+    """``max |x|`` as a Python float (0 for an empty tensor)."""
+    return float(x.detach().abs().amax()) if x.numel() else 0.0
 
 
 @functools.cache
@@ -307,20 +360,68 @@ def _block_queries(device: torch.device, row_bytes: int) -> int:
     return max(1, cache // row_bytes, min(32, (64 << 20) // row_bytes))
 
 
+def _visibility(key_mask: Tensor | None, shape: tuple[int, ...], T: int, causal: bool,
+                window: int | None, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """``valid`` (batch, query): not padding (kept in some head) and seeing a token in some
+    head; ``nv`` (batch, kv_head, g, query): the number of tokens each (head, query) sees."""
+    B, Hkv, g, Q = shape
+    off = T - Q
+    if key_mask is None:
+        cum = torch.arange(1, T + 1, device=dev).expand(B, 1, T)
+    else:
+        cum = key_mask.cumsum(-1)                                   # (batch, mask_head, token)
+    if causal:
+        pos = torch.arange(off, T, device=dev)
+        nv = cum[..., pos]
+        if window is not None:
+            lo = pos - window
+            nv = nv - torch.where(lo >= 0, cum[..., lo.clamp_min(0)], 0)
+    else:
+        nv = cum[..., -1:].expand(B, cum.shape[1], Q)
+    hm = nv.shape[1]
+    nv = nv.reshape(B, Hkv, g, Q) if hm == Hkv * g else nv.reshape(B, hm, 1, Q)
+    nv = nv.expand(B, Hkv, g, Q)
+    real = (torch.ones(B, Q, dtype=torch.bool, device=dev) if key_mask is None or off < 0
+            else key_mask[..., off:].any(1))
+    return real & (nv > 0).flatten(1, 2).any(1), nv
+
+
+def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: int = 5):
+    """The fused CUDA kernel where it serves the call (:mod:`._triton_metrics`), else
+    :func:`_stream`; returns per-query results (batch, kv, g, query), ``valid`` and ``nv``."""
+    from . import _triton_metrics as tm
+
+    causal, _, scale, window = opts
+    (B, Hq, Q, _), (Hkv, T) = q.shape, k.shape[1:3]
+    valid, nv = _visibility(key_mask, (B, Hkv, Hq // Hkv, Q), T, causal, window, q.device)
+    if not (q.dtype in _HALF and tm.available(q.device, q.dtype)):
+        return _stream(q, k, k_hat, key_mask, opts, full=full, v=v, v_hat=v_hat, topk=topk,
+                       nv=nv), valid, nv
+    res = tm.fused_metrics(q, k, k_hat, v, v_hat, key_mask, causal=causal, window=window,
+                           scale=scale, topk=topk, full=full)
+    per = {name: x.view(B, Hkv, Hq // Hkv, Q) for name, x in res.items()}
+    if full:
+        per["margin"] = torch.where(nv >= 2, per["margin"], math.inf)
+        per["topk_overlap"] = per["topk_overlap"] / nv.clamp(1, topk)
+    return per, valid, nv
+
+
 def _stream(
     q: Float[Tensor, "batch q_head query d"],
     k: Float[Tensor, "batch kv_head token d"],
     k_hat: Float[Tensor, "batch kv_head token d"],
-    key_mask: Bool[Tensor, "batch token"] | None,
-    opts: tuple[bool, int | None, float],
+    key_mask: Bool[Tensor, "batch mask_head token"] | None,
+    opts: tuple[bool, int | None, float, int | None],
     *,
     full: bool,
     v: Float[Tensor, "batch kv_head token dv"] | None = None,
     v_hat: Float[Tensor, "batch kv_head token dv"] | None = None,
     topk: int = 5,
-) -> tuple:
-    """The blocked loop (``q`` pre-scaled unless half); per-query results (batch, kv, g, query)."""
-    causal, block, scale = opts
+    nv: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The blocked loop (``q`` pre-scaled unless half); per-query results (batch, kv, g, query).
+    ``nv`` is :func:`_visibility`'s count of visible tokens per (head, query)."""
+    causal, block, scale, window = opts
     (B, Hq, Q, d), (Hkv, T), dev = q.shape, k.shape[1:3], q.device
     dt = torch.float32 if q.dtype in _HALF else q.dtype
     g, off, neg = Hq // Hkv, T - Q, torch.finfo(dt).min
@@ -329,22 +430,27 @@ def _stream(
     names += ("output_rel_err",) * (v is not None)
     per = {n: torch.zeros(B, Hkv, g, Q, dtype=dt, device=dev) for n in names if full}
     per["flip"] = torch.zeros(B, Hkv, g, Q, dtype=torch.bool, device=dev)
-    valid = torch.zeros(B, Q, dtype=torch.bool, device=dev)
     pos = torch.arange(off, T, device=dev)
     ws = _Workspace(dev)
     fused = _terms_for(dev, B * Hq * Q * T, v is not None) if full else None
+    if nv is None:
+        nv = _visibility(key_mask, (B, Hkv, g, Q), T, causal, window, dev)[1]
+    if window is not None or (key_mask is not None and key_mask.shape[1] > 1):
+        for b in range(B):
+            _stream_masked(q[b], [x if x is None else x[b] for x in (k, k_hat, v, v_hat)],
+                           None if key_mask is None else key_mask[b], nv[b], per, b, opts,
+                           full=full, topk=topk, ws=ws, fused=fused, dt=dt)
+        return per
     for b in range(B):
         kv = [x if x is None else x[b] for x in (k, k_hat, v, v_hat)]
         if key_mask is None:
             nvis = pos + 1 if causal else torch.full_like(pos, T)
-            valid[b] = True
         else:  # drop padded keys: a causal query then sees a prefix of the kept ones
-            keep = key_mask[b]
+            keep = key_mask[b, 0]
             idx = keep.nonzero().squeeze(-1)
             kv = [x if x is None else x.index_select(1, idx) for x in kv]
             count = keep.cumsum(0)
             nvis = count[pos] if causal else count[-1].expand(Q)
-            valid[b] = (keep[off:] if off >= 0 else True) & (nvis > 0)
         kb, khb, vb, vhb = kv
         n_all = kb.shape[1]
         host = nvis.tolist() if causal else None
@@ -365,13 +471,57 @@ def _stream(
                     x.view(Hkv, g, e - a, hi)[..., lo:].masked_fill_(hide, neg)
             top = _top_first(s)[1]                  # the first top token if tied
             if full:
-                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g), topk, vb, vhb, hi, ws,
-                                     fused)
+                out = _block_metrics(s, sh, top, nvis[a:e].repeat(g)[None], topk, vb, vhb, hi,
+                                     ws, fused)
             else:
                 out = {"flip": sh.gather(-1, top) < sh.amax(-1, keepdim=True)}
             for name, x in out.items():
                 per[name][b, :, :, a:e] = x.view(Hkv, g, e - a)
-    return per, valid
+    return per
+
+
+def _stream_masked(q: Tensor, kv: list, km: Tensor | None, nv: Tensor, per: dict, b: int,
+                   opts: tuple, *, full: bool, topk: int, ws: _Workspace, fused, dt) -> None:
+    """:func:`_stream` for one batch row with a sliding window or a per-head key mask: each
+    query block multiplies the key columns its queries can reach and hides the rest per head.
+    ``q`` (kv, g, query, d), ``kv`` = [k, k_hat, v, v_hat] of this row, ``km`` (mask_head,
+    token) or None, ``nv`` (kv, g, query)."""
+    causal, block, scale, window = opts
+    Hkv, g, Q, d = q.shape
+    kb, khb, vb, vhb = kv
+    T, dev = kb.shape[1], q.device
+    off, neg = T - Q, torch.finfo(dt).min
+    pos = torch.arange(off, T, device=dev)
+    if km is not None:
+        km = km.view(Hkv, g, 1, T) if km.shape[0] == Hkv * g else km.view(-1, 1, 1, T)
+    n = block or _block_queries(dev, Hkv * g * max(T, 1) * dt.itemsize)
+    for a in range(0, Q, n):
+        e = min(a + n, Q)
+        c1 = min(T, off + e) if causal else T
+        c0 = max(0, off + a - window + 1) if window is not None else 0
+        if c1 <= c0:
+            continue
+        qb = q[:, :, a:e].reshape(Hkv, g * (e - a), d)
+        unit = scale if full else 1.0
+        shape = (Hkv, qb.shape[1], c1 - c0)
+        s = _logits(qb, kb[:, c0:c1], unit, dt, ws.get("s", shape, qb))
+        sh = _logits(qb, khb[:, c0:c1], unit, dt, ws.get("sh", shape, qb))
+        cols, p = torch.arange(c0, c1, device=dev), pos[a:e, None]
+        vis = (cols <= p) if causal else torch.ones(e - a, c1 - c0, dtype=torch.bool, device=dev)
+        if window is not None:
+            vis = vis & (cols > p - window)
+        vis = vis if km is None else vis & km[..., c0:c1]
+        for x in (s, sh):
+            x.view(Hkv, g, e - a, c1 - c0).masked_fill_(~vis, neg)
+        top = _top_first(s)[1]
+        if full:
+            rows = nv[:, :, a:e].reshape(Hkv, g * (e - a))
+            vv = [x if x is None else x[:, c0:c1] for x in (vb, vhb)]
+            out = _block_metrics(s, sh, top, rows, topk, *vv, c1 - c0, ws, fused)
+        else:
+            out = {"flip": sh.gather(-1, top) < sh.amax(-1, keepdim=True)}
+        for name, x in out.items():
+            per[name][b, :, :, a:e] = x.view(Hkv, g, e - a)
 
 
 def _groups(T: int, k: int) -> int:
@@ -555,11 +705,11 @@ def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
     m, mh = vs[..., :1], vh[..., :1]
     flip = sh.gather(-1, top) < mh
     second = vs[..., 1:2] if kk >= 2 else torch.full_like(m, -math.inf)
-    margin = torch.where(rows[:, None] >= 2, m - second, math.inf)
-    keff = rows.clamp(1, topk)
-    rank = torch.arange(kk, device=s.device) < keff[:, None]  # (rows, kk)
-    hit = (js.unsqueeze(-1) == jh.unsqueeze(-2)) & rank[:, :, None] & rank[:, None, :]
-    overlap = hit.sum((-1, -2)).unsqueeze(-1) / keff[:, None]
+    margin = torch.where(rows[..., None] >= 2, m - second, math.inf)
+    keff = rows.clamp(1, topk)                                # (1 or kv, rows)
+    rank = torch.arange(kk, device=s.device) < keff[..., None]  # (1 or kv, rows, kk)
+    hit = (js.unsqueeze(-1) == jh.unsqueeze(-2)) & rank[..., :, None] & rank[..., None, :]
+    overlap = hit.sum((-1, -2)).unsqueeze(-1) / keff[..., None]
     if fused is not None:
         try:
             z, zh, mu, fisher, small = fused(s, sh, m, mh)
@@ -592,13 +742,14 @@ def _block_metrics(s: Tensor, sh: Tensor, top: Tensor, rows: Tensor, topk: int,
     return res
 
 
-def _aggregate(per: dict, valid: Tensor, m_edges: tuple[float, ...], p_edges: tuple[float, ...],
-               *, group: int, topk: int, keep: bool) -> AttentionMetrics:
-    """Means per head over valid queries, strata counts, optional per-query tensors."""
+def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
+               p_edges: tuple[float, ...], *, group: int, topk: int, keep: bool
+               ) -> AttentionMetrics:
+    """Means per head over valid (head, query) pairs, strata counts, per-query tensors."""
     B, Hkv, g, Q = per["flip"].shape
     H = Hkv * g
     per = {name: x.reshape(B, H, Q) for name, x in per.items()}
-    vmask = valid.unsqueeze(1).expand(B, H, Q)
+    vmask = valid.unsqueeze(1) & (nv.reshape(B, H, Q) > 0)
     n = int(valid.sum())
     w = vmask.to(torch.float64)
 

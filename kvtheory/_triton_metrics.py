@@ -1,0 +1,323 @@
+r"""Fused attention-fidelity metrics on CUDA (Triton): one kernel, FlashAttention-style.
+
+Each program takes ``BLOCK_M`` queries of one query head and streams the key blocks its
+queries can see (causal, sliding window, key mask), computing both logit tiles
+:math:`S = \tau QK^\top` and :math:`\hat S = \tau Q\hat K^\top` on tensor cores (bf16/fp16
+inputs, float32 accumulation). Nothing of size ``query × token`` is written: per query it
+keeps, online,
+
+* the top-1 of :math:`s` (first index on ties), :math:`\hat s` at that index, the second
+  largest :math:`s` (margin) and the maximum of :math:`\hat s` (flip);
+* :math:`m = \max s`, :math:`W = \sum_j e^{s_j - m}`, and the weighted statistics of
+  :math:`\delta = \hat s - s` under :math:`p`: mean :math:`\mu`, :math:`M_2 = \sum_j w_j
+  (\delta_j - \mu)^2` and :math:`\Phi = \sum_j w_j \varphi(\delta_j - \mu)` with
+  :math:`\varphi(u) = e^u - 1 - u \ge 0`, merged block by block with Chan's rule (block
+  statistics about the block's own mean :math:`\mu_b`; merging two parts whose means differ
+  by :math:`\Delta` adds :math:`\Delta^2 W_a W_b / W` to :math:`M_2` and, with
+  :math:`h_a = \mu_a - \mu`, :math:`\Phi = e^{h_a}\Phi_a + W_a\varphi(h_a) + (a\to b)`, all
+  terms non-negative, so nothing cancels);
+* :math:`\hat m`, :math:`\hat W` (online log-sum-exp of :math:`\hat s`), the ``topk`` largest
+  entries of :math:`s` and of :math:`\hat s` with their indices (overlap), and with values
+  :math:`\sum_j w_j v_j` and :math:`\sum_j \hat w_j \hat v_j` (float32 products, 3×tf32).
+
+Then :math:`\mathrm{Fisher} = \tfrac12 M_2/W` (shift-invariant in :math:`\delta`),
+:math:`\mathrm{KL}(p\|\hat p) = \log(1 + \Phi/W)` (exact: :math:`\sum_j p_j e^{x_j} = 1 +
+\sum_j p_j\varphi(x_j)` since :math:`\sum_j p_j x_j = 0`) or, when that is not finite,
+:math:`\hat m - m - \mu + \log(\hat W/W)` (:math:`= \mathrm{lse}(\hat s) - \mathrm{lse}(s) -
+p\cdot\delta`), exactly as :mod:`kvtheory.flips` chooses between its two forms.
+
+This module imports without Triton or CUDA; :func:`available` says whether the kernel can run.
+Float32/float64 inputs are not sent here (they stay on the engine's float32/float64 path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "fused_metrics", "ENV"]
+
+#: environment switch: ``auto`` (default: fused kernel on CUDA for bf16/fp16 when Triton is
+#: importable) or ``never`` (always the torch path)
+ENV = "KVTHEORY_FUSED"
+_NEG = -1.0e30          # hidden logits: exp(_NEG - m) == 0, and hidden deltas are exactly 0
+_BIG_INT = 1 << 30
+
+try:  # pragma: no cover - exercised on a CUDA machine only
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means: no kernel here
+    triton = None
+    tl = None
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel serves a call on ``device`` with ``dtype`` inputs."""
+    mode = os.environ.get(ENV, "auto")
+    if mode not in ("auto", "never"):
+        from .errors import bad_argument
+
+        raise bad_argument(ENV, mode, "auto or never")
+    return (mode == "auto" and triton is not None and device.type == "cuda"
+            and dtype in (torch.bfloat16, torch.float16))
+
+
+if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine only
+
+    @triton.jit
+    def _phi(u):
+        """e^u - 1 - u, accurate near 0 (series to u^8/8! for |u| < 1/2)."""
+        p = 1.0 + u * 0.125
+        p = 1.0 + u * (1.0 / 7.0) * p
+        p = 1.0 + u * (1.0 / 6.0) * p
+        p = 1.0 + u * 0.2 * p
+        p = 1.0 + u * 0.25 * p
+        p = 1.0 + u * (1.0 / 3.0) * p
+        p = 0.5 * u * u * p
+        return tl.where(tl.abs(u) < 0.5, p, tl.exp(u) - 1.0 - u)
+
+    @triton.jit
+    def _insert(ts, ti, kc, cur, cidx, work, cols):
+        """One round of the running top-k: each row's largest remaining entry ``cur`` (at
+        ``cidx``) replaces the row's smallest kept entry if strictly larger; it is then removed
+        from ``work``."""
+        kth = tl.min(ts, 1)
+        ins = cur > kth
+        mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
+        rep = ins[:, None] & (kc[None, :] == mpos[:, None])
+        ts = tl.where(rep, cur[:, None], ts)
+        ti = tl.where(rep, cidx[:, None], ti)
+        work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
+        return ts, ti, work
+
+    @triton.jit
+    def _topk_block(ts, ti, kc, work, cur, cols):
+        """Merge one block of logits (``cur`` = its row maxima) into the running top-k."""
+        go = tl.max((cur > tl.min(ts, 1)).to(tl.int32), 0)
+        while go > 0:
+            cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
+            ts, ti, work = _insert(ts, ti, kc, cur, cidx, work, cols)
+            cur = tl.max(work, 1)
+            go = tl.max((cur > tl.min(ts, 1)).to(tl.int32), 0)
+        return ts, ti
+
+    @triton.jit
+    def _metrics_kernel(
+        Q, K, KH, V, VH, KM, OUT,
+        NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
+        D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
+        HAS_V: tl.constexpr, FULL: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HQ
+        h = bh % HQ
+        hk = h // G
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < NQ
+        pos = rows + OFF
+        dd = tl.arange(0, BD)
+        q = tl.load(Q + (bh * NQ + rows[:, None]).to(tl.int64) * D + dd[None, :],
+                    mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
+        kbase = (b * HKV + hk).to(tl.int64) * T
+        pos_lo = pid_m * BLOCK_M + OFF
+        pos_hi = pid_m * BLOCK_M + BLOCK_M - 1 + OFF    # may pass the last query: then > T - 1
+        lo = 0
+        hi = T
+        if CAUSAL:
+            hi = pos_hi + 1                             # columns >= T are masked
+        if HAS_WINDOW:
+            lo = (pos_lo - WINDOW + 1) // BLOCK_N * BLOCK_N   # columns < 0 are masked
+        NEG: tl.constexpr = -1.0e30
+        m1 = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s
+        m2 = tl.full([BLOCK_M], NEG, tl.float32)       # running second largest of s
+        sh_at = tl.full([BLOCK_M], NEG, tl.float32)    # s^ at that index
+        mh = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s^
+        W = tl.zeros([BLOCK_M], tl.float32)
+        mu = tl.zeros([BLOCK_M], tl.float32)
+        M2 = tl.zeros([BLOCK_M], tl.float32)
+        PH = tl.zeros([BLOCK_M], tl.float32)
+        ZH = tl.zeros([BLOCK_M], tl.float32)
+        kc = tl.arange(0, KP)
+        pad = tl.where(kc < TOPK, NEG, 3.0e38)          # padding slots are never the minimum
+        ts = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
+        tsh = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
+        ti = tl.full([BLOCK_M, KP], -1, tl.int32)
+        tih = tl.full([BLOCK_M, KP], -2, tl.int32)
+        dv = tl.arange(0, BDV)
+        o = tl.zeros([BLOCK_M, BDV], tl.float32)
+        oh = tl.zeros([BLOCK_M, BDV], tl.float32)
+        if HAS_KM:
+            hm = h // KM_DIV
+            kmbase = (b * HM + hm).to(tl.int64) * T
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = (cols < T) & (cols >= 0)
+            kp = (kbase + cols[:, None]) * D + dd[None, :]
+            kmk = cmask[:, None] & (dd[None, :] < D)
+            k = tl.load(K + kp, mask=kmk, other=0.0)
+            kh = tl.load(KH + kp, mask=kmk, other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            sh = tl.dot(q, tl.trans(kh))
+            if FULL:
+                s = s * scale
+                sh = sh * scale
+            need = (start + BLOCK_N > T) | (start < 0)
+            if CAUSAL:
+                need = need | (start + BLOCK_N - 1 > pos_lo)
+            if HAS_WINDOW:
+                need = need | (start <= pos_hi - WINDOW)
+            if HAS_KM:
+                need = True
+            if need:
+                vis = cmask[None, :] & rmask[:, None]
+                if CAUSAL:
+                    vis = vis & (cols[None, :] <= pos[:, None])
+                if HAS_WINDOW:
+                    vis = vis & (cols[None, :] > pos[:, None] - WINDOW)
+                if HAS_KM:
+                    km = tl.load(KM + kmbase + cols, mask=cmask, other=0)
+                    vis = vis & (km[None, :] != 0)
+                s = tl.where(vis, s, NEG)
+                sh = tl.where(vis, sh, NEG)
+            bm = tl.max(s, 1)
+            bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
+            at_bi = cols[None, :] == bi[:, None]
+            new_top = bm > m1
+            sh_at = tl.where(new_top, tl.max(tl.where(at_bi, sh, NEG), 1), sh_at)
+            bmh = tl.max(sh, 1)
+            if FULL:
+                s2 = tl.max(tl.where(at_bi, NEG, s), 1)
+                m2 = tl.maximum(tl.maximum(m2, s2), tl.minimum(m1, bm))
+                m1n = tl.maximum(m1, bm)
+                # block statistics of delta about the block's own mean, weights e^{s - bm}
+                w = tl.exp(s - bm[:, None])
+                Wb = tl.sum(w, 1)
+                dl = sh - s
+                mub = tl.sum(w * dl, 1) / Wb
+                u = dl - mub[:, None]
+                M2b = tl.sum(w * u * u, 1)
+                PHb = tl.sum(w * _phi(u), 1)
+                alpha = tl.exp(m1 - m1n)
+                beta = tl.exp(bm - m1n)
+                Wa = W * alpha
+                Wbs = Wb * beta
+                Wn = Wa + Wbs
+                fa = Wa / Wn
+                fb = Wbs / Wn
+                dm = mub - mu
+                mu = mu + dm * fb
+                M2 = M2 * alpha + M2b * beta + dm * dm * fa * Wbs
+                ha = -fb * dm
+                hb = fa * dm
+                PH = (PH * alpha * tl.exp(ha) + Wa * _phi(ha)
+                      + PHb * beta * tl.exp(hb) + Wbs * _phi(hb))
+                W = Wn
+                mhn = tl.maximum(mh, bmh)
+                ah = tl.exp(mh - mhn)
+                wh = tl.exp(sh - mhn[:, None])
+                ZH = ZH * ah + tl.sum(wh, 1)
+                if HAS_V:
+                    vp = (kbase + cols[:, None]) * DV + dv[None, :]
+                    vmk = cmask[:, None] & (dv[None, :] < DV)
+                    vt = tl.load(V + vp, mask=vmk, other=0.0).to(tl.float32)
+                    vht = tl.load(VH + vp, mask=vmk, other=0.0).to(tl.float32)
+                    o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
+                                                    input_precision="tf32x3")
+                    oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
+                m1 = m1n
+                mh = mhn
+                ts, ti = _topk_block(ts, ti, kc, s, bm, cols)
+                tsh, tih = _topk_block(tsh, tih, kc, sh, bmh, cols)
+            else:
+                m1 = tl.maximum(m1, bm)
+                mh = tl.maximum(mh, bmh)
+        base = OUT + bh.to(tl.int64) * NQ + rows
+        tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
+        if FULL:
+            big = (mh - m1 - mu) + tl.log(ZH / W)
+            small = tl.log(1.0 + PH / W)
+            small = tl.where(PH / W < 1e-3, PH / W * (1.0 - PH / W * (0.5 - PH / W / 3.0)),
+                             small)
+            eps = 1.1920929e-07
+            slack = 64 * eps * (tl.abs(m1) + tl.abs(mh) + tl.abs(mu) + tl.abs(tl.log(W * ZH)) + 1)
+            kl = tl.where(tl.abs(big - small) <= slack, small, big)
+            kl = tl.maximum(kl, 0.0)
+            hit = (ti[:, :, None] == tih[:, None, :]).to(tl.float32)
+            overlap = tl.sum(tl.sum(hit, 2), 1)
+            tl.store(base + N_OUT, m1 - m2, mask=rmask)
+            tl.store(base + 2 * N_OUT, 1.0 / W, mask=rmask)
+            tl.store(base + 3 * N_OUT, overlap, mask=rmask)
+            tl.store(base + 4 * N_OUT, kl, mask=rmask)
+            tl.store(base + 5 * N_OUT, 0.5 * M2 / W, mask=rmask)
+            if HAS_V:
+                ov = o / W[:, None]
+                ohv = oh / ZH[:, None]
+                num = tl.sqrt(tl.sum((ov - ohv) * (ov - ohv), 1))
+                den = tl.sqrt(tl.sum(ov * ov, 1))
+                tl.store(base + 6 * N_OUT, tl.where(num == 0, 0.0, num / den), mask=rmask)
+
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel variant; benchmarks may override
+CONFIG: dict[str, tuple[int, int, int, int]] = {
+    "flip": (128, 64, 8, 3), "full": (64, 64, 4, 2), "values": (64, 32, 4, 2)}
+
+
+def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
+                  key_mask: Tensor | None, *, causal: bool, window: int | None, scale: float,
+                  topk: int, full: bool) -> dict[str, Tensor]:
+    """Per-query metrics (``batch q_head query`` each, float32; ``flip`` bool) from the kernel.
+
+    ``key_mask`` is ``None`` or (batch, mask_head, token) with mask_head 1, kv_head or q_head.
+    Raw values: ``margin`` is :math:`s_{(1)} - s_{(2)}` and ``topk_overlap`` the number of
+    shared indices; the caller clips them with the number of visible tokens.
+    """
+    if triton is None:  # pragma: no cover - guarded by available()
+        raise RuntimeError("kvtheory._triton_metrics: Triton is not importable")
+    B, Hq, Q, d = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    q, k, k_hat = (x.contiguous() for x in (q, k, k_hat))
+    if k_hat.dtype != q.dtype or k.dtype != q.dtype:
+        k, k_hat = k.to(q.dtype), k_hat.to(q.dtype)
+    has_v = full and v is not None
+    if has_v:
+        v = v.contiguous()
+        v_hat = v if v_hat is None else v_hat.contiguous()
+        dvn = v.shape[-1]
+    else:
+        v = v_hat = q
+        dvn = 16
+    if key_mask is not None:
+        km = key_mask.to(torch.int8).contiguous()
+        hm = km.shape[1]
+        km_div = Hq if hm == 1 else (1 if hm == Hq else g)
+    else:
+        km, hm, km_div = q, 1, 1
+    n_out = 7 if has_v else (6 if full else 1)
+    out = torch.empty(n_out, B * Hq * Q, dtype=torch.float32, device=q.device)
+    name = "values" if has_v else ("full" if full else "flip")
+    bm, bn, warps, stages = CONFIG[name]
+    bd = max(16, triton.next_power_of_2(d))
+    bdv = max(16, triton.next_power_of_2(dvn))
+    kp = triton.next_power_of_2(max(topk, 2))
+    grid = (triton.cdiv(Q, bm), B * Hq)
+    _metrics_kernel[grid](
+        q, k, k_hat, v, v_hat, km, out,
+        Q, T, T - Q, Hq, Hkv, g, hm, km_div, int(window or 0), float(scale), B * Hq * Q,
+        D=d, DV=dvn, BD=bd, BDV=bdv, BLOCK_M=bm, BLOCK_N=bn, KP=kp, TOPK=topk,
+        CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KM=key_mask is not None,
+        HAS_V=has_v, FULL=bool(full), num_warps=warps, num_stages=stages)
+    out = out.view(n_out, B, Hq, Q)
+    res = {"flip": out[0] > 0.5}
+    if full:
+        res.update(margin=out[1], top1_prob=out[2], topk_overlap=out[3], kl=out[4],
+                   fisher=out[5])
+        if has_v:
+            res["output_rel_err"] = out[6]
+    return res
+
