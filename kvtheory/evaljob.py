@@ -57,6 +57,9 @@ class Job:
 
         cfg = self.cfg
         if cfg.text_file is not None:
+            if Path(cfg.text_file).exists() and not Path(cfg.text_file).is_file():
+                raise bad_argument("text_file", cfg.text_file, "a regular UTF-8 text file (not a "
+                                   "folder, FIFO or device, which could block or never end)")
             try:
                 raw = Path(cfg.text_file).read_bytes()
                 self.text = raw.decode("utf-8")

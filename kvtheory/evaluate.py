@@ -72,7 +72,7 @@ class Score:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch, and ask torch for deterministic algorithms."""
-    seed = check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0, 2**63 - 1)  # torch seeds are signed 64-bit
     random.seed(seed)
     torch.manual_seed(seed)
     try:

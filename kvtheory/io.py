@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import KVTheoryError
+from .errors import KVTheoryError, bad_argument
 
 __all__ = [
     "atomic_write",
@@ -112,6 +112,8 @@ def _sidecar(path: Path, suffix: str) -> str:
 
 def _resolve_output(path: Path, arg: str) -> Path:
     """Follow a symlink to the file it names; refuse an existing non-regular file or folder."""
+    if not str(path) or str(path) == "." or "\0" in str(path):
+        raise bad_argument(arg, str(path), "a file path (non-empty, without NUL characters)")
     limit = _name_max(path.parent)
     if len(path.name.encode()) > limit:
         raise KVTheoryError(f"{arg}: got a file name of {len(path.name.encode())} bytes "
@@ -362,6 +364,9 @@ def read_json(path: str | os.PathLike, arg: str = "path") -> Any:
     """Read a JSON file with a clear error when it is missing or corrupted."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # FIFO/device: would block
+            raise KVTheoryError(f"{arg}: got {str(path)!r}, which is not a regular file; expected "
+                                "a JSON file written by kvtheory")
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise KVTheoryError(f"{arg}: got {str(path)!r}; expected an existing JSON file") from None
@@ -370,6 +375,12 @@ def read_json(path: str | os.PathLike, arg: str = "path") -> Any:
             f"{arg}: got {str(path)!r}, which is not valid JSON ({exc.msg} at line {exc.lineno}); "
             "expected a file written by kvtheory"
         ) from None
+    except UnicodeDecodeError:
+        raise KVTheoryError(f"{arg}: got {str(path)!r}, which is not UTF-8 text; expected a JSON "
+                            "file written by kvtheory") from None
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise KVTheoryError(f"{arg}: got {str(path)!r}, which cannot be read ({exc.strerror or exc}); "
+                            "expected a readable JSON file") from None
 
 
 def git_sha(root: str | os.PathLike | None = None) -> str | None:

@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from ._checks import check_int
 from .errors import KVTheoryError, bad_argument
 from .evaljob import Job, compute_row, roles
 from .io import check_output_file, file_lock, provenance, read_json, to_jsonable, write_json
@@ -97,6 +98,20 @@ def check_methods(methods, targets, d: int, tokens: int) -> None:
                                     f"d={d}") from None
 
 
+def _check_not_an_input(path: Path, cfg) -> None:
+    """The result file must not be the text file, nor a file beside the model's weights."""
+    real = Path(os.path.realpath(path))
+    clash = None
+    if cfg.text_file is not None and real == Path(os.path.realpath(cfg.text_file)):
+        clash = real
+    local = Path(cfg.model).expanduser()
+    if local.is_dir() and real.parent == Path(os.path.realpath(local)):
+        clash = real.parent
+    if clash is not None:
+        raise bad_argument("json", str(path), f"a result file outside the inputs (it would "
+                           f"overwrite or sit among the files of {str(clash)!r})")
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
 
@@ -139,9 +154,7 @@ def model_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path 
     from . import models
 
     if name in getattr(models, "REGISTRY", {}):
-        if name == "smollm2-135m":
-            return models._smollm2_dir(cache_dir)
-        return models._package_dir(name) / "model"
+        return models.registry_dir(name, cache_dir)
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -316,7 +329,12 @@ def run_eval(
         raise bad_argument("cfg", cfg, "an EvalConfig")
     say = log or (lambda msg: print(msg, file=sys.stderr))
     check_device(cfg.device)
+    check_int("seed", cfg.seed, 0, 2**63 - 1)  # torch seeds are signed 64-bit
+    batch_size = 16 if batch_size is None else check_int("batch_size", batch_size, 1)
+    if path is not None and not str(path):
+        raise bad_argument("json", path, "a file path (or None for the path derived from the config)")
     path = check_output_file(path if path is not None else cfg.result_path(results_dir), "json")
+    _check_not_an_input(path, cfg)
     prev = None if overwrite else _load(path)
     job = Job(cfg, progress=progress, batch_size=batch_size)
     job.load_data()  # corpus SHA-256 and empty text are checked before the model loads

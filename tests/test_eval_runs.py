@@ -180,6 +180,41 @@ def test_hostile_json_paths_refused_before_any_work(tiny, tmp_path, monkeypatch)
     assert Path("/dev/null").is_char_device() and fifo.is_fifo()
 
 
+def test_more_hostile_inputs_named_before_any_work(tiny, tmp_path, monkeypatch):
+    """Found by trying more of the same kind: each was a traceback, a hang or data loss."""
+    _no_model(monkeypatch)
+    model_file = tiny["model"] / "config.json"
+    before = model_file.read_bytes(), tiny["text"].read_bytes()
+    for path, message in [
+        ("", "json: got ''; expected a file path"),
+        (str(tmp_path / "a\0b.json"), "expected a file path .non-empty, without NUL characters"),
+        (str(tiny["text"]), "expected a result file outside the inputs .it would overwrite"),
+        (str(model_file), "expected a result file outside the inputs"),
+    ]:
+        with pytest.raises(KVTheoryError, match=message):
+            run(tiny, path)
+    assert (model_file.read_bytes(), tiny["text"].read_bytes()) == before
+    with pytest.raises(KVTheoryError, match=r"seed: got 1180591620717411303424; expected an "
+                                            r"integer in 0..9223372036854775807"):
+        run(tiny, tmp_path / "s.json", seed=2**70)
+    with pytest.raises(KVTheoryError, match="batch_size: got 0; expected an integer >= 1"):
+        run_eval(cfg(tiny), tmp_path / "b.json", batch_size=0, progress=False)
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    for text in ("/dev/zero", str(fifo)):  # would never end / block forever
+        with pytest.raises(KVTheoryError, match=f"text_file: got '{text}'; expected a regular"):
+            run(tiny, tmp_path / "t.json", text_file=text)
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(KVTheoryError, match="bin.json', which is not a readable kvtheory eval"):
+        run(tiny, binary)
+    with pytest.raises(KVTheoryError, match="which is not UTF-8 text"):
+        io.read_json(binary)
+    with pytest.raises(KVTheoryError, match="fifo.txt', which is not a regular file"):
+        io.read_json(fifo)
+    assert not list(tmp_path.glob("[stb].json"))
+
+
 def test_symlinked_json_updates_its_target(tiny, tmp_path, one_thread):
     real, link = tmp_path / "real" / "r.json", tmp_path / "link.json"
     real.parent.mkdir()
