@@ -12,7 +12,8 @@ from typing import Iterator
 
 from .io import atomic_write
 
-__all__ = ["COLUMN_WIDTH", "FULL_WIDTH", "COLORS", "style", "family", "new_figure", "save_figure"]
+__all__ = ["COLUMN_WIDTH", "FULL_WIDTH", "COLORS", "style", "family", "new_figure", "save_figure",
+           "figure_context", "per_model", "model_stamp"]
 
 #: width of one column of a two-column paper, inches
 COLUMN_WIDTH = 3.4
@@ -84,11 +85,66 @@ def new_figure(width: float = COLUMN_WIDTH, aspect: float = 0.75, nrows: int = 1
     return plt.subplots(nrows, ncols, figsize=(width, width * aspect), **kwargs)
 
 
+#: the open :func:`figure_context` blocks (innermost last): (file-name tag, stamp text)
+_CONTEXT: list[tuple[str | None, str | None]] = []
+
+
+@contextmanager
+def figure_context(tag: str | None = None, stamp: str | None = None) -> Iterator[None]:
+    """Inside the block, :func:`save_figure` names files ``<name>-<tag>`` and writes ``stamp``
+    (the model, its weights and the config drawn: what a reader needs to know where a figure
+    came from) in small type at the figure's foot.
+
+    >>> with figure_context("smollm2-135m", "smollm2-135m"):
+    ...     _CONTEXT[-1]
+    ('smollm2-135m', 'smollm2-135m')
+    """
+    _CONTEXT.append((tag, stamp))
+    try:
+        yield
+    finally:
+        _CONTEXT.pop()
+
+
+def per_model(plot_one, results: dict, out_dir, stamp=None) -> list[Path]:
+    """Draw ``plot_one(result, out_dir)`` once per model of ``results`` (``{model: result}``),
+    each figure file tagged with the model and stamped with ``stamp(model, result)`` (default:
+    the model name)."""
+    paths: list[Path] = []
+    for model, result in results.items():
+        text = stamp(model, result) if stamp is not None else model
+        with figure_context(_slug(model), text):
+            paths += list(plot_one(result, out_dir))
+    return paths
+
+
+def model_stamp(model: str, what: str = "") -> str:
+    """The stamp of a figure drawn from ``model``'s results: its name, where its weights came
+    from (:func:`kvtheory.models.weights_note`, e.g. a dequantized 4-bit GGUF) and ``what`` was
+    measured."""
+    from .models import weights_note
+
+    note = weights_note(model)
+    return " · ".join(x for x in (model + (f" ({note})" if note else ""), what) if x)
+
+
+def _slug(model: str) -> str:
+    from .stages import model_slug
+
+    return model_slug(model)
+
+
 def save_figure(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Save ``fig`` as ``name.png`` and ``name.pdf`` in ``out_dir``, atomically; close it."""
+    """Save ``fig`` as ``name.png`` and ``name.pdf`` in ``out_dir``, atomically; close it.
+    Inside :func:`figure_context` the name gets ``-<tag>`` and the figure its stamp."""
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
+    tag, stamp = _CONTEXT[-1] if _CONTEXT else (None, None)
+    if tag:
+        name = f"{name}-{tag}"
+    if stamp:
+        fig.text(0.99, 0.003, stamp, ha="right", va="bottom", fontsize=4.5, color="#666666")
     paths = []
     for ext in ("png", "pdf"):
         target = out_dir / f"{name}.{ext}"

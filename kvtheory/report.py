@@ -1,62 +1,56 @@
-r"""``kvtheory report``: run every analysis, save its result, draw the figures, write REPORT.md.
+r"""``kvtheory report``: every registered stage on every model, figures, REPORT.md.
 
-Stages run in order; each one's result is saved by :func:`kvtheory.store.cached` under
-``results/<stage>-<config hash>.json`` (config and provenance beside the numbers), so a
-second run loads instead of recomputing, and an interrupted run resumes at the first
-unfinished stage. Figures are drawn from the saved results only, and every number in
-REPORT.md is read from one of those files (the report names the file for each claim).
+The work is a set of independent tasks, one per (stage, model) where the stage applies
+(:mod:`kvtheory.stages`), plus the symbolic ``verify``. Each task's result is saved by
+:func:`kvtheory.store.cached` as ``results/<stage>-<model>-<config hash>.json`` (config,
+provenance and a SHA-256 beside the numbers), so a second run loads instead of recomputing and
+an interrupted run resumes at the first unfinished (stage, model). Figures are drawn from the
+saved results only, and every number in REPORT.md is read from one of those files.
+
+Tasks run in this process by default; ``executor="ray"`` runs them as Ray tasks
+(:mod:`kvtheory.executors`), writing the same files.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import analysis  # noqa: F401  (registers the report's stages)
 from ._checks import check_choice
-from .errors import KVTheoryError
+from .errors import KVTheoryError, bad_argument
 from .io import atomic_write
+from .stages import SIZES, Stage, get_stage, model_slug, stages
 from .store import cached, load_result, result_path
 
-__all__ = ["ReportConfig", "STAGES", "run_stages", "load_stages", "draw_figures", "write_report",
-           "report"]
+__all__ = ["ReportConfig", "Results", "DEFAULT_MODELS", "run_stages", "load_stages",
+           "draw_figures", "write_report", "report", "tasks", "run_task"]
+
+#: the models of the default report (registry names; any name or path works)
+DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "minilm-l6")
+_VERIFY_KEY = {"n_points": 20}
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One analysis: ``kvtheory.analysis.<module>`` with ``<config>.for_size()``, ``run``,
-    ``summary`` and ``plot``; ``needs`` names earlier stages whose results it reads."""
-
-    name: str
-    module: str
-    config: str
-    needs: tuple[str, ...] = ()
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("bound_check", "bound_check", "BoundCheckConfig"),
-    Stage("routing", "routing", "RoutingConfig"),
-    Stage("flip_study", "flip_study", "FlipStudyConfig"),
-    Stage("budget", "budget", "BudgetConfig"),
-    Stage("ablation", "ablation", "AblationConfig"),
-    Stage("tasks", "tasks", "TasksConfig"),
-    Stage("predictor", "predictor", "PredictorConfig", needs=("flip_study", "budget")),
-)
-
-
-#: keyword under which a stage's ``run`` receives an earlier stage's result
-_RESULT_ARG = {"flip_study": "flip_result", "budget": "budget_result"}
+def _names(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    if not items or not all(isinstance(v, str) and v.strip() for v in items) or len(set(items)) < len(items):
+        raise bad_argument(name, value, "a non-empty list of distinct names")
+    return tuple(v.strip() for v in items)
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """Where results, figures and the report go, and at which size the analyses run.
+    """Where results, figures and the report go, which models and stages, at which size.
 
-    ``size``: ``"default"`` (the report, ≤ 15 min on 2 CPU cores) or ``"small"`` (tests and
-    notebooks). ``stages``: a subset of :data:`STAGES` by name (default all).
+    ``size``: ``"default"`` (the report) or ``"small"`` (tests and notebooks). ``models``: the
+    models every applicable stage runs on (a comma-separated string is accepted). ``stages``: a
+    subset of the registered stages (default all). ``executor``: ``"local"`` (this process) or
+    ``"ray"`` (``address`` None: a local Ray instance).
     """
 
     size: str = "default"
@@ -64,36 +58,58 @@ class ReportConfig:
     results: str = "results"
     figures: str = "figures"
     report: str = "REPORT.md"
+    models: tuple[str, ...] = DEFAULT_MODELS
     stages: tuple[str, ...] | None = None
     force: bool = False
     seed: int = 0
     progress: bool = True
+    executor: str = "local"
+    address: str | None = None
 
     def __post_init__(self):
-        check_choice("size", self.size, ("default", "small"))
-        names = [s.name for s in STAGES]
+        check_choice("size", self.size, SIZES)
+        object.__setattr__(self, "models", _names("models", self.models))
+        for m in self.models:
+            model_slug(m)
+        object.__setattr__(self, "stages", _names("stages", self.stages))
         for s in self.stages or ():
-            check_choice("stages", s, names)
+            get_stage(s)
+        check_choice("executor", self.executor, ("local", "ray"))
+        if self.address is not None and self.executor != "ray":
+            raise bad_argument("address", self.address, "no address unless executor='ray'")
+        if not isinstance(self.force, bool):
+            raise bad_argument("force", self.force, "True or False")
 
     def selected(self) -> list[Stage]:
-        return [s for s in STAGES if self.stages is None or s.name in self.stages]
+        return [s for s in stages() if self.stages is None or s.name in self.stages]
 
 
-def _module(stage: Stage):
-    return importlib.import_module(f"kvtheory.analysis.{stage.module}")
+@dataclass
+class Results:
+    """Saved envelopes: ``verify`` and ``by_stage[stage][model]`` (each with its ``path``)."""
 
+    verify: dict | None = None
+    by_stage: dict[str, dict[str, dict]] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
 
-def _stage_config(stage: Stage, size: str) -> Any:
-    cls = getattr(_module(stage), stage.config)
-    old = os.environ.get("KVTHEORY_SMALL")
-    os.environ["KVTHEORY_SMALL"] = "1" if size == "small" else "0"
-    try:
-        return cls.for_size() if hasattr(cls, "for_size") else cls()
-    finally:
-        if old is None:
-            os.environ.pop("KVTHEORY_SMALL", None)
-        else:
-            os.environ["KVTHEORY_SMALL"] = old
+    def result(self, stage: str, model: str) -> dict | None:
+        env = self.by_stage.get(stage, {}).get(model)
+        return None if env is None else env["result"]
+
+    def results(self, stage: str) -> dict[str, dict]:
+        """``{model: result}`` of one stage, in the report's model order."""
+        got = self.by_stage.get(stage, {})
+        return {m: got[m]["result"] for m in self.models if m in got}
+
+    def path(self, stage: str, model: str | None = None) -> str | None:
+        if stage == "verify":
+            return None if self.verify is None else self.verify["path"]
+        env = self.by_stage.get(stage, {}).get(model)
+        return None if env is None else env["path"]
+
+    def envelopes(self) -> list[dict]:
+        out = [self.verify] if self.verify is not None else []
+        return out + [e for per in self.by_stage.values() for e in per.values()]
 
 
 def _data_sha(data_dir: str | None) -> dict[str, str]:
@@ -108,20 +124,22 @@ def _data_sha(data_dir: str | None) -> dict[str, str]:
     return out
 
 
-_VERIFY_KEY = {"n_points": 20}
+def _task_name(stage: Stage, model: str) -> str:
+    return f"{stage.name}-{model_slug(model)}"
 
 
-def _stage_key(stage: Stage, cfg: ReportConfig, saved: dict[str, dict]) -> tuple[Any, dict, dict]:
-    """The stage's config at the report's size, the cache key and the earlier results it reads."""
-    scfg = _stage_config(stage, cfg.size)
-    kwargs = {_RESULT_ARG.get(d, f"{d}_result"): saved[d]["result"] for d in stage.needs if d in saved}
-    key = {"config": scfg, "needs": {d: saved[d]["config_hash"] for d in stage.needs if d in saved}}
-    return scfg, key, kwargs
+def _key(stage: Stage, model: str, cfg: ReportConfig, needs: dict[str, dict]) -> tuple[Any, dict]:
+    """The stage's config for ``model`` and the cache key (config + the hashes it reads)."""
+    scfg = stage.config_for(cfg.size, model)
+    return scfg, {"config": scfg, "needs": {d: needs[d]["config_hash"] for d in stage.needs if d in needs}}
+
+
+def tasks(cfg: ReportConfig) -> list[tuple[Stage, str]]:
+    """The (stage, model) pairs of a report, in run order (stages outer, models inner)."""
+    return [(s, m) for s in cfg.selected() for m in cfg.models]
 
 
 def _how(envelope: dict) -> str:
-    """``computed, saved to PATH`` or ``loaded PATH (computed DATE at git SHA; --force
-    recomputes)``."""
     if not envelope.get("loaded"):
         return f"computed, saved to {envelope['path']}"
     prov = envelope.get("provenance") or {}
@@ -130,77 +148,116 @@ def _how(envelope: dict) -> str:
             f"{'-dirty' if sha.endswith('-dirty') else ''}; --force recomputes)")
 
 
-def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run (or load) every selected stage; returns ``{stage: saved envelope}``."""
+def run_task(stage_name: str, model: str, cfg: ReportConfig, needs: dict[str, dict],
+             data_sha: dict[str, str]) -> dict | None:
+    """Run (or load) one (stage, model); ``None`` when the stage does not apply to the model.
+
+    ``needs``: the envelopes of the stages this one reads, same model. Safe to call from
+    another process (a Ray worker): the result lands in the same file either way.
+    """
+    stage = get_stage(stage_name)
+    scfg, key = _key(stage, model, cfg, needs)
+    path = result_path(_task_name(stage, model), key, cfg.results)
+    if not (path.exists() and not cfg.force):
+        from .analysis.common import get_model
+
+        if not stage.applies(get_model(model).info):
+            return None
+    kwargs = {f"{d}_result": needs[d]["result"] for d in stage.needs if d in needs}
+
+    def compute():
+        return stage.run(scfg, data_dir=cfg.data_dir, root=cfg.results, progress=cfg.progress,
+                         **kwargs)
+
+    return cached(_task_name(stage, model), key, compute, cfg.results, seed=cfg.seed,
+                  force=cfg.force, data_sha256=data_sha, model=model)
+
+
+def run_verify(cfg: ReportConfig) -> dict:
     from .symbolic import verify_all
 
-    data_sha = _data_sha(cfg.data_dir)
-    saved: dict[str, dict] = {}
+    return cached("verify", _VERIFY_KEY | {"seed": cfg.seed},
+                  lambda: verify_all(n_points=_VERIFY_KEY["n_points"], seed=cfg.seed),
+                  cfg.results, seed=cfg.seed, force=cfg.force)
+
+
+def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> Results:
+    """Run (or load) every selected (stage, model) with the configured executor."""
     t0 = time.perf_counter()
-    saved["verify"] = cached("verify", _VERIFY_KEY | {"seed": cfg.seed},
-                             lambda: verify_all(n_points=_VERIFY_KEY["n_points"], seed=cfg.seed),
-                             cfg.results,
-                             seed=cfg.seed, force=cfg.force)
-    log(f"[{time.perf_counter() - t0:6.1f}s] verify: {_how(saved['verify'])}")
-    for stage in cfg.selected():
-        mod = _module(stage)
-        scfg, key, kwargs = _stage_key(stage, cfg, saved)
+    out = Results(models=cfg.models)
+    if cfg.executor == "ray":
+        from .executors import run_on_ray
 
-        def compute(mod=mod, scfg=scfg, kwargs=kwargs):
-            return mod.run(scfg, data_dir=cfg.data_dir, root=cfg.results, progress=cfg.progress,
-                           **kwargs)
-
-        saved[stage.name] = cached(stage.name, key, compute, cfg.results, seed=cfg.seed,
-                                   force=cfg.force, data_sha256=data_sha)
-        log(f"[{time.perf_counter() - t0:6.1f}s] {stage.name}: {_how(saved[stage.name])}")
-    return saved
-
-
-def load_stages(cfg: ReportConfig) -> dict[str, dict]:
-    """The saved results that :func:`run_stages` would return for ``cfg``, loaded without
-    computing anything (a stage whose file is missing is left out)."""
-    saved: dict[str, dict] = {}
-
-    def load(name: str, key: Any) -> None:
-        path = result_path(name, key, cfg.results)
-        if path.exists():
-            saved[name] = load_result(path) | {"path": str(path)}
-
-    load("verify", _VERIFY_KEY | {"seed": cfg.seed})
-    for stage in cfg.selected():
-        load(stage.name, _stage_key(stage, cfg, saved)[1])
-    return saved
-
-
-def draw_figures(saved: dict[str, dict], out_dir: str | os.PathLike) -> list[Path]:
-    """Every figure, drawn from the saved results."""
-    paths: list[Path] = []
-    for stage in STAGES:
-        if stage.name in saved:
-            paths += list(_module(stage).plot(saved[stage.name]["result"], out_dir))
-    return paths
-
-
-def load_saved(results: str | os.PathLike) -> dict[str, dict]:
-    """The newest saved result of every stage found in ``results`` (for ``kvtheory figures``)."""
-    root = Path(results)
-    out: dict[str, dict] = {}
-    for name in ["verify"] + [s.name for s in STAGES]:
-        files = sorted(root.glob(f"{name}-*.json"), key=lambda p: p.stat().st_mtime)
-        if files:
-            out[name] = load_result(files[-1]) | {"path": str(files[-1])}
-    if not out:
-        raise KVTheoryError(f"results: got {str(root)!r}, which holds no saved results; "
-                            "expected a folder written by `kvtheory report`")
+        return run_on_ray(cfg, log)
+    data_sha = _data_sha(cfg.data_dir)
+    out.verify = run_verify(cfg)
+    log(f"[{time.perf_counter() - t0:6.1f}s] verify: {_how(out.verify)}")
+    for stage, model in tasks(cfg):
+        needs = {d: out.by_stage[d][model] for d in stage.needs if model in out.by_stage.get(d, {})}
+        env = run_task(stage.name, model, cfg, needs, data_sha)
+        what = "does not apply" if env is None else _how(env)
+        log(f"[{time.perf_counter() - t0:6.1f}s] {stage.name} on {model}: {what}")
+        if env is not None:
+            out.by_stage.setdefault(stage.name, {})[model] = env
     return out
 
 
-def write_report(saved: dict[str, dict], cfg: ReportConfig, figures: list[Path]) -> Path:
-    """Render REPORT.md from the saved results (see :mod:`kvtheory.claims`)."""
-    from .claims import render
+def load_stages(cfg: ReportConfig) -> Results:
+    """The saved results that :func:`run_stages` would return for ``cfg``, loaded without
+    computing anything (a (stage, model) whose file is missing is left out)."""
+    out = Results(models=cfg.models)
+    path = result_path("verify", _VERIFY_KEY | {"seed": cfg.seed}, cfg.results)
+    if path.exists():
+        out.verify = load_result(path) | {"path": str(path)}
+    for stage, model in tasks(cfg):
+        needs = {d: out.by_stage[d][model] for d in stage.needs if model in out.by_stage.get(d, {})}
+        path = result_path(_task_name(stage, model), _key(stage, model, cfg, needs)[1], cfg.results)
+        if path.exists():
+            out.by_stage.setdefault(stage.name, {})[model] = load_result(path) | {"path": str(path)}
+    return out
 
-    text = render(saved, cfg, figures)
-    return atomic_write(cfg.report, text, arg="report")
+
+def load_saved(results: str | os.PathLike) -> Results:
+    """Every saved result in ``results`` (for ``kvtheory figures``), grouped by stage and model
+    from each file's own config (the newest file where two share a (stage, model))."""
+    root = Path(results)
+    files = sorted(root.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise KVTheoryError(f"results: got {str(root)!r}, which holds no saved results; "
+                            "expected a folder written by `kvtheory report`")
+    out = Results()
+    names = [s.name for s in stages()]
+    models: list[str] = []
+    for p in files:
+        env = load_result(p) | {"path": str(p)}
+        if env["stage"] == "verify":
+            out.verify = env
+            continue
+        model = (env.get("provenance") or {}).get("model")
+        stage = next((n for n in names if env["stage"] == f"{n}-{model_slug(model)}"), None) if model else None
+        if stage is None:
+            continue
+        out.by_stage.setdefault(stage, {})[model] = env
+        models.append(model)
+    out.models = tuple(dict.fromkeys(models))
+    return out
+
+
+def draw_figures(saved: Results, out_dir: str | os.PathLike) -> list[Path]:
+    """Every figure, drawn from the saved results (each stage's ``plot`` gets every model)."""
+    paths: list[Path] = []
+    for stage in stages():
+        res = saved.results(stage.name)
+        if res:
+            paths += list(stage.plot(res, out_dir))
+    return paths
+
+
+def write_report(saved: Results, cfg: ReportConfig, figures: list[Path]) -> Path:
+    """Render REPORT.md from the saved results (see :mod:`kvtheory.reportmd`)."""
+    from .reportmd import render
+
+    return atomic_write(cfg.report, render(saved, cfg, figures), arg="report")
 
 
 def report(cfg: ReportConfig, log: Callable[[str], None] = print) -> Path:

@@ -30,6 +30,7 @@ import torch
 
 from .._checks import check_choice, check_int
 from ..errors import KVTheoryError, bad_argument
+from ..stages import Stage, decoders, register_stage
 from .common import small
 
 __all__ = ["AblationConfig", "basis_group", "spread", "apply_rope", "rope_fn", "run", "plot", "summary",
@@ -303,3 +304,19 @@ def plot(result: dict, out_dir) -> list[Path]:
         fig.suptitle(f"{result['model']}: basis ablation, keys only, rank {result['rank']} "
                      f"vs INT{result['quant_bits'][0]}")
         return save_figure(fig, out_dir, "basis_ablation")
+
+
+def plot_models(results: dict, out_dir) -> list[Path]:
+    """``basis_ablation-<model>`` for each model of ``{model: result}``."""
+    from ..plotstyle import model_stamp, per_model
+
+    return per_model(plot, results, out_dir, lambda m, r: model_stamp(
+        m, f"keys only, rank {r['rank']} vs INT{'/'.join(map(str, r['quant_bits']))}, "
+           f"{r['n_windows']}×{r['seq_len']} tokens"))
+
+
+STAGE = register_stage(Stage(
+    name="ablation", title="Basis ablation",
+    configure=lambda size, model: AblationConfig.for_size(size, model=model),
+    run=run, summary=summary, plot=plot_models, figures=("basis_ablation",), claims=("C7",),
+    applies=decoders))

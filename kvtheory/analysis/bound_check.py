@@ -53,6 +53,7 @@ from .. import bounds as B
 from .._checks import check_bits, check_choice, check_int
 from ..bases import PCABasis
 from ..errors import bad_argument
+from ..stages import Stage, register_stage
 from .common import small
 
 __all__ = [
@@ -366,22 +367,25 @@ def run(cfg: BoundCheckConfig, *, data_dir=None, root=None, progress: bool = Tru
 
 
 def summary(result: dict) -> dict[str, float | str]:
-    """Headline numbers: per model and bit width the measured ratio (``kl_round``: median, 5th
-    and 95th percentiles) beside the headline 3·4^b, its median over the headline and over the
-    exact prediction, the within-10% fractions with actual rounding (``kl_round``) and the
-    Monte-Carlo expectation (``mc``); KL/Fisher."""
+    """Headline numbers: per bit width the measured ratio (``kl_round``: median, 5th and 95th
+    percentiles) beside the headline 3·4^b, its median over the headline and over the exact
+    prediction, the within-10% fractions with actual rounding (``kl_round``) and the
+    Monte-Carlo expectation (``mc``); KL/Fisher. Keys are prefixed with the model name only
+    when the result holds several models."""
     out: dict[str, float | str] = {}
+    several = len(result["models"]) > 1
     for name, res in result["models"].items():
+        pre = f"{name}." if several else ""
         for b, st in res["stats"].items():
             a = st["all"]
-            out[f"{name}.b{b}.ratio_median"] = a["kl_round"]["measured"]["median"]
-            out[f"{name}.b{b}.ratio_p5"] = a["kl_round"]["measured"]["p5"]
-            out[f"{name}.b{b}.ratio_p95"] = a["kl_round"]["measured"]["p95"]
-            out[f"{name}.b{b}.headline"] = float(3 * 4 ** int(b))
-            out[f"{name}.b{b}.over_headline_median"] = a["kl_round"]["over_headline"]["median"]
-            out[f"{name}.b{b}.over_exact_median"] = a["kl_round"]["over_exact"]["median"]
-            out[f"{name}.b{b}.within10_round"] = a["kl_round"]["over_exact"]["within"]
-            out[f"{name}.b{b}.within10_mc"] = a["mc"]["over_exact"]["within"]
+            out[f"{pre}b{b}.ratio_median"] = a["kl_round"]["measured"]["median"]
+            out[f"{pre}b{b}.ratio_p5"] = a["kl_round"]["measured"]["p5"]
+            out[f"{pre}b{b}.ratio_p95"] = a["kl_round"]["measured"]["p95"]
+            out[f"{pre}b{b}.headline"] = float(3 * 4 ** int(b))
+            out[f"{pre}b{b}.over_headline_median"] = a["kl_round"]["over_headline"]["median"]
+            out[f"{pre}b{b}.over_exact_median"] = a["kl_round"]["over_exact"]["median"]
+            out[f"{pre}b{b}.within10_round"] = a["kl_round"]["over_exact"]["within"]
+            out[f"{pre}b{b}.within10_mc"] = a["mc"]["over_exact"]["within"]
     fk = result["fisher_kl"]
     for key in ("median", "p5", "p95"):
         out[f"kl_over_fisher.{key}"] = fk["all"][key]
@@ -389,11 +393,22 @@ def summary(result: dict) -> dict[str, float | str]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def merge(results: dict[str, dict]) -> dict:
+    """One result holding every model of ``{model: result}`` (each a :func:`run` result), with
+    the KL/Fisher statistics recomputed over all of them: what the figures draw."""
+    models = {name: res for r in results.values() for name, res in r["models"].items()}
+    first = next(iter(results.values()))
+    return {**first, "models": models, "fisher_kl": fisher_kl_stats(list(models.values()))}
+
+
 _MODEL_STYLE = (("#0072B2", "o"), ("#E69F00", "^"), ("#009E73", "s"), ("#999999", "D"))
 
 
 def plot(result: dict, out_dir) -> list:
-    """``theory_vs_measured`` and ``fisher_vs_kl`` (PNG + PDF) from a saved :func:`run` result."""
+    """``theory_vs_measured`` and ``fisher_vs_kl`` (PNG + PDF) from a saved :func:`run` result
+    or from ``{model: result}`` (one figure over every model, coloured by model)."""
+    if "models" not in result:
+        result = merge(result)
     return plot_theory_vs_measured(result, out_dir) + plot_fisher_vs_kl(result, out_dir)
 
 
@@ -480,3 +495,10 @@ def plot_fisher_vs_kl(result: dict, out_dir) -> list:
                      "(mean over attention rows; quantization: actual rounding, all $b$)")
         ax.legend(loc="upper left", fontsize=6, markerscale=3)
         return save_figure(fig, out_dir, "fisher_vs_kl")
+
+
+STAGE = register_stage(Stage(
+    name="bound_check", title="The bound on real activations",
+    configure=lambda size, model: BoundCheckConfig.for_size(size == "small", models=(model,)),
+    run=run, summary=summary, plot=plot, figures=("theory_vs_measured", "fisher_vs_kl"),
+    claims=("C6",)))

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._checks import check_choice, check_int
 from ..errors import bad_argument
+from ..stages import Stage, decoders, register_stage
 from .common import hybrid_specs, rank_specs, small
 
 __all__ = ["BudgetConfig", "ppl_point", "fitted_plan", "clear_memo", "CALLS", "storage_bits",
@@ -314,7 +315,8 @@ def run(cfg: BudgetConfig | None = None, *, data_dir=None, root=None, progress: 
         if p["target"] == "kv" and p["spec"] in ("int4", "int4-kivi"):
             c8[p["spec"]] = {"bits_kv": p["bits"], "reduction": 1 - p["bits"] / 16,
                              "nominal_reduction": 1 - 4 / 16, "ppl": p["ppl"], "dppl": p["dppl"]}
-    return {"model": cfg.model, "d": d, "seq_len": cfg.seq_len, "n_windows": int(ev.shape[0]),
+    return {"model": cfg.model, "d": d, "q_heads": lm.info.q_heads, "kv_heads": lm.info.kv_heads,
+            "seq_len": cfg.seq_len, "n_windows": int(ev.shape[0]),
             "calib_windows": cfg.calib_windows, "n_tokens": fp["n_tokens"], "fp": fp,
             "points": points, "matched": matched, "c8": c8,
             "evaluations": sum(CALLS.values()) - before, "seconds": time.perf_counter() - t0}
@@ -323,6 +325,30 @@ def run(cfg: BudgetConfig | None = None, *, data_dir=None, root=None, progress: 
 def _at_budget(result: dict, target: str, b: int) -> dict | None:
     rows = [m for m in result["matched"].get(target, []) if m.get("quant_bits") == b]
     return rows[0] if rows else None
+
+
+def _log_ratio(result: dict, target: str, m: dict) -> tuple[float, float, float] | None:
+    r""":math:`\ln(\mathrm{PPL}_{rank}/\mathrm{PPL}_{quant})` of the best rank and quantizer at a
+    matched budget, with a conservative 95% interval from the two PPL intervals
+    (:math:`[\ln r_{lo} - \ln q_{hi},\ \ln r_{hi} - \ln q_{lo}]`); scale-free, so models of
+    different baseline PPL can be compared (C3).
+
+    >>> res = {"points": [{"spec": "int4", "target": "kv", "ppl": 10.0, "ci_low": 9.0, "ci_high": 11.0},
+    ...        {"spec": "rank16-pca", "target": "kv", "ppl": 20.0, "ci_low": 18.0, "ci_high": 22.0}]}
+    >>> m = {"quant": {"spec": "int4"}, "rank": {"spec": "rank16-pca"}}
+    >>> [round(x, 4) for x in _log_ratio(res, "kv", m)]
+    [0.6931, 0.4925, 0.8938]
+    """
+    import math
+
+    if m.get("quant") is None or m.get("rank") is None:
+        return None
+    pts = {p["spec"]: p for p in result["points"] if p["target"] == target}
+    q, r = pts.get(m["quant"]["spec"]), pts.get(m["rank"]["spec"])
+    if q is None or r is None:
+        return None
+    return (math.log(r["ppl"] / q["ppl"]), math.log(r["ci_low"] / q["ci_high"]),
+            math.log(r["ci_high"] / q["ci_low"]))
 
 
 def summary(result: dict) -> dict[str, float | str]:
@@ -343,6 +369,16 @@ def summary(result: dict) -> dict[str, float | str]:
         for g in ("gap_rank", "gap_hybrid"):
             if m[g] is not None:
                 out[f"int4_budget_{g}"] = m[g]
+        lr = _log_ratio(result, target, m)
+        if lr is not None:
+            out["int4_budget_log_ratio"], out["int4_budget_log_ratio_ci_low"], \
+                out["int4_budget_log_ratio_ci_high"] = lr
+    if "kv_heads" in result:
+        out["gqa_group"] = float(result["q_heads"] // result["kv_heads"])
+    for row in result["matched"].get(target, []):
+        out[f"matched.int{row['quant_bits']}.budget_bits"] = row["budget"]
+        out[f"matched.int{row['quant_bits']}.gap_rank"] = row["gap_rank"]
+        out[f"matched.int{row['quant_bits']}.gap_hybrid"] = row["gap_hybrid"]
     for spec, c in result["c8"].items():
         out[f"c8_{spec}_reduction"] = c["reduction"]
         out[f"c8_{spec}_dppl"] = c["dppl"]
@@ -404,3 +440,20 @@ def plot(result: dict, out_dir) -> list[Path]:
         fig.suptitle(f"{result['model']}: WikiText-2 PPL vs KV storage "
                      f"({result['n_windows']}×{result['seq_len']} tokens)")
         return save_figure(fig, out_dir, "ppl_vs_budget")
+
+
+def plot_models(results: dict, out_dir) -> list[Path]:
+    """``ppl_vs_budget-<model>`` for each model, and ``gap_vs_gqa`` across models (C3)."""
+    from ..plotstyle import model_stamp, per_model
+    from .gqa import plot_gap_vs_gqa
+
+    paths = per_model(plot, results, out_dir, lambda m, r: model_stamp(
+        m, f"WikiText-2 {r['n_windows']}×{r['seq_len']} tokens"))
+    return paths + plot_gap_vs_gqa(results, out_dir)
+
+
+STAGE = register_stage(Stage(
+    name="budget", title="Perplexity against storage",
+    configure=lambda size, model: BudgetConfig.for_size(size, model=model),
+    run=run, summary=summary, plot=plot_models, figures=("ppl_vs_budget", "gap_vs_gqa"),
+    claims=("C1", "C2", "C3", "C8"), applies=decoders))

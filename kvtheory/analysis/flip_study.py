@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..errors import KVTheoryError, bad_argument
+from ..stages import Stage, register_stage
 from .common import load_or_capture, method_grid, small
 
 __all__ = ["FlipStudyConfig", "independent_coflip", "equal_rate_coflip", "coflip_stats",
@@ -345,24 +346,26 @@ def run(cfg: FlipStudyConfig | None = None, *, data_dir=None, root=None, progres
 
 # ---------------------------------------------------------------- summary and figures
 def summary(result: dict) -> dict[str, float | str]:
-    """Headline numbers, keyed ``model.spec.what``: flip rates (all queries and margin ≥ 1) of
+    """Headline numbers, keyed ``spec.what`` (``model.spec.what`` when the result also holds a
+    comparison model): flip rates (all queries and margin ≥ 1) of
     INT8/INT4/KIVI and the ranks at their storage, certified fractions, co-flip rates
     (observed, independent) of INT4 and the rank at its storage, certificate violations."""
     out: dict[str, float | str] = {}
+    several = result.get("compare") is not None
     for res in filter(None, (result, result.get("compare"))):
-        pre, mr, ms = res["model"], res["matched_rank"], res["methods"]
+        pre, mr, ms = (res["model"] + "." if several else ""), res["matched_rank"], res["methods"]
         rank4 = mr.get("int4")
         specs = ["int8", "int4", "int4-kivi", "int2-kivi", rank4, mr.get("int4-kivi"),
                  f"rank{res['d'] // 2}-pca"]
         for s in (x for x in dict.fromkeys(specs) if x in ms):
             for key in ("flip_rate", "flip_rate_margin_gt1", "certified"):
                 if ms[s]["mean"].get(key) is not None and (key != "certified" or s in specs[:3]):
-                    out[f"{pre}.{s}.{key}"] = ms[s]["mean"][key]
+                    out[f"{pre}{s}.{key}"] = ms[s]["mean"][key]
         for s in (x for x in ("int4", rank4) if x in ms):
             for grp, c in ms[s]["coflip"].items():
-                out |= {f"{pre}.{s}.coflip_{grp}.{k}": c[k] for k in ("observed", "independent", "n")}
-        out[f"{pre}.matched_rank_int4"] = rank4 or ""
-        out[f"{pre}.certificate_violations"] = float(sum(
+                out |= {f"{pre}{s}.coflip_{grp}.{k}": c[k] for k in ("observed", "independent", "n")}
+        out[f"{pre}matched_rank_int4"] = rank4 or ""
+        out[f"{pre}certificate_violations"] = float(sum(
             m["certificate"]["violations"] for m in ms.values() if m["certificate"]))
     return out | {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"]}
 
@@ -409,19 +412,33 @@ def _heatmap(result, out_dir, np, new_figure, save_figure):
     return save_figure(fig, out_dir, "flip_heatmap")
 
 
+def _models(result: dict) -> list[dict]:
+    """The per-model results in ``result``: a :func:`run` result (with its comparison model)
+    or ``{model: result}``."""
+    if "methods" in result:
+        return [r for r in (result, result.get("compare")) if r]
+    return list(result.values())
+
+
 def plot(result: dict, out_dir) -> list[Path]:
-    """``flip_vs_budget``, ``flip_heatmap``, ``certified_fraction``, ``gqa_coflip`` (PNG + PDF)."""
+    """``flip_vs_budget``, ``certified_fraction`` and ``gqa_coflip`` over every model (one
+    panel or marker per model) and ``flip_heatmap-<model>`` per model (PNG + PDF), from a
+    :func:`run` result or ``{model: result}``."""
     import numpy as np
     from matplotlib.lines import Line2D
 
-    from ..plotstyle import COLORS, new_figure, save_figure, style
+    from ..plotstyle import COLORS, COLUMN_WIDTH, FULL_WIDTH, figure_context, model_stamp, new_figure, \
+        save_figure, style
 
-    models = [r for r in (result, result.get("compare")) if r]
+    models = _models(result)
+    several = len(models) > 1 and "methods" not in result
+    width = FULL_WIDTH if len(models) > 2 else COLUMN_WIDTH
+    aspect = 0.62 * COLUMN_WIDTH / width * (1.6 if len(models) > 2 else 1)
     fams = [Line2D([], [], ls="", marker="o", color=COLORS[f], label=lab) for f, lab in _LABEL.items()]
     grey = dict(ls="", marker="o", color="0.3")
     paths = []
     with style():
-        fig, axes = new_figure(aspect=0.62, ncols=len(models), sharey=True, squeeze=False)
+        fig, axes = new_figure(width, aspect=aspect, ncols=len(models), sharey=True, squeeze=False)
         zeros = [_budget(ax, res, COLORS) for ax, res in zip(axes[0], models)]
         axes[0][0].set_ylabel("top-1 flip rate (%)")
         kinds = [Line2D([], [], **grey, label="all queries"),
@@ -429,9 +446,13 @@ def plot(result: dict, out_dir) -> list[Path]:
         kinds += [Line2D([], [], **grey | {"marker": "v"}, label="0 (at bottom)")] if any(zeros) else []
         _legend(fig, fams + kinds, 3)
         paths += save_figure(fig, out_dir, "flip_vs_budget")
-        paths += _heatmap(result, out_dir, np, new_figure, save_figure)
+        for res in (models if several else models[:1]):
+            with figure_context(_tag(res) if several else None,
+                                model_stamp(res["model"], f"{res['n_tokens']} tokens, "
+                                            f"{len(res['layers'])} layers")):
+                paths += _heatmap(res, out_dir, np, new_figure, save_figure)
 
-        fig, axes = new_figure(aspect=0.62, ncols=len(models), sharey=True, squeeze=False)
+        fig, axes = new_figure(width, aspect=aspect, ncols=len(models), sharey=True, squeeze=False)
         for ax, res in zip(axes[0], models):
             for fam in ("quant", "kivi"):
                 pts = sorted((m["bits_per_element"], 100 * m["certificate"]["fraction"],
@@ -450,23 +471,39 @@ def plot(result: dict, out_dir) -> list[Path]:
 
         fig, ax = new_figure(aspect=0.8)
         marks = []
-        for res, grp, mk, fill in ((result, "gqa", "o", True), (result, "control", "^", False),
-                                   (result.get("compare"), "control", "s", False)):
-            if not res or grp not in res["coflip_groups"]:
-                continue
-            size = len(res["coflip_groups"][grp][0])
-            who = "query heads of one KV head" if grp == "gqa" else "heads with separate keys"
-            marks.append(Line2D([], [], **grey | {"marker": mk, "mfc": "0.3" if fill else "white"},
-                                label=f"{res['model']}: {size} {who}"))
-            for s, m in res["methods"].items():
-                c, col = m["coflip"][grp], COLORS[m["family"]]
-                if s != "fp" and c["independent"] * c["n"] >= 10:  # >= 10 expected co-flips; bar: 95%
-                    err = 1.96 * math.sqrt(c["observed"] * (1 - c["observed"]) / c["n"]) / c["independent"]
-                    ax.errorbar(100 * c["independent"], c["observed"] / c["independent"], err, fmt=mk,
-                                color=col, mfc=col if fill else "white", mec=col, ms=3.5, lw=0.6)
+        shapes = iter(("o", "^", "s", "D", "v", "P", "X", "<", ">", "h") * 4)
+        for res in models:
+            for grp in ("gqa", "control"):
+                if grp not in res["coflip_groups"]:
+                    continue
+                mk, fill = next(shapes), grp == "gqa"
+                size = len(res["coflip_groups"][grp][0])
+                who = "query heads of one KV head" if grp == "gqa" else "heads with separate keys"
+                marks.append(Line2D([], [], **grey | {"marker": mk, "mfc": "0.3" if fill else "white"},
+                                    label=f"{res['model']}: {size} {who}"))
+                for s, m in res["methods"].items():
+                    c, col = m["coflip"][grp], COLORS[m["family"]]
+                    if s != "fp" and c["independent"] * c["n"] >= 10:  # >= 10 expected co-flips; bar: 95%
+                        err = 1.96 * math.sqrt(c["observed"] * (1 - c["observed"]) / c["n"]) / c["independent"]
+                        ax.errorbar(100 * c["independent"], c["observed"] / c["independent"], err, fmt=mk,
+                                    color=col, mfc=col if fill else "white", mec=col, ms=3.5, lw=0.6)
         ax.axhline(1.0, color="0.5", lw=0.7, ls=":")
         ax.set(xscale="log", xlabel="independent prediction: ≥2 heads flip (%)",
                ylabel="observed / independent")
         _legend(fig, fams + marks, 2)
         paths += save_figure(fig, out_dir, "gqa_coflip")
     return paths
+
+
+def _tag(res: dict) -> str:
+    from ..stages import model_slug
+
+    return model_slug(res["model"])
+
+
+STAGE = register_stage(Stage(
+    name="flip_study", title="Flip rates at matched storage",
+    configure=lambda size, model: FlipStudyConfig.for_size(size, model=model, compare_model=None),
+    run=run, summary=summary, plot=plot,
+    figures=("flip_vs_budget", "flip_heatmap", "certified_fraction", "gqa_coflip"),
+    claims=("C3", "C5")))

@@ -31,6 +31,7 @@ import numpy as np
 
 from .._checks import check_choice, check_int
 from ..errors import bad_argument
+from ..stages import Stage, decoders, register_stage
 from .common import method_grid, small
 
 __all__ = ["PredictorConfig", "rankdata", "spearman_ci", "capture_metrics", "run", "plot",
@@ -410,3 +411,23 @@ def plot(result: dict, out_dir) -> list[Path]:
         ax.set_ylim(ax.get_ylim())
         _place_labels(ax, xs, ys, [r["spec"] for r in rows], fallback=False)
         return save_figure(fig, out_dir, "predictor_scatter")
+
+
+def plot_models(results: dict, out_dir) -> list[Path]:
+    """``predictor_scatter-<model>`` for each model of ``{model: result}``."""
+    from ..plotstyle import model_stamp, per_model
+
+    return per_model(plot, results, out_dir, lambda m, r: model_stamp(
+        m, f"target {r['target']}, {r['n_windows']}×{r['seq_len']} tokens"))
+
+
+def _run_stage(cfg: PredictorConfig, *, flip_study_result: dict | None = None,
+               budget_result: dict | None = None, **kw) -> dict:
+    return run(cfg, flip_result=flip_study_result, budget_result=budget_result, **kw)
+
+
+STAGE = register_stage(Stage(
+    name="predictor", title="Damage predictor: Fisher damage against ΔPPL",
+    configure=lambda size, model: PredictorConfig.for_size(size, model=model),
+    run=_run_stage, summary=summary, plot=plot_models, figures=("predictor_scatter",),
+    needs=("flip_study", "budget"), applies=decoders))

@@ -38,6 +38,7 @@ from .._checks import check_choice, check_int
 from ..bases import PCABasis
 from ..compress import make_compressor
 from ..errors import KVTheoryError, bad_argument
+from ..stages import Stage, decoders, register_stage
 from .common import small
 
 __all__ = ["RoutingConfig", "removal_scores", "find_example", "run", "plot", "summary"]
@@ -325,3 +326,18 @@ def plot(result: dict, out_dir) -> list:
         ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.16), ncol=1, fontsize=6,
                   title="circled: the top-1 key of each", title_fontsize=6, columnspacing=1.0)
         return save_figure(fig, out_dir, "routing_failure")
+
+
+def plot_models(results: dict, out_dir) -> list:
+    """``routing_failure-<model>`` for each model of ``{model: result}``."""
+    from ..plotstyle import model_stamp, per_model
+
+    return per_model(plot, results, out_dir,
+                     lambda m, r: model_stamp(m, f"{r['n_tokens']} WikiText-2 tokens"))
+
+
+STAGE = register_stage(Stage(
+    name="routing", title="A discrete routing failure on a real query",
+    configure=lambda size, model: RoutingConfig.for_size(size == "small", model=model),
+    run=run, summary=summary, plot=plot_models, figures=("routing_failure",), claims=("C5",),
+    applies=decoders))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .._checks import check_int
 from ..errors import bad_argument
+from ..stages import Stage, register_stage
 from .common import small
 
 __all__ = ["TasksConfig", "lm_methods", "encoder_methods", "run", "plot", "summary"]
@@ -58,8 +59,9 @@ class TasksConfig:
     ``calib_len`` / ``encoder_calib_len`` tokens of WikiText-2's end fit the PCA bases;
     ``encoder_tokens`` tokens are captured for the attention-output error."""
 
-    lm_model: str = "smollm2-135m"
+    lm_model: str | None = "smollm2-135m"
     encoder: str | None = "minilm-l6"
+    model: str | None = None
     lambada_limit: int = 150
     lm_methods: tuple[str, ...] | None = None
     calib_len: int = 512
@@ -74,8 +76,15 @@ class TasksConfig:
     def __post_init__(self):
         from ..compress import parse_method
 
-        if not isinstance(self.lm_model, str) or not self.lm_model:
-            raise bad_argument("lm_model", self.lm_model, "a causal LM name or path")
+        if self.model is not None:  # one model, LAMBADA or encoder fidelity by its kind
+            if not isinstance(self.model, str) or not self.model:
+                raise bad_argument("model", self.model, "None or a model name or path")
+            object.__setattr__(self, "lm_model", None)
+            object.__setattr__(self, "encoder", None)
+        elif self.lm_model is None and self.encoder is None:
+            raise bad_argument("lm_model", None, "a causal LM name or path (or an encoder, or model)")
+        elif self.lm_model is not None and (not isinstance(self.lm_model, str) or not self.lm_model):
+            raise bad_argument("lm_model", self.lm_model, "None or a causal LM name or path")
         if self.encoder is not None and (not isinstance(self.encoder, str) or not self.encoder):
             raise bad_argument("encoder", self.encoder, "None or an encoder name or path")
         for name in ("lambada_limit", "sentences", "batch_size", "n_boot"):
@@ -173,14 +182,21 @@ def _encoder(cfg: TasksConfig, data_dir, root, progress: bool) -> dict:
 def run(cfg: TasksConfig | None = None, *, data_dir=None, root=None, progress: bool = True) -> dict:
     """LAMBADA and encoder fidelity; plain JSON values.
 
-    Keys: lambada {model, d, n_passages, methods {spec: {family, bits, accuracy, target_ppl}}}
+    With ``cfg.model`` set, the model's kind picks one part (the other is None).
+    Keys: lambada (None without an LM) {model, d, n_passages, methods {spec: {family, bits, accuracy, target_ppl}}}
     (Score dicts: metric, value, ci_low, ci_high, n_tokens, n_items); encoder (None without an
     encoder) {model, d, n_sentences, capture_tokens, methods {spec: {family, bits, cosine,
     hidden_rel_err (Score dicts), attn_output_rel_err, flip_rate}}}; seconds {lambada, encoder}.
     """
     cfg = cfg or TasksConfig.for_size()
+    if cfg.model is not None:
+        from .common import get_model
+
+        causal = get_model(cfg.model).info.causal
+        cfg = dataclasses.replace(cfg, model=None, lm_model=cfg.model if causal else None,
+                                  encoder=None if causal else cfg.model)
     t0 = time.perf_counter()
-    lam = _lambada(cfg, data_dir, progress)
+    lam = _lambada(cfg, data_dir, progress) if cfg.lm_model is not None else None
     t1 = time.perf_counter()
     enc = _encoder(cfg, data_dir, root, progress) if cfg.encoder is not None else None
     return {"lambada": lam, "encoder": enc,
@@ -191,9 +207,11 @@ def summary(result: dict) -> dict[str, float | str]:
     """LAMBADA accuracy and target PPL per method (``lambada_<spec>_acc``, ``_ppl``), their
     change from fp (``_dacc``, ``_dppl``); encoder cosine, hidden and attention-output errors."""
     out: dict[str, float | str] = {}
-    lam = result["lambada"]["methods"]
+    lam = result["lambada"]["methods"] if result.get("lambada") else {}
     fp = lam.get("fp")
-    out["lambada_n_passages"] = float(result["lambada"]["n_passages"])
+    if result.get("lambada"):
+        out["lambada_n_passages"] = float(result["lambada"]["n_passages"])
+        out["lambada_rank_at_int4"] = f"rank{result['lambada']['d'] // 4}-pca"
     for spec, m in lam.items():
         out[f"lambada_{spec}_acc"] = m["accuracy"]["value"]
         out[f"lambada_{spec}_ppl"] = m["target_ppl"]["value"]
@@ -234,32 +252,32 @@ def plot(result: dict, out_dir) -> list[Path]:
 
     from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
 
-    enc = result.get("encoder")
+    enc, lam = result.get("encoder"), result.get("lambada")
     with style():
-        fig, axes = new_figure(COLUMN_WIDTH, 0.5 if enc is None else 1.0, nrows=1 if enc is None else 2,
-                               squeeze=False)
-        lam = result["lambada"]
-        specs = list(lam["methods"])
+        fig, axes = new_figure(COLUMN_WIDTH, 0.5 if None in (enc, lam) else 1.0,
+                               nrows=1 if None in (enc, lam) else 2, squeeze=False)
+        specs = list(lam["methods"]) if lam else []
         ax = axes[0, 0]
-        acc = np.array([100 * lam["methods"][s]["accuracy"]["value"] for s in specs])
-        lo = acc - [100 * lam["methods"][s]["accuracy"]["ci_low"] for s in specs]
-        hi = np.array([100 * lam["methods"][s]["accuracy"]["ci_high"] for s in specs]) - acc
-        cols = [COLORS.get(lam["methods"][s]["family"], COLORS["other"]) for s in specs]
-        ax.bar(range(len(specs)), acc, color=cols, yerr=[lo, hi], capsize=2, error_kw={"lw": 0.6})
-        for i, (s, a) in enumerate(zip(specs, acc)):
-            ppl = lam["methods"][s]["target_ppl"]["value"]
-            txt = f"{ppl / 1e3:.0f}k" if ppl >= 1e4 else f"{ppl:,.0f}" if ppl >= 100 else f"{ppl:.1f}"
-            ax.text(i, a + hi[i] + 1, f"{a:.0f}%\n{txt}", ha="center", va="bottom", fontsize=5)
-        ax.set_xticks(range(len(specs)))
-        ax.set_xticklabels([f"{_short(s)}\n{lam['methods'][s]['bits']:.3g} b" for s in specs], fontsize=6)
-        ax.text(0.99, 0.97, "above bars: accuracy,\ntarget-word PPL", transform=ax.transAxes,
-                ha="right", va="top", fontsize=5.5)
-        ax.set_ylabel("LAMBADA accuracy (%)")
-        ax.set_ylim(0, max(acc + hi) * 1.45 + 1)
-        ax.set_title(f"{lam['model']}: LAMBADA, K+V, {lam['n_passages']} passages "
-                     "(ranks: PCA)", loc="left", pad=2)
+        if lam:
+            acc = np.array([100 * lam["methods"][s]["accuracy"]["value"] for s in specs])
+            lo = acc - [100 * lam["methods"][s]["accuracy"]["ci_low"] for s in specs]
+            hi = np.array([100 * lam["methods"][s]["accuracy"]["ci_high"] for s in specs]) - acc
+            cols = [COLORS.get(lam["methods"][s]["family"], COLORS["other"]) for s in specs]
+            ax.bar(range(len(specs)), acc, color=cols, yerr=[lo, hi], capsize=2, error_kw={"lw": 0.6})
+            for i, (s, a) in enumerate(zip(specs, acc)):
+                ppl = lam["methods"][s]["target_ppl"]["value"]
+                txt = f"{ppl / 1e3:.0f}k" if ppl >= 1e4 else f"{ppl:,.0f}" if ppl >= 100 else f"{ppl:.1f}"
+                ax.text(i, a + hi[i] + 1, f"{a:.0f}%\n{txt}", ha="center", va="bottom", fontsize=5)
+            ax.set_xticks(range(len(specs)))
+            ax.set_xticklabels([f"{_short(s)}\n{lam['methods'][s]['bits']:.3g} b" for s in specs], fontsize=6)
+            ax.text(0.99, 0.97, "above bars: accuracy,\ntarget-word PPL", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=5.5)
+            ax.set_ylabel("LAMBADA accuracy (%)")
+            ax.set_ylim(0, max(acc + hi) * 1.45 + 1)
+            ax.set_title(f"{lam['model']}: LAMBADA, K+V, {lam['n_passages']} passages "
+                         "(ranks: PCA)", loc="left", pad=2)
         if enc is not None:
-            ax = axes[1, 0]
+            ax = axes[-1, 0]
             specs = [s for s in enc["methods"] if s != "fp"]
             one = lambda x: max(1 - x, 1e-7)  # noqa: E731
             y = np.array([one(enc["methods"][s]["cosine"]["value"]) for s in specs])
@@ -281,3 +299,17 @@ def plot(result: dict, out_dir) -> list[Path]:
                          loc="left", pad=2)
         fig.tight_layout()
         return save_figure(fig, out_dir, "tasks")
+
+
+def plot_models(results: dict, out_dir) -> list[Path]:
+    """``tasks-<model>`` for each model of ``{model: result}`` (LAMBADA for a decoder,
+    sentence-embedding fidelity for an encoder)."""
+    from ..plotstyle import model_stamp, per_model
+
+    return per_model(plot, results, out_dir, lambda m, r: model_stamp(m, "K+V compressed"))
+
+
+STAGE = register_stage(Stage(
+    name="tasks", title="LAMBADA and the encoder",
+    configure=lambda size, model: TasksConfig.for_size(size, model=model),
+    run=run, summary=summary, plot=plot_models, figures=("tasks",), claims=("C4",)))

@@ -13,14 +13,21 @@ HELP = "Run every analysis (cached), draw the figures and write REPORT.md."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..report import STAGES
+    from ..report import DEFAULT_MODELS
+    from ..stages import stages
 
     parser.add_argument("--data-dir", help="folder with the corpora (default $KVTHEORY_DATA)")
     parser.add_argument("--size", choices=("default", "small"), default="default")
     parser.add_argument("--results", default="results", help="folder of saved results")
     parser.add_argument("--figures", default="figures", help="folder of figures")
     parser.add_argument("--out", default="REPORT.md", help="the report file")
-    parser.add_argument("--stages", help="comma-separated subset of: " + ",".join(s.name for s in STAGES))
+    parser.add_argument("--stages", help="comma-separated subset of: " + ",".join(s.name for s in stages()))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated models every applicable stage runs on "
+                             f"(default {','.join(DEFAULT_MODELS)}); registry names or paths")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="run the (stage, model) tasks in this process or as Ray tasks")
+    parser.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     parser.add_argument("--force", action="store_true", help="recompute saved results")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -28,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..report import ReportConfig, report
 
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else None
     cfg = ReportConfig(size=args.size, data_dir=args.data_dir, results=args.results,
-                       figures=args.figures, report=args.out, stages=stages, force=args.force,
-                       progress=not args.no_progress)
+                       figures=args.figures, report=args.out, stages=args.stages,
+                       models=args.models, force=args.force, progress=not args.no_progress,
+                       executor=args.executor, address=args.address)
     report(cfg)
     return 0
