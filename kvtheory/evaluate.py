@@ -187,12 +187,12 @@ def _score(metric: str, num: Tensor, den: Tensor, f: Callable[[Tensor], Tensor],
 
 @contextlib.contextmanager
 def _compressed(model, keys, values, calibration, rope):
-    if keys is None and values is None:
-        yield
+    if keys is None and values is None and not isinstance(calibration, dict):
+        yield  # nothing to compress (a fitted plan alone is applied, not ignored)
         return
     from .patch import compressed_kv
 
-    with compressed_kv(model, keys=keys or "fp", values=values or "fp",
+    with compressed_kv(model, keys=keys, values=values,
                        calibration=calibration, rope=rope):
         yield
 

