@@ -11,6 +11,7 @@ import torch
 from _tiny import save_tiny, tiny_ids, tiny_model
 from tol import assert_close
 
+from kvtheory import engine
 from kvtheory.analysis import ablation, budget
 from kvtheory.capture import capture
 from kvtheory.errors import KVTheoryError
@@ -18,9 +19,9 @@ from kvtheory.errors import KVTheoryError
 
 @pytest.fixture(autouse=True)
 def _fresh_memo():
-    budget.clear_memo()
+    engine.clear_memo()
     yield
-    budget.clear_memo()
+    engine.clear_memo()
 
 
 def test_spread_by_hand():
@@ -59,7 +60,7 @@ BASES = ("identity", "pca", "random0", "random1", "hadamard", "qaware")
 def result(tiny_folder, data_dir, tmp_path_factory):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    budget.clear_memo()
+    engine.clear_memo()
     try:
         cfg = ablation.AblationConfig(model=str(tiny_folder), seq_len=32, bases=BASES,
                                       quant_bits=(4, 16), n_boot=20)
@@ -78,7 +79,7 @@ def test_rows_equal_direct_evaluations(result, tiny_folder, data_dir):
     assert len(res["rows"]) == 2 * len(BASES) * 3 and res["rank"] == 2  # d = 8: rank d/4
     assert res["rope_check_max_rel_err"] < 1e-5
     lm = get_model(str(tiny_folder))
-    ev, cal = budget.eval_windows(str(tiny_folder), 32, 1, 1, data_dir)
+    ev, cal = engine.eval_windows(str(tiny_folder), 32, 1, 1, data_dir)
     from kvtheory.evaluate import perplexity
 
     for side, spec in (("post", "rank2-pca"), ("pre", "int4-qaware"), ("pre", "rank2-random1")):

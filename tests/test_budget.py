@@ -12,19 +12,20 @@ import torch
 from _tiny import save_tiny, tiny_model
 from tol import assert_close
 
+from kvtheory import engine
 from kvtheory.analysis import budget
 from kvtheory.errors import KVTheoryError
 from kvtheory.evaluate import perplexity
-from kvtheory.patch import compressed_kv
+from kvtheory.patch import _FIT_CACHE, compressed_kv
 
 L = 24
 
 
 @pytest.fixture(autouse=True)
 def _fresh_memo():
-    budget.clear_memo()
+    engine.clear_memo()
     yield
-    budget.clear_memo()
+    engine.clear_memo()
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,13 @@ def loop_ppl(model, windows, keys=None, values=None, calibration=None, rope="pos
                                          ("rank2-qaware", "k")])
 def test_point_equals_direct_perplexity_and_loop(llama, spec, target):
     ev, cal = ids(2, 0), ids(1, 1)
-    got = budget.ppl_point(llama, "tiny", spec, target, windows=ev, calibration=cal, n_boot=50)
+    got = engine.ppl_point(llama, "tiny", spec, target, windows=ev, calibration=cal, n_boot=50)
     ks = spec if target in ("k", "kv") else "fp"
     vs = spec if target in ("v", "kv") else "fp"
     if spec == "fp":
         direct = perplexity(llama, ev, n_boot=50)
         loop = loop_ppl(llama, ev)
-    else:  # fitted by patch.fit_compressors with the spec itself, not budget.fitted_plan
+    else:  # fitted by patch.fit_compressors with the spec itself, not engine.fitted_plan
         direct = perplexity(llama, ev, keys=ks, values=vs, calibration=cal, n_boot=50)
         loop = loop_ppl(llama, ev, ks, vs, cal)
     assert_close(got["value"], direct.value, "float32")
@@ -73,11 +74,11 @@ def test_point_equals_direct_perplexity_and_loop(llama, spec, target):
 
 def test_pre_rope_point_equals_direct(llama):
     ev, cal = ids(1, 2), ids(1, 3)
-    got = budget.ppl_point(llama, "tiny", "rank2-pca", "k", rope="pre", windows=ev,
+    got = engine.ppl_point(llama, "tiny", "rank2-pca", "k", rope="pre", windows=ev,
                            calibration=cal, n_boot=20)
     loop = loop_ppl(llama, ev, "rank2-pca", "fp", cal, rope="pre")
     assert_close(got["value"], loop, "float32")
-    post = budget.ppl_point(llama, "tiny", "rank2-pca", "k", rope="post", windows=ev,
+    post = engine.ppl_point(llama, "tiny", "rank2-pca", "k", rope="post", windows=ev,
                             calibration=cal, n_boot=20)
     assert got["value"] != post["value"]
 
@@ -85,36 +86,36 @@ def test_pre_rope_point_equals_direct(llama):
 def test_memo_identical_and_counted(llama, tmp_path):
     ev, cal = ids(1, 4), ids(1, 5)
     kw = dict(windows=ev, calibration=cal, n_boot=20, root=tmp_path)
-    a = budget.ppl_point(llama, "tiny", "rank2-pca", "kv", **kw)
-    b = budget.ppl_point(llama, "tiny", "rank2-pca", "kv", **kw)
-    assert a == b and sum(budget.CALLS.values()) == 1
-    budget.ppl_point(llama, "tiny", "rank2-pca", "k", **kw)        # another target: evaluated
-    budget.ppl_point(llama, "tiny", "rank4-pca", "kv", **kw)       # same basis, reused fit
-    assert sum(budget.CALLS.values()) == 3 and len(budget._BASES) == 1
+    a = engine.ppl_point(llama, "tiny", "rank2-pca", "kv", **kw)
+    b = engine.ppl_point(llama, "tiny", "rank2-pca", "kv", **kw)
+    assert a == b and sum(engine.CALLS.values()) == 1
+    engine.ppl_point(llama, "tiny", "rank2-pca", "k", **kw)        # another target: evaluated
+    engine.ppl_point(llama, "tiny", "rank4-pca", "kv", **kw)       # same basis, reused fit
+    assert sum(engine.CALLS.values()) == 3 and len(_FIT_CACHE[llama]) == 1  # one fit of the basis
     # the rope side does not matter when keys stay fp; int4 needs no calibration
-    budget.ppl_point(llama, "tiny", "rank2-pca", "v", rope="pre", **kw)
-    budget.ppl_point(llama, "tiny", "rank2-pca", "v", rope="post", **kw)
-    budget.ppl_point(llama, "tiny", "int4", "kv", **kw)
-    budget.ppl_point(llama, "tiny", "int4", "kv", **{**kw, "calibration": ids(1, 9)})
-    assert sum(budget.CALLS.values()) == 5
-    budget.clear_memo()                                            # disk cache answers
-    c = budget.ppl_point(llama, "tiny", "rank2-pca", "kv", **kw)
-    assert c == a and sum(budget.CALLS.values()) == 0
+    engine.ppl_point(llama, "tiny", "rank2-pca", "v", rope="pre", **kw)
+    engine.ppl_point(llama, "tiny", "rank2-pca", "v", rope="post", **kw)
+    engine.ppl_point(llama, "tiny", "int4", "kv", **kw)
+    engine.ppl_point(llama, "tiny", "int4", "kv", **{**kw, "calibration": ids(1, 9)})
+    assert sum(engine.CALLS.values()) == 5
+    engine.clear_memo()                                            # disk cache answers
+    c = engine.ppl_point(llama, "tiny", "rank2-pca", "kv", **kw)
+    assert c == a and sum(engine.CALLS.values()) == 0
 
 
 def test_qaware_values_rejected(llama):
     with pytest.raises(KVTheoryError, match="qaware"):
-        budget.ppl_point(llama, "tiny", "rank2-qaware", "kv", windows=ids(1, 0), calibration=ids(1, 1))
+        engine.ppl_point(llama, "tiny", "rank2-qaware", "kv", windows=ids(1, 0), calibration=ids(1, 1))
 
 
 def test_storage_bits_by_hand():
     # KIVI keys: 4 + 32/128; values per token: 4 + 32/64; kv: the mean
-    assert budget.storage_bits("int4-kivi", "k", 64, 512) == 4.25
-    assert budget.storage_bits("int4-kivi", "v", 64, 512) == 4.5
-    assert budget.storage_bits("int4-kivi", "kv", 64, 512) == 4.375
+    assert engine.storage_bits("int4-kivi", "k", 64, 512) == 4.25
+    assert engine.storage_bits("int4-kivi", "v", 64, 512) == 4.5
+    assert engine.storage_bits("int4-kivi", "kv", 64, 512) == 4.375
     # rank 16 of 64: 16·16/64 = 4, basis 16·64·16/(64·512) = 0.5
-    assert budget.storage_bits("rank16-pca", "kv", 64, 512) == 4.5
-    assert budget.storage_bits("fp", "k", 64, 512) == 16.0
+    assert engine.storage_bits("rank16-pca", "kv", 64, 512) == 4.5
+    assert engine.storage_bits("fp", "k", 64, 512) == 16.0
 
 
 def test_default_methods_by_hand():
@@ -162,14 +163,14 @@ def test_run_plot_summary(tiny_folder, data_dir, tmp_path):
     res = budget.run(cfg, data_dir=data_dir, root=tmp_path, progress=False)
     assert len(res["points"]) == 6 * 3 and res["evaluations"] == 1 + 6 * 3
     # every point is a direct perplexity on the first windows, calibration from the end
-    ev, cal = budget.eval_windows(str(tiny_folder), 32, 2, 1, data_dir)
+    ev, cal = engine.eval_windows(str(tiny_folder), 32, 2, 1, data_dir)
     from kvtheory.analysis.common import get_model
 
     model = get_model(str(tiny_folder)).model
     p = next(x for x in res["points"] if x["spec"] == "rank2-pca" and x["target"] == "kv")
     assert_close(p["ppl"], loop_ppl(model, ev, "rank2-pca", "rank2-pca", cal), "float32")
     assert_close(p["dppl"], p["ppl"] - res["fp"]["value"], "exact64")
-    assert p["bits"] == budget.storage_bits("rank2-pca", "kv", 8, 32)
+    assert p["bits"] == engine.storage_bits("rank2-pca", "kv", 8, 32)
     m4 = next(m for m in res["matched"]["kv"] if m["quant_bits"] == 4)
     assert m4["budget"] == 4 + 32 / 8
     assert res["c8"]["int4"]["reduction"] == 1 - 8 / 16  # int4 at d = 8: 4 + 32/8 bits

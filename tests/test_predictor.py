@@ -12,15 +12,16 @@ from _tiny import save_tiny
 from scipy import stats
 from tol import assert_close
 
+from kvtheory import engine
 from kvtheory.analysis import budget, predictor
 from kvtheory.errors import KVTheoryError
 
 
 @pytest.fixture(autouse=True)
 def _fresh_memo():
-    budget.clear_memo()
+    engine.clear_memo()
     yield
-    budget.clear_memo()
+    engine.clear_memo()
 
 
 def manual_rho(x, y):
@@ -102,7 +103,7 @@ def test_run_from_supplied_results_evaluates_nothing(tiny_folder, data_dir, tmp_
     cfg = predictor.PredictorConfig(model=str(tiny_folder), seq_len=32, methods=METHODS, n_boot=200)
     res = predictor.run(cfg, flip_result=flip, budget_result=bud, data_dir=data_dir, root=tmp_path,
                         progress=False)
-    assert sum(budget.CALLS.values()) == 0
+    assert sum(engine.CALLS.values()) == 0
     assert set(res["fisher_source"].values()) == {"flip_study"}
     assert_close(res["spearman"]["rho"], 1 - 6 * 2 / (6 * 35), "float64")
     assert [f["spec"] for f in res["failures"]] == ["rank4-pca", "rank4x4-pca"]
@@ -126,13 +127,13 @@ def test_run_from_capture(tiny_folder, data_dir, tmp_path):
     assert set(res["fisher_source"].values()) == {"capture"}
     lm = get_model(str(tiny_folder))
     cap = load_or_capture(str(tiny_folder), 32, data_dir=data_dir, root=tmp_path)
-    ev, cal = budget.eval_windows(str(tiny_folder), 32, cfg.n_windows, cfg.calib_windows, data_dir)
+    ev, cal = engine.eval_windows(str(tiny_folder), 32, cfg.n_windows, cfg.calib_windows, data_dir)
     row = {r["spec"]: r for r in res["rows"]}
     comp = make_compressor("int4", "k")
     want = np.mean([float(attention_metrics(cap[layer]["q"], cap[layer]["k"], comp(cap[layer]["k"]))
                           .fisher.mean()) for layer in cap.meta.layers])
     assert_close(row["int4"]["fisher"], want, "float32")
-    direct = budget.ppl_point(lm, str(tiny_folder), "rank2-pca", "k", windows=ev, calibration=cal,
+    direct = engine.ppl_point(lm, str(tiny_folder), "rank2-pca", "k", windows=ev, calibration=cal,
                               n_boot=1000)
     assert_close(row["rank2-pca"]["dppl"], direct["value"] - res["fp_ppl"], "exact64")
     r = res["spearman"]

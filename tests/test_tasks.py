@@ -11,6 +11,7 @@ import torch
 from _tiny import save_tiny
 from tol import assert_close
 
+from kvtheory import engine
 from kvtheory.analysis import budget, tasks
 from kvtheory.errors import KVTheoryError
 
@@ -26,7 +27,7 @@ def folders(tmp_path_factory):
 def result(folders, data_dir, tmp_path_factory):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    budget.clear_memo()
+    engine.clear_memo()
     try:
         cfg = tasks.TasksConfig(lm_model=str(folders[0]), encoder=str(folders[1]), lambada_limit=6,
                                 calib_len=32, sentences=8, encoder_calib_len=32, encoder_tokens=32,

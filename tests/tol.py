@@ -25,8 +25,15 @@ TOL: dict[str, tuple[float, float]] = {
     "approx": (1e-3, 1e-6),
     # Monte-Carlo estimates at 10^4 samples
     "mc": (0.03, 0.0),
+    # float32 model outputs of a batched CPU forward pass against single passes: the batched
+    # matmuls sum in another order, about 3e-5 in the logits (issue 14)
+    "cpu_batch": (1e-4, 1e-5),
     # compressed (int8) model outputs against uncompressed ones
     "int8_model": (1e-2, 1e-2),
+    # a committed report number recomputed on another CPU: reductions round differently and
+    # quantized values can land in the neighbouring bin (about 0.5% in quantized PPL at 4 bits,
+    # more at 2 bits); bit-identical on the same CPU and software
+    "cross_cpu": (0.02, 0.0),
 }
 
 

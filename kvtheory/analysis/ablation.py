@@ -5,7 +5,7 @@ Hadamard, query-aware — and each RoPE side (keys compressed before or after Ro
 methods are applied to the **keys only** (values stay fp16; the query-aware basis is defined
 for keys, and RoPE acts only on keys): quantization in the rotated basis ``int{b}-{basis}`` and
 rank reduction ``rank{r}-{basis}`` with r = d/4 (the rank at INT4 storage for d = 64). Measured:
-WikiText-2 perplexity (through :func:`.budget.ppl_point`, shared with the budget study) and,
+WikiText-2 perplexity (through :func:`kvtheory.engine.ppl_point`, shared with the budget study) and,
 on a captured window, the mean top-1 flip rate, the flip rate of queries with margin
 :math:`\ge 1`, KL and Fisher damage (:func:`kvtheory.flips.attention_metrics`). Pre-RoPE
 compression is measured where attention sees it: :math:`\hat k_{post} = R_t\,\hat k_{pre}`
@@ -184,7 +184,7 @@ def run(cfg: AblationConfig | None = None, *, data_dir=None, root=None, progress
     quant_worst_basis, rescued}}, rope_check_max_rel_err, seconds.
     """
     from ..ledger import bits_per_element
-    from .budget import eval_windows, fitted_plan, ppl_point
+    from ..engine import eval_windows, fitted_plan, ppl_point
     from .common import get_model, load_or_capture
 
     cfg = cfg or AblationConfig.for_size()

@@ -14,11 +14,10 @@ use :math:`\lceil L/128\rceil` groups); for ``kv`` it is the mean of the key and
 (:math:`b + 32/d` bits), the best evaluated quantizer, rank method and hybrid with bits
 :math:`\le B` are compared: gap = PPL(best rank) − PPL(best quantizer) (likewise for hybrids).
 
-**Shared evaluations.** :func:`ppl_point` memoises one perplexity per (model, key spec, value
-spec, RoPE side, evaluation ids, calibration ids, n_boot, seed) in this process and, with a
-``root``, on disk under ``root/cache/ppl``; the basis of data-dependent methods is fitted once
-per (model, basis, RoPE side, calibration ids) by :func:`fitted_plan` and reused by every rank,
-rotated quantizer and hybrid. :mod:`.ablation` and :mod:`.predictor` call the same helper.
+**Shared evaluations.** Every perplexity comes from :func:`kvtheory.engine.ppl_point` (memoised
+per model, specs, RoPE side, ids, n_boot and seed; on disk under ``root/cache/ppl``), with bases
+fitted once per (model, basis, RoPE side, calibration ids) by :func:`kvtheory.engine.fitted_plan`;
+:mod:`.ablation`, :mod:`.predictor` and :mod:`.tasks` use the same engine.
 
 Calibration windows come from the END of the corpus, evaluation windows from its start
 (:func:`kvtheory.evaluate.split_windows`): they never share a token.
@@ -26,156 +25,20 @@ Calibration windows come from the END of the corpus, evaluation windows from its
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import time
-from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from jaxtyping import Int
-from torch import Tensor
 
 from .._checks import check_choice, check_int
 from ..errors import bad_argument
+from ..engine import CALLS, eval_windows, ppl_point, storage_bits
 from ..stages import Stage, decoders, register_stage
 from .common import hybrid_specs, rank_specs, small
 
-__all__ = ["BudgetConfig", "ppl_point", "fitted_plan", "clear_memo", "CALLS", "storage_bits",
-           "eval_windows", "matched_gaps", "run", "plot", "summary", "TARGETS"]
+__all__ = ["BudgetConfig", "matched_gaps", "run", "plot", "summary", "TARGETS"]
 
 TARGETS = ("k", "v", "kv")
-#: number of real perplexity evaluations per memo key (tests read it)
-CALLS: Counter = Counter()
-_MEMO: dict[str, dict] = {}
-_BASES: dict[tuple, dict[int, tuple[Any, Any]]] = {}
 _TARGET_NAMES = {"k": "K only", "v": "V only", "kv": "K + V"}
-
-
-def clear_memo() -> None:
-    """Forget every memoised perplexity and fitted basis (the disk cache stays)."""
-    _MEMO.clear()
-    _BASES.clear()
-    CALLS.clear()
-
-
-def _ids_hash(ids: Tensor | None) -> str | None:
-    if ids is None:
-        return None
-    data = ids.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
-
-
-def _unwrap(model: Any) -> torch.nn.Module:
-    return model.model if hasattr(model, "info") and hasattr(model, "tokenizer") else model
-
-
-def fitted_plan(model: Any, model_key: str, k_spec: str, v_spec: str, *, rope: str = "post",
-                calibration: Int[Tensor, "calib calib_token"] | None = None,
-                ) -> dict[int, tuple[Any, Any]]:
-    r"""Per-layer ``(keys, values)`` compressors for ``k_spec``/``v_spec``, their data-dependent
-    bases fitted once per (model, basis, rope, calibration) and shared by every spec in that basis
-    (the basis is fitted with a rank-1 spec: the fitted basis is the full d×d rotation).
-
-    Values are never fitted with ``qaware`` (it needs queries): that raises KVTheoryError.
-    """
-    from ..compress import make_compressor, parse_method
-    from ..patch import attention_modules, fit_compressors
-
-    inner = _unwrap(model)
-    rope = check_choice("rope", rope, ("post", "pre"))
-    n = len(attention_modules(inner))
-    comps = {"k": make_compressor(k_spec, "k"), "v": make_compressor(v_spec, "v")}
-    plan = {layer: [comps["k"], comps["v"]] for layer in range(n)}
-    for i, (role, spec) in enumerate((("k", k_spec), ("v", v_spec))):
-        if not comps[role].needs_fit:
-            continue
-        if calibration is None:
-            raise bad_argument("calibration", None, f"calibration ids to fit the basis of {spec!r}")
-        basis = parse_method(spec).basis
-        if role == "v" and basis == "qaware":
-            raise bad_argument("values", spec,
-                               "a value spec without the qaware basis (it needs queries)")
-        key = (model_key, basis, rope, _ids_hash(calibration))
-        if key not in _BASES:
-            vspec = "fp" if basis == "qaware" else f"rank1-{basis}"
-            _BASES[key] = fit_compressors(inner, f"rank1-{basis}", vspec, calibration, rope)
-        for layer in range(n):
-            fitted = _BASES[key][layer][i].fitted
-            plan[layer][i] = replace(comps[role], fitted=fitted)
-    return {layer: (ck, cv) for layer, (ck, cv) in plan.items()}
-
-
-def _target_specs(spec: str, target: str) -> tuple[str, str]:
-    check_choice("target", target, TARGETS)
-    return (spec if target in ("k", "kv") else "fp", spec if target in ("v", "kv") else "fp")
-
-
-def ppl_point(model: Any, model_key: str, spec: str, target: str, *,
-              windows: Int[Tensor, "batch token"], calibration: Int[Tensor, "calib calib_token"] | None,
-              rope: str = "post", n_boot: int = 1000, seed: int = 0,
-              root: str | Path | None = None, progress: bool = False) -> dict:
-    """Perplexity of ``windows`` with ``spec`` applied to ``target`` (k, v or kv), memoised.
-
-    Returns :class:`kvtheory.evaluate.Score` as a dict (metric, value, ci_low, ci_high,
-    n_tokens, n_items). ``spec == "fp"`` runs the bare model. The memo key holds the model key,
-    the key and value specs, the RoPE side (``"post"`` whenever the keys are not compressed),
-    SHA-256 of the evaluation and calibration ids, n_boot and seed.
-    """
-    from ..evaluate import perplexity
-    from ..io import read_json, write_json
-    from ..store import config_hash
-
-    from ..compress import make_compressor
-
-    ks, vs = _target_specs(spec, target)
-    rope = check_choice("rope", rope, ("post", "pre")) if ks != "fp" else "post"
-    fit = make_compressor(ks, "k").needs_fit or make_compressor(vs, "v").needs_fit
-    from .. import __version__
-
-    key = {"kvtheory": __version__, "model": model_key, "k": ks, "v": vs, "rope": rope,
-           "windows": _ids_hash(windows),
-           "calibration": _ids_hash(calibration) if fit else None,
-           "n_boot": int(n_boot), "seed": int(seed)}
-    h = config_hash(key)
-    if h in _MEMO:
-        return dict(_MEMO[h])
-    path = Path(root) / "cache" / "ppl" / f"ppl-{h}.json" if root is not None else None
-    if path is not None and path.exists():
-        saved = read_json(path)
-        if isinstance(saved, dict) and saved.get("key") == key:
-            _MEMO[h] = saved["score"]
-            return dict(saved["score"])
-    inner = _unwrap(model)
-    if (ks, vs) == ("fp", "fp"):
-        score = perplexity(inner, windows, n_boot=n_boot, seed=seed, progress=progress)
-    else:
-        plan = fitted_plan(inner, model_key, ks, vs, rope=rope, calibration=calibration)
-        score = perplexity(inner, windows, keys=ks, values=vs, calibration=plan, rope=rope,
-                           n_boot=n_boot, seed=seed, progress=progress)
-    CALLS[h] += 1
-    out = dataclasses.asdict(score)
-    _MEMO[h] = out
-    if path is not None:
-        write_json(path, {"key": key, "score": out}, arg="root")
-    return dict(out)
-
-
-def storage_bits(spec: str, target: str, d: int, tokens: int) -> float:
-    r"""Bits per cached element of ``spec`` on ``target``: the K or V bits, or for ``kv`` their
-    mean :math:`\tfrac12(b_k+b_v)`; uncompressed tensors count 16.
-
-    >>> storage_bits("int4-kivi", "kv", 64, 512), storage_bits("int4-kivi", "v", 64, 512)
-    (4.375, 4.5)
-    """
-    from ..ledger import bits_per_element
-
-    ks, vs = _target_specs(spec, target)
-    bk = bits_per_element(ks, d, tokens, role="k")
-    bv = bits_per_element(vs, d, tokens, role="v")
-    return {"k": bk, "v": bv, "kv": (bk + bv) / 2}[target]
 
 
 def _default_methods(d: int, tokens: int, bits: tuple[int, ...]) -> list[str]:
@@ -243,16 +106,6 @@ class BudgetConfig:
             kw = {"seq_len": 128, "methods": ("int8", "int4", "int4-kivi", "int2-kivi",
                                               "rank16-pca", "rank32-pca", "rank32x8-pca")} | kw
         return cls(**kw)
-
-
-def eval_windows(model_name: str, seq_len: int, n_windows: int, calib_windows: int,
-                 data_dir=None) -> tuple[Tensor, Tensor]:
-    """``(eval (W, L), calibration (c, L))`` WikiText-2 ids: start and end of the test split."""
-    from ..evaluate import split_windows
-    from .common import wikitext_ids
-
-    ids = wikitext_ids(model_name, str(data_dir) if data_dir is not None else None)
-    return split_windows(ids, seq_len, n_windows, calib_windows)
 
 
 def matched_gaps(points: list[dict], target: str, budget: float) -> dict:

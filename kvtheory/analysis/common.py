@@ -6,14 +6,11 @@ under ``<results>/cache``), so that a second ``kvtheory report`` does no repeate
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from .._checks import check_choice, check_int
+from ..engine import get_model, wikitext_ids  # noqa: F401  (re-exported for the stages)
 from ..store import DEFAULT_ROOT, config_hash
 
 __all__ = [
@@ -31,24 +28,6 @@ __all__ = [
 def small() -> bool:
     """True when ``KVTHEORY_SMALL=1``: notebooks and tests use the small settings."""
     return os.environ.get("KVTHEORY_SMALL", "") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=4)
-def get_model(name: str, device: str = "cpu"):
-    """:func:`kvtheory.models.load_model`, loaded once per (name, device) in this process."""
-    from ..models import load_model
-
-    return load_model(name, device=device)
-
-
-@functools.lru_cache(maxsize=8)
-def wikitext_ids(tokenizer_name: str, data_dir: str | None = None) -> torch.Tensor:
-    """The whole WikiText-2 test text tokenized once, shape (token,), for a registry model."""
-    from ..data import load_wikitext2
-    from ..evaluate import tokenize
-
-    tok = get_model(tokenizer_name).tokenizer
-    return tokenize(tok, load_wikitext2(data_dir))
 
 
 def load_or_capture(

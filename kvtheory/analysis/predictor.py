@@ -215,7 +215,7 @@ def run(cfg: PredictorConfig | None = None, *, flip_result: dict | None = None,
     """
     from ..ledger import bits_per_element
     from ..plotstyle import family
-    from .budget import eval_windows, fitted_plan, ppl_point
+    from ..engine import eval_windows, fitted_plan, ppl_point
     from .common import get_model, load_or_capture
 
     cfg = cfg or PredictorConfig.for_size()

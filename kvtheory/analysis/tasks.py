@@ -130,7 +130,7 @@ def _lambada(cfg: TasksConfig, data_dir, progress: bool) -> dict:
     from ..data import load_lambada
     from ..evaluate import lambada, lambada_items
     from ..plotstyle import family
-    from .budget import fitted_plan
+    from ..engine import fitted_plan
     from .common import get_model
 
     lm = get_model(cfg.lm_model)
@@ -154,7 +154,7 @@ def _encoder(cfg: TasksConfig, data_dir, root, progress: bool) -> dict:
     from ..data import load_wikitext2
     from ..evaluate import embed_batches, embed_fidelity, embed_hidden, wiki_sentences
     from ..plotstyle import family
-    from .budget import fitted_plan
+    from ..engine import fitted_plan
     from .common import get_model, load_or_capture
     from .predictor import capture_metrics
 
