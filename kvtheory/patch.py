@@ -131,7 +131,8 @@ def _delegate(original: str, module: nn.Module) -> Callable:
 def _make_attention(original: str) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         for handler in tuple(_HANDLERS.get(module, ())):
-            key, value = handler(query, key, value)
+            key, value = (handler(query, key, value, attention_mask) if getattr(
+                handler, "wants_mask", False) else handler(query, key, value))
         return _delegate(original, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.__name__ = attention.__qualname__ = f"{PREFIX}{original}_attention"
@@ -272,18 +273,28 @@ def _observer(layer: int, fn: Callable, stash: dict | None) -> Callable:
 
 
 def _resolve(spec: Any, role: str) -> Any:
-    if isinstance(spec, str):
-        from .compress import make_compressor
+    """The compressor for ``spec`` (a spec string, parsed once, a parsed Method or a
+    compressor object) in ``role``; a query-aware basis for values is refused here, before
+    any work."""
+    from .methods import Method, parse_method
+    from .methods.rotated import check_qaware_role
 
-        return make_compressor(spec, role)
+    if isinstance(spec, (str, Method)):
+        m = parse_method(spec)
+        check_qaware_role(str(m), m.basis, role)
+        return m.compressor(role)
     if callable(spec) and hasattr(spec, "needs_fit") and hasattr(spec, "fit"):
+        check_qaware_role(repr(spec), getattr(getattr(spec, "basis", None), "name", None), role)
         return spec
     name = "keys" if role == "k" else "values"
     raise bad_argument(name, spec, "a method spec such as 'int4-kivi' or a kvtheory Compressor")
 
 
 def _spec_key(spec: Any) -> Any:
-    return spec if isinstance(spec, str) else ("object", id(spec))
+    """Cache key of a spec: its canonical string (``int04`` and ``int4`` share a fit)."""
+    from .methods import Method, parse_method
+
+    return str(parse_method(spec)) if isinstance(spec, (str, Method)) else ("object", id(spec))
 
 
 def _ids_hash(ids: Tensor) -> str:
@@ -303,6 +314,7 @@ def fit_compressors(
     calibration_ids: Int[Tensor, "..."],
     rope: str = "post",
     layers: Any = None,
+    attention_mask: Int[Tensor, "..."] | None = None,
 ) -> dict[int, tuple[Any, Any]]:
     """Per-layer ``(keys, values)`` compressors, fitted per kv head on ``calibration_ids``.
 
@@ -311,6 +323,8 @@ def fit_compressors(
     and values as they pass; one layer is held in memory at a time. Results are cached per
     model, specs, RoPE side, layers and a hash of the ids. Compressors that need no fit are
     shared by all layers. The ids must be disjoint from the evaluation tokens.
+    ``attention_mask`` (batch, token; 1 on real tokens, left or right padding): the bases are
+    fitted on the real tokens only (pad positions never enter a second moment).
     """
     model = _unwrap(model)
     rope = check_choice("rope", rope, ROPE_SIDES)
@@ -322,20 +336,27 @@ def fit_compressors(
 
     ids = _check_ids(calibration_ids, "calibration")
     _check_fits(model, ids, "calibration")
-    key = (_spec_key(spec_k), _spec_key(spec_v), rope, tuple(chosen), _ids_hash(ids))
+    valid = _calibration_mask(attention_mask, ids)
+    key = (_spec_key(spec_k), _spec_key(spec_v), rope, tuple(chosen), _ids_hash(ids),
+           None if valid is None else _ids_hash(valid))
     per_model = _FIT_CACHE.setdefault(model, {})
     if key in per_model:
         return dict(per_model[key][0])
     fitted: dict[int, tuple[Any, Any]] = {}
 
     def fit(layer, q, k, v):
+        if valid is not None:  # the real tokens of every row, as one sequence
+            q, k, v = (_real_tokens(t, valid.to(t.device)) for t in (q, k, v))
         ck = ck0.fit(k.float(), q.float()) if ck0.needs_fit else ck0
         cv = cv0.fit(v.float()) if cv0.needs_fit else cv0
         fitted[layer] = (ck, cv)
 
     device = _model_device(model)
     with torch.no_grad(), _observe(model, chosen, rope, fit):
-        _forward(model, ids.to(device))
+        if valid is None:
+            _forward(model, ids.to(device))
+        else:
+            _forward_padded(model, ids.to(device), valid.to(device))
     missing = sorted(set(chosen) - set(fitted))
     if missing:
         raise KVTheoryError(
@@ -344,10 +365,48 @@ def fit_compressors(
     return fitted
 
 
-def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"]) -> Float[Tensor, "batch kv_head token d"]:
-    """``comp(x)`` computed in float32 for half-precision states, returned in x's dtype."""
+def _calibration_mask(mask: Any, ids: Tensor) -> Tensor | None:
+    """The calibration attention mask as bool (batch, token), or None when every token is real."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape) or mask.is_floating_point():
+        raise bad_argument("attention_mask", mask if not isinstance(mask, Tensor) else
+                           f"shape {tuple(mask.shape)}", f"None or a 0/1 tensor shaped like the "
+                           f"calibration ids {tuple(ids.shape)}")
+    valid = mask.to("cpu").bool()
+    if not bool(valid.any()):
+        raise bad_argument("attention_mask", "all zeros", "at least one real calibration token")
+    return None if bool(valid.all()) else valid
+
+
+def _forward_padded(model: nn.Module, ids: Tensor, valid: Tensor) -> Any:
+    """A forward pass over padded ids: the mask, and positions counted over the real tokens
+    (left padding then gives each passage the positions it has alone)."""
+    params = inspect.signature(model.forward).parameters
+    kw: dict[str, Any] = {"input_ids": ids, "attention_mask": valid.to(torch.int64)}
+    if "position_ids" in params:
+        kw["position_ids"] = (valid.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
+    if "use_cache" in params:
+        kw["use_cache"] = False
+    return model(**kw)
+
+
+def _real_tokens(x: Tensor, valid: Tensor) -> Tensor:
+    """(batch, head, token, d) -> (1, head, n, d): the n real tokens of all rows, in order."""
+    return x.transpose(1, 2)[valid].transpose(0, 1).unsqueeze(0)
+
+
+def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"], mask: Tensor | None = None
+           ) -> Float[Tensor, "batch kv_head token d"]:
+    """``comp(x)`` computed in float32 for half-precision states, returned in x's dtype; its
+    output checked (shape, dtype, device: a compressor that overrides ``__call__`` is checked
+    here too). ``mask`` (batch, token), True on real tokens, reaches token-grouped compressors."""
+    from .methods.compressor import check_output
+
     low = x.dtype in (torch.float16, torch.bfloat16)
-    y = comp(x.float() if low else x)
+    xin = x.float() if low else x
+    y = comp(xin, mask) if mask is not None and getattr(comp, "token_grouped", False) else comp(xin)
+    y = check_output(comp, xin, y)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -360,16 +419,16 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _is_fp(comp: Any) -> bool:
-    from .compress import FP
+    from .methods import FP
 
-    return isinstance(comp, FP)
+    return type(comp) is FP  # a subclass may do more than copy
 
 
 @contextlib.contextmanager
 def compressed_kv(
     model: Any,
-    keys: Any = "fp",
-    values: Any = "fp",
+    keys: Any = None,
+    values: Any = None,
     *,
     calibration: Any = None,
     rope: str = "post",
@@ -378,12 +437,19 @@ def compressed_kv(
     """Run ``model`` with its key and value states compressed inside every attention layer.
 
     ``keys``/``values``: a method spec (``"int4-kivi"``, ``"rank16-pca"``, ...) or a
-    Compressor; each acts on (batch, kv_head, token, d) states after RoPE and before GQA
-    expansion (``rope="pre"``: keys on ``k_proj``'s output, before RoPE). ``calibration``:
-    input ids (batch, token), disjoint from the evaluation tokens, for bases fitted on data,
-    or a ``{layer: (keys, values)}`` dict from :func:`fit_compressors`. ``layers``: the
-    layers to compress (default all). Yields the per-layer compressors. The model is restored
-    on exit, also after an exception.
+    Compressor (None: ``"fp"``, or the plan's); each acts on (batch, kv_head, token, d) states
+    after RoPE and before GQA expansion (``rope="pre"``: keys on ``k_proj``'s output, before
+    RoPE). ``calibration``: input ids (batch, token), disjoint from the evaluation tokens, for
+    bases fitted on data (or ``{"input_ids": ..., "attention_mask": ...}`` for padded
+    calibration), or a ``{layer: (keys, values)}`` plan from :func:`fit_compressors`; with a
+    plan, ``keys``/``values`` must be None or name the plan's own methods (a contradiction
+    such as ``keys="fp"`` with a fitted rank plan is refused). ``layers``: the layers to
+    compress (default all). Yields the per-layer compressors. The model is restored on exit,
+    also after an exception.
+
+    Padding: compressors whose statistics span tokens (KIVI keys) group over the real tokens
+    only, read from the attention mask the model passes to attention (left or right padding);
+    per-token methods do not depend on padding.
 
     >>> import torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -400,38 +466,87 @@ def compressed_kv(
     rope = check_choice("rope", rope, ROPE_SIDES)
     n = len(attention_modules(model))
     chosen = _layer_set(layers, n)
+    calib_mask = None
+    if isinstance(calibration, dict) and "input_ids" in calibration:
+        calibration, calib_mask = calibration["input_ids"], calibration.get("attention_mask")
     if isinstance(calibration, dict):
         missing = [layer for layer in chosen if layer not in calibration]
         if missing:
             raise bad_argument("calibration", f"dict of layers {sorted(calibration)}",
                                f"fitted (keys, values) compressors for layers {chosen}")
         plan = {layer: tuple(calibration[layer]) for layer in chosen}
+        _check_plan_matches(plan, keys, values)
     else:
+        keys, values = ("fp" if keys is None else keys), ("fp" if values is None else values)
         ck0, cv0 = _resolve(keys, "k"), _resolve(values, "v")
         if (ck0.needs_fit or cv0.needs_fit) and calibration is None:
             raise bad_argument(
                 "calibration", None,
                 f"calibration input ids (disjoint from the evaluation tokens) to fit the basis of "
                 f"keys={keys!r}, values={values!r}")
-        plan = fit_compressors(model, keys, values, calibration, rope, chosen) if (
+        plan = fit_compressors(model, keys, values, calibration, rope, chosen, calib_mask) if (
             ck0.needs_fit or cv0.needs_fit) else {layer: (ck0, cv0) for layer in chosen}
     pre = rope == "pre" and _pre_rope(model)
+    seen: dict[str, Any] = {}  # the 2D attention mask of the running forward (pre-RoPE keys)
 
     def attention(layer):
         ck, cv = plan[layer]
         ck = None if (pre or _is_fp(ck)) else ck
         cv = None if _is_fp(cv) else cv
+        grouped = any(getattr(c, "token_grouped", False) for c in (ck, cv) if c is not None)
 
-        def handler(q, k, v):
-            return (k if ck is None else _apply(ck, k)), (v if cv is None else _apply(cv, v))
+        def handler(q, k, v, attention_mask=None):
+            from .methods.compressor import key_validity
 
+            mask = key_validity(attention_mask, k.shape[0], k.shape[-2]) if grouped else None
+            return (k if ck is None else _apply(ck, k, mask)), (v if cv is None else _apply(cv, v, mask))
+
+        handler.wants_mask = True
         return handler
 
     projections = {}
+    hooks = []
     if pre and not all(_is_fp(plan[layer][0]) for layer in chosen):
-        projections["k_proj"] = lambda layer: (lambda heads: _apply(plan[layer][0], heads))
-    from .compress import deferred_finite_checks
+        def pre_keys(layer):
+            ck = plan[layer][0]
+            grouped = getattr(ck, "token_grouped", False)
 
-    with _route(model, chosen, attention=attention, projections=projections), \
-            deferred_finite_checks(_model_device(model)):
-        yield plan
+            def f(heads):
+                from .methods.compressor import key_validity
+
+                mask = key_validity(seen.get("mask"), heads.shape[0], heads.shape[-2]) if grouped else None
+                return _apply(ck, heads, mask)
+            return f
+
+        projections["k_proj"] = pre_keys
+
+        def stash_mask(module, args, kwargs):
+            seen["mask"] = kwargs.get("attention_mask")
+
+        hooks.append(model.register_forward_pre_hook(stash_mask, with_kwargs=True))
+    from .methods import deferred_finite_checks
+
+    try:
+        with _route(model, chosen, attention=attention, projections=projections), \
+                deferred_finite_checks(_model_device(model)):
+            yield plan
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _check_plan_matches(plan: dict, keys: Any, values: Any) -> None:
+    """Refuse ``keys``/``values`` that contradict a fitted plan (e.g. ``keys="fp"`` with a
+    rank plan): None, or the plan's own method (its fitted basis aside), is accepted."""
+    for role, spec, i in (("k", keys, 0), ("v", values, 1)):
+        if spec is None:
+            continue
+        want = _resolve(spec, role)
+        for layer, comps in plan.items():
+            have = comps[i]
+            if have is not want and not (type(have) is type(want) and have == want):
+                name = "keys" if role == "k" else "values"
+                raise KVTheoryError(
+                    f"calibration: got a fitted plan whose layer {layer} {name} compressor is "
+                    f"{have!r:.80}, contradicting {name}={spec!r}; expected {name}=None (use the "
+                    f"plan) or the plan's own method")

@@ -244,3 +244,35 @@ class FnCompressor(Compressor):
         if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0:
             raise bad_argument("bits_per_element", bits, f"a positive number from {self!r}")
         return float(bits)
+
+
+def key_validity(attention_mask: Any, batch: int, tokens: int) -> Tensor | None:
+    r"""Which key positions are real, (batch, token) bool, from the mask the model passes to
+    its attention function (or the model's own 2D (batch, token) mask, 1 on real tokens): a key is real when at least one query may attend to it
+    (bool masks: True = attend; additive float masks: above half the dtype's minimum). Padded
+    keys are hidden from every query, left or right padding alike, so they come out False.
+    None when nothing is hidden or the mask does not say (None, another shape or type).
+
+    >>> m = torch.tensor([[1, 1, 0], [0, 1, 1]]).bool()          # right and left padding
+    >>> causal = torch.ones(3, 3).tril().bool()
+    >>> key_validity(causal & m[:, None, None, :], 2, 3).tolist()
+    [[True, True, False], [False, True, True]]
+    """
+    if not isinstance(attention_mask, Tensor) or attention_mask.ndim not in (2, 3, 4):
+        return None
+    m = attention_mask
+    if m.shape[-1] < tokens:
+        return None
+    # a 2D (batch, past + new) mask ends with the new tokens; a 4D one starts with the keys
+    m = m[..., -tokens:] if m.ndim == 2 else m[..., :tokens]
+    visible = m if m.dtype == torch.bool else (
+        m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0)
+    if visible.ndim == 4:
+        visible = visible.any(dim=-2).any(dim=1)
+    elif visible.ndim == 3:
+        visible = visible.any(dim=-2)
+    if visible.shape[0] not in (1, batch):
+        return None
+    if bool(visible.all()):
+        return None
+    return visible.expand(batch, tokens)
