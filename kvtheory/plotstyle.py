@@ -12,7 +12,8 @@ from typing import Iterator
 
 from .io import atomic_write
 
-__all__ = ["COLUMN_WIDTH", "FULL_WIDTH", "COLORS", "style", "family", "new_figure", "save_figure",
+__all__ = ["COLUMN_WIDTH", "FULL_WIDTH", "COLORS", "style", "family", "family_label", "series",
+           "series_label", "tick", "new_figure", "save_figure",
            "figure_context", "per_model", "model_stamp"]
 
 #: width of one column of a two-column paper, inches
@@ -66,15 +67,64 @@ def style() -> Iterator[None]:
         yield
 
 
+def _method(spec):
+    """The parsed method of ``spec``, or None when it names none (e.g. an unregistered family)."""
+    from .errors import KVTheoryError
+    from .methods import parse_method
+
+    try:
+        return parse_method(spec)
+    except KVTheoryError:
+        return None
+
+
 def family(spec: str) -> str:
-    """Method family of a spec string, for its colour: fp, quant, kivi, rank, hybrid."""
-    if spec == "fp":
-        return "fp"
-    if spec.startswith("rank"):
-        return "hybrid" if "x" in spec.split("-")[0] else "rank"
-    if spec.startswith("int"):
-        return "kivi" if "kivi" in spec else "quant"
-    return "other"
+    """Method family of a spec, for its colour (the spec's own ``plot_family``): fp, quant,
+    kivi, rank, hybrid, a registered family's, or ``other`` for a string that names no method.
+
+    >>> family("int4-kivi"), family("rank16x4-pca"), family("int4-hadamard"), family("zz")
+    ('kivi', 'hybrid', 'quant', 'other')
+    """
+    m = _method(spec)
+    return "other" if m is None else m.plot_family
+
+
+def family_label(fam: str) -> str:
+    """The legend name of a colour family (the first registered family drawn in it).
+
+    >>> family_label("quant"), family_label("rank")
+    ('INT per token', 'rank (PCA)')
+    """
+    from .methods import FAMILIES
+
+    return next((f.legend for f in FAMILIES.values() if f.plot_family == fam), fam)
+
+
+def series(spec: str, fam: str | None = None) -> tuple[str, str]:
+    """(colour family, line) of a spec in a figure with one line per family (hybrids: one
+    line per coefficient bit width); ``fam`` for a spec that names no method.
+
+    >>> series("rank32x8-pca"), series("int4")
+    (('hybrid', 'x8'), ('quant', 'quant'))
+    """
+    m = _method(spec)
+    return (fam or "other",) * 2 if m is None else m.series
+
+
+def series_label(spec: str, fam: str | None = None) -> str:
+    """The legend label of a spec's line, e.g. ``INT-b per token``, ``rank r + INT8 coefficients``."""
+    m = _method(spec)
+    return (fam or spec) if m is None else m.label
+
+
+def tick(spec: str) -> str:
+    """A short tick label: ``int4-kivi`` -> ``int4\\nKIVI``, ``rank16-pca`` -> ``rank16``.
+
+    >>> tick("int4-kivi"), tick("rank32x8-pca"), tick("rank16-pca")
+    ('int4\\nKIVI', 'rank32\\n×INT8', 'rank16')
+    """
+    m = _method(spec)
+    return spec if m is None else m.tick
 
 
 def new_figure(width: float = COLUMN_WIDTH, aspect: float = 0.75, nrows: int = 1, ncols: int = 1,

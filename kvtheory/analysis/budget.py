@@ -242,14 +242,13 @@ def plot(result: dict, out_dir) -> list[Path]:
     """``ppl_vs_budget``: PPL (log) against bits per element, one panel per target, one line per
     method family (hybrids: one per coefficient bit width), the fp16 PPL dashed and the INT4
     budget dotted."""
-    from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, style
+    from ..plotstyle import COLORS, COLUMN_WIDTH, new_figure, save_figure, series_label, style
+    from ..plotstyle import series as spec_series
 
     def series(p: dict) -> tuple[str, str]:
-        """(family, series): hybrids form one series per coefficient bit width."""
-        head = p["spec"].split("-")[0]
-        return p["family"], (f"x{head.split('x')[1]}" if p["family"] == "hybrid" else p["family"])
+        """(family, series) from the spec: hybrids form one series per coefficient bit width."""
+        return spec_series(p["spec"], p["family"])
 
-    labels = {"quant": "INT-b per token", "kivi": "INT-b KIVI", "rank": "rank-r PCA"}
     markers = {"quant": "o", "kivi": "s", "rank": "^"}
     names = list(dict.fromkeys(series(p) for p in result["points"]))
     order = {f: i for i, f in enumerate(("quant", "kivi", "rank", "hybrid"))}
@@ -266,11 +265,12 @@ def plot(result: dict, out_dir) -> list[Path]:
                               if p["target"] == t and series(p) == (fam, name)), key=lambda p: p["bits"])
                 if not pts:
                     continue
-                style_kw = {"marker": markers.get(fam, "o"), "ls": "-", "label": labels.get(fam, fam)}
+                label = series_label(pts[0]["spec"], fam)
+                style_kw = {"marker": markers.get(fam, "o"), "ls": "-", "label": label}
                 if fam == "hybrid":
                     b = name.split("x")[1]
                     style_kw = {"marker": "D", "ls": "-." if b == "4" else "-",
-                                "label": f"rank r + INT{b} coefficients", "mfc": "white" if b == "4" else None}
+                                "label": label, "mfc": "white" if b == "4" else None}
                 ax.plot([p["bits"] for p in pts], [p["ppl"] for p in pts], ms=3.5,
                         color=COLORS.get(fam, COLORS["other"]), **style_kw)
             if t == "v" and any(p["family"] == "kivi" for p in result["points"]):

@@ -370,7 +370,11 @@ def summary(result: dict) -> dict[str, float | str]:
     return out | {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"]}
 
 
-_LABEL = {"quant": "INT per token", "kivi": "INT KIVI", "rank": "rank (PCA)", "hybrid": "hybrid"}
+def _labels() -> dict[str, str]:
+    """Legend names of the colour families drawn here, from the method registry."""
+    from ..plotstyle import family_label
+
+    return {f: family_label(f) for f in ("quant", "kivi", "rank", "hybrid")}
 
 
 def _legend(fig, handles, ncol):
@@ -434,7 +438,7 @@ def plot(result: dict, out_dir) -> list[Path]:
     several = len(models) > 1 and "methods" not in result
     width = FULL_WIDTH if len(models) > 2 else COLUMN_WIDTH
     aspect = 0.62 * COLUMN_WIDTH / width * (1.6 if len(models) > 2 else 1)
-    fams = [Line2D([], [], ls="", marker="o", color=COLORS[f], label=lab) for f, lab in _LABEL.items()]
+    fams = [Line2D([], [], ls="", marker="o", color=COLORS[f], label=lab) for f, lab in _labels().items()]
     grey = dict(ls="", marker="o", color="0.3")
     paths = []
     with style():

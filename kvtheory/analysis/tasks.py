@@ -230,18 +230,15 @@ def summary(result: dict) -> dict[str, float | str]:
 
 
 def _short(spec: str) -> str:
-    """A tick label: ``int4-kivi`` -> ``int4 KIVI``, ``rank16-pca`` -> ``rank16``.
+    """A tick label, the spec's own (:func:`kvtheory.plotstyle.tick`): ``int4-kivi`` ->
+    ``int4 KIVI``, ``rank16-pca`` -> ``rank16``.
 
     >>> _short("int4-kivi"), _short("rank32x8-pca")
     ('int4\\nKIVI', 'rank32\\n×INT8')
     """
-    head = spec.split("-")[0]
-    if "kivi" in spec:
-        return f"{head}\nKIVI"
-    if "x" in head:
-        r, b = head.split("x")
-        return f"{r}\n×INT{b}"
-    return head
+    from ..plotstyle import tick
+
+    return tick(spec)
 
 
 def plot(result: dict, out_dir) -> list[Path]:
