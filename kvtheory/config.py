@@ -57,8 +57,11 @@ def _tuple_of_str(name: str, value: Any) -> tuple[str, ...]:
 class EvalConfig:
     """Settings of one evaluation run.
 
-    * ``methods``: method specs (``kvtheory.compress.parse_method``), e.g. ``fp``, ``int4-kivi``,
-      ``rank16-pca``; ``targets`` ⊂ {``k``, ``v``, ``kv``}.
+    * ``methods``: method specs (:func:`kvtheory.methods.parse_method`: built-in, or a family
+      added with :func:`kvtheory.methods.register_method` or a plugin), e.g. ``fp``,
+      ``int4-kivi``, ``rank16-pca``; ``targets`` ⊂ {``k``, ``v``, ``kv``}. A ``qaware`` method
+      with a target that compresses values is refused (qaware is defined for keys only). The
+      head dimension is checked once the model is known (:func:`kvtheory.methods.check_methods`).
     * ``seq_len``: window length in tokens (PPL windows; calibration windows for every task).
     * ``max_windows``: the first N non-overlapping windows (None: all windows that fit before
       the calibration tail).
@@ -93,10 +96,14 @@ class EvalConfig:
         targets = _tuple_of_str("targets", self.targets)
         for t in targets:
             check_choice("targets", t, TARGETS)
-        from .compress import parse_method
+        from .methods import parse_method
+        from .methods.rotated import check_qaware_role
 
+        values = any(t in ("v", "kv") for t in targets)
         for m in methods:
-            parse_method(m)  # raises KVTheoryError for an unknown spec
+            spec = parse_method(m)  # the registry: built-in and registered families; else an error
+            if values:  # refused here, before a model loads (issue 11)
+                check_qaware_role(str(spec), spec.basis, "v")
         seq_len = DEFAULT_SEQ_LEN[self.task] if self.seq_len is None else self.seq_len
         object.__setattr__(self, "methods", methods)
         object.__setattr__(self, "targets", targets)
