@@ -319,7 +319,7 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
     dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
     conv = [None if x is None else x.to(dtype) for x in (k, k_hat, v, v_hat)]
     if (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
-            and _half_matmul(q.device.type)):
+            and (_half_matmul(q.device.type) or _fused_available(q.device, q.dtype))):
         conv[:2] = k, k_hat          # logits on tensor cores, float32 accumulation and output
     else:
         q, scale = q.to(dtype) * scale, 1.0
@@ -335,6 +335,12 @@ _RANGE = {torch.float32: 1e15, torch.float64: 1e150}
 def _amax(x: Tensor) -> float:
     """``max |x|`` as a Python float (0 for an empty tensor)."""
     return float(x.detach().abs().amax()) if x.numel() else 0.0
+
+
+def _fused_available(device: torch.device, dtype: torch.dtype) -> bool:
+    from . import _triton_metrics
+
+    return _triton_metrics.available(device, dtype)
 
 
 @functools.cache
