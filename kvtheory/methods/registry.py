@@ -181,6 +181,7 @@ class RegisteredFamily(Family):
         self.pattern, self.factory, self.key = pattern, factory, name
         self.legend, self.plot_family, self.grammar = label, plot_family, pattern
         self._validate, self._sweep = validate, sweep
+        self._built: dict[tuple, Compressor] = {}  # one compressor per (spec, role): a plan matches it
         parts = re.split(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern)
         self.names = parts[1::2]
         self.regex = re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[0-9]+)"
@@ -193,11 +194,15 @@ class RegisteredFamily(Family):
         return RegisteredSpec(self.key, tuple((n, int(m.group(n))) for n in self.names))
 
     def compressor(self, spec, role):
+        key = (spec.params, role)
+        if key in self._built:
+            return self._built[key]
         params = dict(spec.params)
         comp = self.factory(**params, role=role) if _accepts(self.factory, "role") else self.factory(**params)
         if not isinstance(comp, Compressor):
             raise KVTheoryError(f"method: got {comp!r:.80} from the factory of {str(spec)!r}; "
                                 "expected a kvtheory Compressor (Compressor.from_fn wraps a function)")
+        self._built[key] = comp
         return comp
 
     def series(self, spec):
