@@ -105,7 +105,12 @@ class KVTheoryLM(HFLM):
 
         if not isinstance(pretrained, str):
             raise bad_argument("pretrained", pretrained, "a kvtheory registry name, a folder or a Hub id")
-        ck, cv = make_compressor(str(keys), "k"), make_compressor(str(values), "v")
+        from ..errors import KVTheoryError as _Err
+
+        try:
+            ck, cv = make_compressor(str(keys), "k"), make_compressor(str(values), "v")
+        except _Err as exc:
+            raise bad_argument("keys/values", f"{keys}/{values}", str(exc).split("expected ")[-1]) from None
         loaded = load_model(pretrained, device=device, dtype=dtype)
         if loaded.tokenizer is None or not loaded.info.has_lm_head:
             raise bad_argument("pretrained", pretrained, "a causal LM with its tokenizer")
