@@ -75,27 +75,19 @@ def check_device(device: str) -> str:
     return device
 
 
-def check_methods(methods, targets, d: int, tokens: int) -> None:
-    """Every method of the grid must fit head dimension ``d`` for every target it compresses
-    (e.g. ``rank65-pca`` is refused at ``d = 64``), checked before any row runs.
+def check_methods(methods, targets, d: int) -> None:
+    """Every method of the grid must fit head dimension ``d`` for every tensor its targets
+    compress (e.g. ``rank65-pca`` is refused at ``d = 64``), checked before any row runs
+    (:func:`kvtheory.methods.check_methods`).
 
-    >>> check_methods(("fp", "rank65-pca"), ("kv",), 64, 128)  # doctest: +ELLIPSIS
+    >>> check_methods(("fp", "rank65-pca"), ("kv",), 64)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    kvtheory.errors.KVTheoryError: methods: got 'rank65-pca', which does not fit the model's head dimension d=64 ...
+    kvtheory.errors.KVTheoryError: method: got 'rank65-pca' for the keys of a model with head dimension d=64; ...
     """
-    from .ledger import bits_per_element
+    from .methods import check_methods as check
 
-    for method in methods:
-        for target in targets:
-            keys, values = roles(method, target)
-            try:
-                bits_per_element(keys, d, tokens, role="k")
-                bits_per_element(values, d, tokens, role="v")
-            except KVTheoryError as exc:
-                raise KVTheoryError(f"methods: got {method!r}, which does not fit the model's "
-                                    f"head dimension d={d} ({exc}); expected methods valid at "
-                                    f"d={d}") from None
+    check(list(methods), d, list(targets))
 
 
 def _check_not_an_input(path: Path, cfg) -> None:
@@ -153,7 +145,7 @@ def model_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path 
     """The local folder ``name`` loads from (registry, path or a cached Hub id), else None."""
     from . import models
 
-    if name in getattr(models, "REGISTRY", {}):
+    if name in models.REGISTRY:
         return models.registry_dir(name, cache_dir)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -169,7 +161,8 @@ def model_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path 
 def weights_fingerprint(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """A fingerprint of the files ``name`` loads: weights, config and tokenizer.
 
-    Files up to 8 MiB are hashed whole; a larger file contributes its size, its first MiB
+    For a packaged registry model the pinned SHA-256 of its source enters too. Files up to
+    8 MiB are hashed whole; a larger file contributes its size, its first MiB
     (the safetensors/GGUF header) and 17 evenly spaced 64 KiB samples, so replaced weights are
     caught without reading gigabytes. Returns ``{"sha256", "files", "bytes"}``, or None when
     ``name`` is a Hub id not cached here.
@@ -179,9 +172,13 @@ def weights_fingerprint(name: str, cache_dir: str | os.PathLike | None = None) -
     folder = model_folder(name, cache_dir)
     if folder is None:
         return None
+    from . import models
+
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.suffix in _WEIGHT_SUFFIXES)
     h = hashlib.sha256()
+    entry = models.REGISTRY.get(name)
+    h.update(f"source sha256 {getattr(entry, 'sha256', None)}\0".encode())  # a packaged source
     for p in files:
         _file_digest(p, h)
     return {"sha256": h.hexdigest(), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
@@ -344,7 +341,7 @@ def run_eval(
         _check_same(prev, path, cfg, data_sha, weights)
     d = _head_dim(model_folder(cfg.model)) if weights is not None else None
     if d is not None:
-        check_methods(cfg.methods, cfg.targets, d, cfg.seq_len)
+        check_methods(cfg.methods, cfg.targets, d)
     grid = [(m, t) for m in cfg.methods for t in cfg.targets]
     done = {(r["method"], r["target"]) for r in (prev or {}).get("records", [])}
     run_log: dict[str, Any] = {
@@ -354,7 +351,7 @@ def run_eval(
     todo = [mt for mt in grid if mt not in done]
     if todo:
         job.load_model()
-        check_methods(cfg.methods, cfg.targets, job.info.d, cfg.seq_len)
+        check_methods(cfg.methods, cfg.targets, job.info.d)
         if weights is None:  # a Hub id fetched just now: its files are cached
             weights = job.weights = weights_fingerprint(cfg.model)
             if prev is not None:

@@ -410,10 +410,10 @@ def test_one_window_has_no_interval(tiny, tmp_path, capsys, one_thread):
 
 def test_methods_checked_against_the_model_before_loading_it(tiny, tmp_path, monkeypatch):
     _no_model(monkeypatch)
-    with pytest.raises(KVTheoryError, match=r"methods: got 'rank17-pca', which does not fit the "
-                                            r"model's head dimension d=16 \(rank: got 17"):
+    with pytest.raises(KVTheoryError, match=r"method: got 'rank17-pca' for the keys of a model "
+                                            r"with head dimension d=16; .*rank: got 17"):
         run(tiny, tmp_path / "r.json", ("fp", "rank17-pca"))
-    check_methods(("fp", "rank16-pca", "int4-kivi"), ("k", "v", "kv"), 16, 32)  # all fit
+    check_methods(("fp", "rank16-pca", "int4-kivi"), ("k", "v", "kv"), 16)  # all fit
     assert not (tmp_path / "r.json").exists()
 
 
