@@ -96,9 +96,9 @@ class KVTheoryLM(HFLM):
     """lm-eval's ``HFLM`` with the model loaded by kvtheory and run inside
     :func:`kvtheory.patch.compressed_kv` (module docstring)."""
 
-    def __init__(self, pretrained: str = "smollm2-135m", keys: str = "fp", values: str = "fp",
-                 rope: str = "post", calibration_windows: int = 2, calibration_len: int = 1024,
-                 data_dir: str | None = None, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, pretrained: Any = "smollm2-135m", keys: Any = "fp", values: Any = "fp",
+                 rope: str = "post", calibration_windows: Any = 2, calibration_len: Any = 1024,
+                 data_dir: Any = None, dtype: str = "float32", device: str = "cpu",
                  **kwargs: Any) -> None:
         from ..compress import make_compressor
         from ..models import load_model
