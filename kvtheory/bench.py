@@ -765,8 +765,8 @@ def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, 
                  out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """``capture(model, ids)`` (q, k, v of every layer, float32 on the CPU) followed by
     ``save_capture`` (safetensors + SHA-256 manifest) vs a plain forward of the same ids."""
-    from .capture import _check_ids, _forward, capture, capture_size, save_capture
-    from .patch import _unwrap
+    from ._hf import check_ids as _check_ids, forward as _forward, unwrap as _unwrap
+    from .capture import capture, capture_size, save_capture
 
     inner = _unwrap(model)
     dev, dtype = _device(inner), next(inner.parameters()).dtype

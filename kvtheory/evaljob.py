@@ -82,6 +82,7 @@ class Job:
         import torch
 
         return {"model": self.cfg.model, "task": self.cfg.task, "threads": torch.get_num_threads(),
+                "bos": getattr(self, "bos", None),  # BOS id starting each window/context, or None
                 "data_sha256": {k: v["sha256"] for k, v in self.data.items()}, "data": self.data,
                 "weights": self.weights}
 
@@ -108,8 +109,11 @@ class Job:
         ev.check_seq_len(self.model, cfg.seq_len)
         ids = ev.tokenize(self.tok, self.text)
         max_w = cfg.max_windows if cfg.task == "wikitext2" else None
-        self.windows, self.calib = ev.split_windows(ids, cfg.seq_len, max_w, cfg.calib_windows)
-        n, tail = int(ids.numel()), cfg.calib_windows * cfg.seq_len
+        self.bos = ev.bos_id(self.tok) if cfg.task != "embed" else None  # the tokenization rule
+        self.windows, self.calib = ev.split_windows(ids, cfg.seq_len, max_w, cfg.calib_windows,
+                                                    bos=self.bos)
+        span = cfg.seq_len - (self.bos is not None)  # text tokens per window
+        n, tail = int(ids.numel()), cfg.calib_windows * span
         self._calib_info = {
             "source": next(iter(self.data)), "sha256": next(iter(self.data.values()))["sha256"],
             "windows": cfg.calib_windows, "seq_len": cfg.seq_len, "token_range": [n - tail, n],
@@ -117,7 +121,7 @@ class Job:
             "note": "the last calib_windows*seq_len tokens of the text; used only by bases that "
                     "need fitting (pca, pcac, qaware, identity)"}
         if cfg.task == "wikitext2":
-            self._calib_info["eval_token_range"] = [0, int(self.windows.numel())]
+            self._calib_info["eval_token_range"] = [0, int(self.windows.shape[0]) * span]
         elif cfg.task == "lambada":
             self.items = ev.lambada_items(self.tok, self.passages)
         else:

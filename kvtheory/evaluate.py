@@ -46,11 +46,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._checks import check_int
+from ._hf import check_fits, context_length, model_device
 from .data import split_lambada
 from .errors import KVTheoryError, bad_argument
 
 __all__ = [
-    "Score", "seed_everything", "tokenize", "max_positions", "check_seq_len", "split_windows",
+    "Score", "seed_everything", "tokenize", "bos_id", "max_positions", "check_seq_len", "split_windows",
     "bootstrap_ci", "window_nll", "perplexity", "lambada_items", "lambada", "wiki_sentences",
     "embed_batches", "embed_hidden", "embed_fidelity",
 ]
@@ -90,8 +91,43 @@ _TOKEN_CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple[int, str], Tensor]]" = 
 )
 
 
+def _need_tokenizer(tokenizer: Any) -> None:
+    if tokenizer is None or not callable(tokenizer):
+        raise bad_argument("tokenizer", tokenizer, "the model's tokenizer (this model folder was saved "
+                           "without one: save it with tokenizer.save_pretrained(folder))")
+
+
+def bos_id(tokenizer: Any) -> int | None:
+    r"""The BOS id the tokenizer adds by default, else None: **the one tokenization rule**.
+
+    Text is tokenized without special tokens (:func:`tokenize`); then every evaluation and
+    calibration window (:func:`split_windows`) and every LAMBADA context
+    (:func:`lambada_items`) starts with BOS exactly when ``tokenizer(text)`` itself would put
+    one first (Gemma: yes; SmolLM2, Qwen2.5, GPT-2: no), as lm-eval-harness does. BERT-style
+    ``[CLS]`` is not a BOS (``bos_token_id`` is None).
+
+    >>> from transformers import PreTrainedTokenizerFast
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    >>> t = Tokenizer(models.WordLevel({"<s>": 0, "a": 1}, unk_token="<s>"))
+    >>> t.pre_tokenizer = pre_tokenizers.Whitespace()
+    >>> plain = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>")
+    >>> bos_id(plain)  # adds nothing
+    >>> t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    >>> bos_id(PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>"))
+    0
+    """
+    _need_tokenizer(tokenizer)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    with_special = list(tokenizer("a", verbose=False)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"])
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def tokenize(tokenizer: Any, text: str) -> Int[Tensor, " token"]:
     """Token ids of ``text`` without special tokens, cached in memory per tokenizer."""
+    _need_tokenizer(tokenizer)
     if not isinstance(text, str) or not text.strip():
         raise bad_argument("text", text if isinstance(text, str) else type(text).__name__,
                            "a non-empty text")
@@ -110,12 +146,7 @@ def tokenize(tokenizer: Any, text: str) -> Int[Tensor, " token"]:
 
 def max_positions(model: torch.nn.Module) -> int | None:
     """The model's context length from its config (None when it has no limit)."""
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_length(model)
 
 
 def check_seq_len(model: torch.nn.Module, seq_len: int, name: str = "seq_len") -> int:
@@ -129,31 +160,45 @@ def check_seq_len(model: torch.nn.Module, seq_len: int, name: str = "seq_len") -
 
 
 def split_windows(
-    ids: Int[Tensor, " token"], seq_len: int, max_windows: int | None = None, calib_windows: int = 0
+    ids: Int[Tensor, " token"], seq_len: int, max_windows: int | None = None, calib_windows: int = 0,
+    bos: int | None = None,
 ) -> tuple[Int[Tensor, "_batch _token"], Int[Tensor, "_batch _token"]]:
     r"""Evaluation windows from the START and calibration windows from the END of ``ids``.
 
-    With :math:`n` tokens and :math:`c` calibration windows, calibration takes
-    ``ids[n - c L:]`` and evaluation the first :math:`\min(N, \lfloor (n - cL)/L \rfloor)`
-    windows, so the two never share a token. Returns ``(eval (W, L), calib (c, L))``.
+    Each window holds :math:`s = L` text tokens, or BOS followed by :math:`s = L - 1` text
+    tokens when ``bos`` is an id (:func:`bos_id` of the tokenizer), so every window is ``L``
+    tokens long and predicts :math:`L - 1` text tokens. With :math:`n` tokens and :math:`c`
+    calibration windows, calibration takes ``ids[n - c s:]`` and evaluation the first
+    :math:`\min(N, \lfloor (n - cs)/s \rfloor)` windows, so the two never share a token.
+    Returns ``(eval (W, L), calib (c, L))``.
 
     >>> e, c = split_windows(torch.arange(10), 3, calib_windows=1)
     >>> e.tolist(), c.tolist()
     ([[0, 1, 2], [3, 4, 5]], [[7, 8, 9]])
+    >>> e, c = split_windows(torch.arange(10), 3, calib_windows=1, bos=99)
+    >>> e.tolist(), c.tolist()
+    ([[99, 0, 1], [99, 2, 3], [99, 4, 5], [99, 6, 7]], [[99, 8, 9]])
     """
     if not isinstance(ids, Tensor) or ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
         raise bad_argument("ids", ids, "integer token ids shaped (token,)")
-    seq_len = check_int("seq_len", seq_len, 2)
+    seq_len = check_int("seq_len", seq_len, 2 if bos is None else 3)
     calib_windows = check_int("calib_windows", calib_windows, 0)
-    n, tail = int(ids.numel()), calib_windows * seq_len
-    if n < tail + seq_len:
+    if bos is not None:
+        bos = check_int("bos", bos, 0)
+    span = seq_len - (bos is not None)
+    n, tail = int(ids.numel()), calib_windows * span
+    if n < tail + span:
         raise KVTheoryError(
-            f"text: got {n} tokens; expected at least {tail + seq_len} ({calib_windows} "
+            f"text: got {n} tokens; expected at least {tail + span} ({calib_windows} "
             f"calibration + 1 evaluation window of seq_len={seq_len}); use a longer text or a "
             "smaller --seq-len / --calib-windows")
-    avail = (n - tail) // seq_len
+    avail = (n - tail) // span
     k = avail if max_windows is None else min(avail, check_int("max_windows", max_windows, 1))
-    return ids[: k * seq_len].view(k, seq_len), ids[n - tail:].view(calib_windows, seq_len)
+    ev, cal = ids[: k * span].view(k, span), ids[n - tail:].view(calib_windows, span)
+    if bos is None:
+        return ev, cal
+    return (torch.cat([ev.new_full((k, 1), bos), ev], 1),
+            torch.cat([cal.new_full((calib_windows, 1), bos), cal], 1))
 
 
 def bootstrap_ci(
@@ -198,9 +243,7 @@ def _compressed(model, keys, values, calibration, rope):
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    from .patch import _model_device
-
-    return _model_device(model)
+    return model_device(model)
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -216,11 +259,9 @@ def window_nll(
     model: torch.nn.Module, windows: Int[Tensor, "batch token"], *, progress: bool = False
 ) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
     """Summed next-token NLL (float64) and predicted-token count of each window, one by one."""
-    from .capture import _check_fits
-
     _check_windows(windows)
     check_seq_len(model, windows.shape[-1], "windows")
-    _check_fits(model, windows, "windows")
+    check_fits(model, windows, "windows")
     dev, nll = _device(model), []
     for w in tqdm(windows, desc="windows", leave=False, disable=not progress):
         logits = model(input_ids=w[None].to(dev), use_cache=False).logits[0, :-1]
@@ -257,14 +298,17 @@ def perplexity(
 
 # ----------------------------------------------------------------------------- LAMBADA
 def lambada_items(tokenizer: Any, passages: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, target ids) per passage, without special tokens.
+    """(context ids, target ids) per passage, tokenized without special tokens.
 
     With ``sep`` the whitespace before the last word (normally ``" "``), the target ids are
     the tail of ``tok(context + sep + word)`` after ``tok(context)`` when that is a prefix (so
-    the context is scored exactly as tokenized alone), else ``tok(sep + word)``.
+    the context is scored exactly as tokenized alone), else ``tok(sep + word)``. The context
+    starts with BOS when the tokenizer adds one (:func:`bos_id`, e.g. Gemma).
     """
+    _need_tokenizer(tokenizer)
     if len(passages) == 0:
         raise bad_argument("passages", passages, "at least one LAMBADA passage")
+    bos = bos_id(tokenizer)
 
     def enc(s: str) -> list[int]:
         return list(tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"])
@@ -277,7 +321,7 @@ def lambada_items(tokenizer: Any, passages: Sequence[str]) -> list[tuple[list[in
         t = whole[len(c):] if whole[: len(c)] == c and len(whole) > len(c) else enc(sep + word)
         if not c or not t:
             raise bad_argument("passage", p, "a context and a target word that both tokenize")
-        items.append((c, t))
+        items.append(([bos] + c if bos is not None else c, t))
     return items
 
 

@@ -14,9 +14,10 @@ context manager sets ``config._attn_implementation`` on the model and every sub-
 restores all of them, and removes every hook, in ``finally``. Contexts nest: compressions
 compose, outermost first.
 
-``rope="pre"`` compresses keys before RoPE instead, in a forward hook on ``k_proj``
-(models without RoPE have pre = post). Compressors whose basis is learnt from data are fitted
-per (layer, kv_head) on calibration tokens (:func:`fit_compressors`; cached per model, specs,
+``rope="pre"`` compresses keys just before RoPE instead, in a forward hook on ``k_proj``, or
+on the key norm for models with QK-norm (Gemma 3, Qwen3, OLMo 2: ``k_norm`` acts after
+``k_proj`` and before RoPE); models without RoPE have pre = post. Compressors whose basis is
+learnt from data are fitted per (layer, kv_head) on calibration tokens (:func:`fit_compressors`; cached per model, specs,
 RoPE side and calibration ids). Under incremental decoding with a cache the whole cache is
 re-compressed at each step; evaluation here runs one forward pass per window.
 """
@@ -35,6 +36,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ._checks import check_choice
+from ._hf import attention_modules, check_fits, check_ids, configs, forward, model_device, routes, unwrap
 from .errors import KVTheoryError, bad_argument
 
 __all__ = ["compressed_kv", "fit_compressors", "attention_modules", "clear_fit_cache", "PREFIX"]
@@ -46,64 +48,9 @@ ROPE_SIDES = ("post", "pre")
 _HANDLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> {cache key: {layer: (ck, cv)}}
 _FIT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ROUTES_CACHE: dict[type, bool] = {}
-
-
-def _unwrap(model: Any) -> nn.Module:
-    inner = getattr(model, "model", None)
-    if hasattr(model, "info") and hasattr(model, "tokenizer") and isinstance(inner, nn.Module):
-        return inner  # a models.LoadedModel
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise bad_argument("model", model, "a transformers model or a kvtheory LoadedModel")
-    return model
-
-
-def _routes(cls: type) -> bool:
-    """Whether the class's forward looks its kernel up in ``ALL_ATTENTION_FUNCTIONS``."""
-    if cls not in _ROUTES_CACHE:
-        try:
-            src = inspect.getsource(inspect.unwrap(cls.forward))
-        except (OSError, TypeError):
-            src = ""
-        _ROUTES_CACHE[cls] = "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
-    return _ROUTES_CACHE[cls]
-
-
-def attention_modules(model: Any) -> list[nn.Module]:
-    """The self-attention modules of ``model`` in layer order (list index = layer).
-
-    A module counts when its ``forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS``
-    (Llama/Mistral/Qwen2 ``*Attention``, ``GPT2Attention``, ``BertSelfAttention``); cross
-    attention is left out. Raises :class:`KVTheoryError` when there is none.
-    """
-    model = _unwrap(model)
-    found = [
-        m for m in model.modules()
-        if _routes(type(m)) and hasattr(m, "layer_idx") and not getattr(m, "is_cross_attention", False)
-        and "Cross" not in type(m).__name__
-    ]
-    if not found:
-        raise KVTheoryError(
-            f"model: got a {type(model).__name__} whose attention modules do not dispatch through "
-            "transformers' ALL_ATTENTION_FUNCTIONS; expected a model written for the AttentionInterface "
-            "(transformers >= 4.48 modelling code)"
-        )
-    return found
-
-
-def _configs(model: nn.Module) -> list[Any]:
-    """The model's config, its sub-configs at any depth and every sub-module's config."""
-    from transformers import PretrainedConfig
-
-    seen: dict[int, Any] = {}
-    todo = [model.config] + [getattr(m, "config", None) for m in model.modules()]
-    while todo:
-        cfg = todo.pop()
-        if not isinstance(cfg, PretrainedConfig) or id(cfg) in seen:
-            continue
-        seen[id(cfg)] = cfg
-        todo.extend(getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {}) or {})
-    return list(seen.values())
+# model access (unwrap, device, forward, id checks, attention modules, configs) lives in _hf
+_unwrap, _routes, _configs, _model_device = unwrap, routes, configs, model_device
+_check_ids, _check_fits, _forward = check_ids, check_fits, forward
 
 
 def _delegate(original: str, module: nn.Module) -> Callable:
@@ -169,13 +116,72 @@ def _layer_set(layers: Any, n: int) -> list[int]:
     return out
 
 
-def _head_hook(fn: Callable[[Tensor], Tensor | None], head_dim: int) -> Callable:
-    """Forward hook on a projection: output (batch, token, head·d) seen as (batch, head, token, d)."""
+layer_set = _layer_set  # for capture: layers=None|int|iterable -> sorted layer indices
 
-    def hook(proj, inputs, output):
-        heads = output.unflatten(-1, (-1, head_dim)).transpose(-3, -2)
-        new = fn(heads)
-        return None if new is None else new.transpose(-3, -2).flatten(-2)
+
+#: projection -> the norms that some models (Gemma 3, Qwen3, OLMo 2, Cohere, ...) apply to its
+#: output before RoPE; the pre-RoPE site is the norm's output when the module has one in use
+_QK_NORMS = {"q_proj": ("q_norm", "q_layernorm"), "k_proj": ("k_norm", "k_layernorm")}
+# (attention class, norm name) -> layout learnt from an unambiguous call: "bhtd" or "bthd"
+_LAYOUTS: dict[tuple[type, str], str] = {}
+
+
+def _pre_rope_site(module: nn.Module, name: str) -> tuple[nn.Module, int, int, str]:
+    """Where ``name``'s states are just before RoPE: ``(site module, heads, head_dim, site name)``.
+
+    The site is the projection ``name`` (``q_proj``/``k_proj``), or the QK-norm applied to its
+    output when the attention module has one in use (``k_norm``, ``k_layernorm``, ...).
+    """
+    proj = getattr(module, name, None)
+    head_dim = getattr(module, "head_dim", None)
+    out = getattr(proj, "out_features", None)
+    if not isinstance(proj, nn.Module) or not isinstance(head_dim, int) or not isinstance(out, int):
+        raise KVTheoryError(
+            f"rope: got 'pre' for attention class {type(module).__name__}, which has no "
+            f"{name} projection and head_dim; expected a Llama-style attention module")
+    heads = out // head_dim
+    if getattr(module, "use_qk_norm", True) is not False and getattr(module, "qk_layernorm", True) is not False:
+        for norm in _QK_NORMS.get(name, ()):
+            site = getattr(module, norm, None)
+            if isinstance(site, nn.Module):
+                return site, heads, head_dim, norm
+    return proj, heads, head_dim, name
+
+
+def _head_view(x: Tensor, heads: int, head_dim: int, inp: Tensor | None, key: tuple) -> tuple[Tensor, str]:
+    """``x`` as (batch, head, token, d) and its layout: ``flat`` (batch, token, head·d),
+    ``bhtd`` or ``bthd``; an ambiguous 4-D shape (heads == tokens) is told apart by the
+    input's strides (a transposed view has the head axis inner) or by the class's earlier calls."""
+    if x.ndim == 3 and x.shape[-1] == heads * head_dim:
+        return x.unflatten(-1, (heads, head_dim)).transpose(-3, -2), "flat"
+    if x.ndim == 4 and x.shape[-1] == head_dim and heads in (x.shape[1], x.shape[2]):
+        if x.shape[1] != x.shape[2] or heads == 1:
+            layout = "bhtd" if x.shape[1] == heads else "bthd"
+            _LAYOUTS.setdefault(key, layout)
+        elif key in _LAYOUTS:
+            layout = _LAYOUTS[key]
+        elif isinstance(inp, Tensor) and inp.ndim == 4 and inp.stride(1) != inp.stride(2):
+            layout = "bhtd" if inp.stride(1) < inp.stride(2) else "bthd"
+        else:
+            layout = "bthd" if x.is_contiguous() else "bhtd"
+        return (x if layout == "bhtd" else x.transpose(1, 2)), layout
+    raise KVTheoryError(
+        f"rope: got 'pre' for {key[0].__name__}.{key[1]} whose output has shape {tuple(x.shape)}; "
+        f"expected (batch, token, {heads}*{head_dim}) or 4-D with {heads} heads of {head_dim}")
+
+
+def _head_hook(fn: Callable[[Tensor], Tensor | None], heads: int, head_dim: int, key: tuple) -> Callable:
+    """Forward hook on a pre-RoPE site (projection or QK-norm): its output seen as
+    (batch, head, token, d); a replacement returned by ``fn`` goes back in the site's layout."""
+
+    def hook(site, inputs, output):
+        view, layout = _head_view(output, heads, head_dim, inputs[0] if inputs else None, key)
+        new = fn(view)
+        if new is None:
+            return None
+        if layout == "flat":
+            return new.transpose(-3, -2).flatten(-2)
+        return new if layout == "bhtd" else new.transpose(1, 2)
 
     return hook
 
@@ -213,14 +219,9 @@ def _route(
                 _HANDLERS.setdefault(module, []).append(handler)
                 added.append((module, handler))
             for name, make in (projections or {}).items():
-                proj = getattr(module, name, None)
-                head_dim = getattr(module, "head_dim", None)
-                if not isinstance(proj, nn.Module) or not isinstance(head_dim, int):
-                    raise KVTheoryError(
-                        f"rope: got 'pre' for attention class {type(module).__name__}, which has no "
-                        f"{name} projection and head_dim; expected a Llama-style attention module"
-                    )
-                handles.append(proj.register_forward_hook(_head_hook(make(layer), head_dim)))
+                site, heads, head_dim, where = _pre_rope_site(module, name)
+                hook = _head_hook(make(layer), heads, head_dim, (type(module), where))
+                handles.append(site.register_forward_hook(hook))
         yield modules
     finally:
         for handle in handles:
@@ -237,12 +238,14 @@ def _route(
             cfg._attn_implementation_internal = original
 
 
-def _observe(
+def observe(
     model: nn.Module, layers: list[int], rope: str, fn: Callable[[int, Tensor, Tensor, Tensor], None]
 ) -> contextlib.AbstractContextManager:
     """Call ``fn(layer, q, k, v)`` once per layer and forward, q and k on the ``rope`` side.
 
-    q is (batch, q_head, query, d); k and v are (batch, kv_head, token, d).
+    q is (batch, q_head, query, d); k and v are (batch, kv_head, token, d). Pre-RoPE q and k
+    are taken just before RoPE: after the QK-norm on models that have one (Gemma 3, Qwen3,
+    OLMo 2), else the ``q_proj``/``k_proj`` outputs.
     """
     if rope == "post" or not _pre_rope(model):
         return _route(model, layers, attention=lambda layer: _observer(layer, fn, None))
@@ -258,6 +261,9 @@ def _observe(
         attention=lambda layer: _observer(layer, fn, stash),
         projections={"q_proj": lambda layer: keep(layer, "q"), "k_proj": lambda layer: keep(layer, "k")},
     )
+
+
+_observe = observe  # the former private name
 
 
 def _observer(layer: int, fn: Callable, stash: dict | None) -> Callable:
@@ -332,8 +338,6 @@ def fit_compressors(
     chosen = _layer_set(layers, len(attention_modules(model)))
     if not (ck0.needs_fit or cv0.needs_fit):
         return {layer: (ck0, cv0) for layer in chosen}
-    from .capture import _check_fits, _check_ids, _forward
-
     ids = _check_ids(calibration_ids, "calibration")
     _check_fits(model, ids, "calibration")
     valid = _calibration_mask(attention_mask, ids)
@@ -410,14 +414,6 @@ def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"], mask: Tensor | 
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without any)."""
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError, TypeError):
-        return torch.device("cpu")
-
-
 def _is_fp(comp: Any) -> bool:
     from .methods import FP
 
@@ -438,8 +434,8 @@ def compressed_kv(
 
     ``keys``/``values``: a method spec (``"int4-kivi"``, ``"rank16-pca"``, ...) or a
     Compressor (None: ``"fp"``, or the plan's); each acts on (batch, kv_head, token, d) states
-    after RoPE and before GQA expansion (``rope="pre"``: keys on ``k_proj``'s output, before
-    RoPE). ``calibration``: input ids (batch, token), disjoint from the evaluation tokens, for
+    after RoPE and before GQA expansion (``rope="pre"``: keys just before RoPE, i.e. ``k_proj``'s
+    output, or the key norm's on models with QK-norm). ``calibration``: input ids (batch, token), disjoint from the evaluation tokens, for
     bases fitted on data (or ``{"input_ids": ..., "attention_mask": ...}`` for padded
     calibration), or a ``{layer: (keys, values)}`` plan from :func:`fit_compressors`; with a
     plan, ``keys``/``values`` must be None or name the plan's own methods (a contradiction

@@ -11,7 +11,7 @@ import torch
 from _tiny import outputs, save_tiny, tiny_ids, tiny_model
 from tol import assert_close
 
-from kvtheory.capture import MANIFEST, TENSOR_FILE, capture, load_capture, save_capture
+from kvtheory.capture import MANIFEST, TENSOR_FILE, _manifest_digest, capture, load_capture, save_capture
 from kvtheory.cli import main
 from kvtheory.errors import KVTheoryError
 from kvtheory.io import sha256_file
@@ -145,6 +145,7 @@ def test_truncated_file_raises(saved):
         load_capture(saved)
     manifest = json.loads((saved / MANIFEST).read_text())
     del manifest["tensor_bytes"]  # without the size check, the hash still catches it
+    manifest["manifest_sha256"] = _manifest_digest(manifest)  # an edit that re-signs the manifest
     (saved / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(KVTheoryError, match="SHA-256"):
         load_capture(saved)

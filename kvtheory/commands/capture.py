@@ -1,8 +1,11 @@
 """``kvtheory capture``: q/k/v of a model's attention layers on the start of WikiText-2.
 
 Writes ``OUT/capture.safetensors`` and ``OUT/manifest.json`` (see :mod:`kvtheory.capture`).
-The tokens are the first ``--tokens`` tokens of the WikiText-2 test text (no special tokens),
-the same tokens as the first evaluation window of ``kvtheory eval``.
+The tokens are the first ``--tokens`` tokens of the WikiText-2 test text, tokenized by the
+tokenization rule of :func:`kvtheory.evaluate.bos_id` (BOS first when the tokenizer adds one,
+e.g. Gemma; no special tokens otherwise): the same tokens as the first evaluation window of
+``kvtheory eval`` with ``--seq-len`` equal to ``--tokens``. The manifest records each layer's
+attention window (``windows``: None for global layers).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..capture import capture, save_capture
-    from ..evaluate import check_seq_len, tokenize
+    from ..evaluate import bos_id, check_seq_len, tokenize
     from ..models import load_model
 
     try:
@@ -70,13 +73,12 @@ def run(args: argparse.Namespace) -> int:
     what = [w.strip() for w in str(args.what).split(",") if w.strip()]
     if args.rope not in ("post", "pre"):
         raise bad_argument("--rope", args.rope, "post or pre")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise bad_argument("--out", str(out), "a folder (it exists as a file)")
-    from ..capture import TENSOR_FILE
-    from ..io import _ensure_dir
+    from ..capture import MANIFEST, TENSOR_FILE
+    from ..io import check_output_dir, check_output_file
 
-    _ensure_dir(out / TENSOR_FILE, "--out")  # fail before the work, not after it
+    out = check_output_dir(Path(args.out), "--out")  # fail before the work, not after it
+    for name in (TENSOR_FILE, MANIFEST):
+        check_output_file(out / name, "--out")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -91,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             f"--model: got {args.model!r}, which has no tokenizer; expected a model folder with one")
     check_seq_len(lm.model, n_tokens, "--tokens")
     ids = tokenize(lm.tokenizer, text)
+    bos = bos_id(lm.tokenizer)
+    if bos is not None:  # the model's own convention (Gemma): BOS first, as kvtheory eval does
+        ids = torch.cat([ids.new_tensor([bos]), ids])
     if ids.numel() < n_tokens:
         raise bad_argument("--tokens", n_tokens, f"at most {ids.numel()}, the tokens in the text")
     cap = capture(

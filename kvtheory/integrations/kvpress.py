@@ -140,7 +140,7 @@ def press_context(press: Any, model: Any, *, record: bool = True) -> Iterator[Pr
     ``LoadedModel``.
     """
     require_kvpress()
-    from ..patch import _unwrap
+    from .._hf import unwrap as _unwrap
 
     model = _unwrap(model)
     original = press.forward_hook  # bound method of the press (or of a wrapper press)
@@ -350,7 +350,7 @@ def eviction_perplexity(
     :func:`kvtheory.patch.compressed_kv`; both may be combined; neither is the fp reference.
     """
     from ..evaluate import _compressed, _score, check_seq_len
-    from ..patch import _unwrap
+    from .._hf import unwrap as _unwrap
 
     model = _unwrap(model)
     if not isinstance(windows, Tensor) or windows.ndim != 2 or windows.is_floating_point():
