@@ -46,6 +46,8 @@ __all__ = ["run_eval", "check_device", "check_methods", "check_eval_file", "weig
 KIND = "kvtheory.eval"
 #: 2: result_sha256 and the weights fingerprint (format 1 files carry neither)
 FORMAT = 2
+#: most bootstrap resamples per interval (each holds one int64 index per item)
+MAX_BOOT = 100_000
 _RECORD_KEYS = ("method", "target", "metric", "value", "ci_low", "ci_high", "n_tokens", "n_items",
                 "bits_per_element", "provenance")
 
@@ -327,6 +329,11 @@ def run_eval(
     say = log or (lambda msg: print(msg, file=sys.stderr))
     check_device(cfg.device)
     check_int("seed", cfg.seed, 0, 2**63 - 1)  # torch seeds are signed 64-bit
+    check_int("n_boot", cfg.n_boot, 1, MAX_BOOT)  # resamples x items int64 must fit in memory
+    for name in ("model", "text_file", "data_dir"):
+        value = getattr(cfg, name)
+        if value is not None and "\0" in str(value):
+            raise bad_argument(name, value, "a name or path without NUL characters")
     batch_size = 16 if batch_size is None else check_int("batch_size", batch_size, 1)
     if path is not None and not str(path):
         raise bad_argument("json", path, "a file path (or None for the path derived from the config)")

@@ -155,6 +155,8 @@ def test_cli_errors_one_line(tiny, tmp_path, capsys, as_cli):
     _one_line_error(_main(capsys, *args), "text: got ''; expected a non-empty text")
     _one_line_error(_main(capsys, *_args(tiny, out, methods="fp,rank8-nobasis")), "rank8-nobasis")
     _one_line_error(_main(capsys, *_args(tiny, out, "--limit", "ten")), "limit: got 'ten'")
+    _one_line_error(_main(capsys, *_args(tiny, out, "--threads", str(10**12))),
+                    "threads: got 1000000000000; expected an integer in 1..4096")
     _one_line_error(_main(capsys, *_args(tiny, out, "--task", "lambada")), "text_file")
     _one_line_error(_main(capsys, *_args(tiny, tmp_path)), "a file path, not a folder")
     ro = tmp_path / "ro"

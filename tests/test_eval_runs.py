@@ -197,6 +197,12 @@ def test_more_hostile_inputs_named_before_any_work(tiny, tmp_path, monkeypatch):
     with pytest.raises(KVTheoryError, match=r"seed: got 1180591620717411303424; expected an "
                                             r"integer in 0..9223372036854775807"):
         run(tiny, tmp_path / "s.json", seed=2**70)
+    with pytest.raises(KVTheoryError, match=r"n_boot: got 10000000000; expected an integer in "
+                                            r"1..100000"):  # was an out-of-memory after a row
+        run(tiny, tmp_path / "n.json", n_boot=10**10)
+    for name, value in (("text_file", "a\0b"), ("data_dir", "c\0d")):
+        with pytest.raises(KVTheoryError, match=f"{name}: got .*; expected a name or path without NUL"):
+            run(tiny, tmp_path / "z.json", **{name: value})
     with pytest.raises(KVTheoryError, match="batch_size: got 0; expected an integer >= 1"):
         run_eval(cfg(tiny), tmp_path / "b.json", batch_size=0, progress=False)
     fifo = tmp_path / "fifo.txt"
@@ -212,7 +218,7 @@ def test_more_hostile_inputs_named_before_any_work(tiny, tmp_path, monkeypatch):
         io.read_json(binary)
     with pytest.raises(KVTheoryError, match="fifo.txt', which is not a regular file"):
         io.read_json(fifo)
-    assert not list(tmp_path.glob("[stb].json"))
+    assert not list(tmp_path.glob("[stbnz].json"))
 
 
 def test_symlinked_json_updates_its_target(tiny, tmp_path, one_thread):

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     threads = _int("threads", args.threads)
     batch_size = _int("batch_size", args.batch_size)
     if threads is not None:
-        if threads < 1:
-            raise bad_argument("threads", threads, "an integer >= 1")
+        if not 1 <= threads <= 4096:
+            raise bad_argument("threads", threads, "an integer in 1..4096")
         import torch
 
         torch.set_num_threads(threads)
