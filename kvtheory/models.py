@@ -294,6 +294,10 @@ def load_model(
     if device_map is None and torch_device.type == "cuda" and not torch.cuda.is_available():
         raise bad_argument("device", device, "an available device (this torch has no CUDA device); "
                            "use 'cpu'")
+    if device_map is None and torch_device.type in ("cuda", "mps"):
+        from .runs import check_device  # cuda:N beyond the device count; mps without its backend
+
+        check_device(str(torch_device))
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -434,6 +434,17 @@ def test_unavailable_devices_named_before_any_work(tiny, tmp_path, monkeypatch):
         run(tiny, tmp_path / "r.json", device=f"cuda:{n}")
 
 
+def test_load_model_names_unavailable_devices(tiny):
+    from kvtheory.models import load_model
+
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        with pytest.raises(KVTheoryError, match="device: got 'mps'; expected an available device"):
+            load_model(str(tiny["model"]), device="mps")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(KVTheoryError, match=f"device: got 'cuda:{n}'; expected"):
+        load_model(str(tiny["model"]), device=f"cuda:{n}")
+
+
 def test_format_table_handles_missing_intervals():
     rec = {"method": "fp", "target": "kv", "bits_per_element": 16.0, "metric": "ppl", "value": 3.5,
            "ci_low": None, "ci_high": None, "n_tokens": 31, "n_items": 1}
