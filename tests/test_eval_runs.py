@@ -274,7 +274,7 @@ def test_verify_json_folder_and_figures_out_file_refused_first(tmp_path, capsys,
     assert "which is a device node" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["figures", "--results", str(REPO / "results"), "--out", str(blocker)]) == 2
+    assert main(["figures", "--results", str(tmp_path), "--out", str(blocker)]) == 2
     assert capsys.readouterr().err.strip().endswith("which is a file; expected a folder")
 
 
@@ -471,12 +471,13 @@ def test_lambada_items_validated(tiny):
 
 def test_figures_and_load_result_require_the_checksum(tmp_path, capsys, monkeypatch):
     from kvtheory.cli import main
-    from kvtheory.store import load_result
+    from kvtheory.store import cached, load_result
 
     monkeypatch.delenv("KVTHEORY_DEBUG", raising=False)
-    src = sorted((REPO / "results").glob("routing-*.json"))[0]
+    env = cached("routing", {"n": 1}, lambda: {"rows": [1.5, 2.5]}, root=tmp_path / "ok")
+    src = Path(env["path"])
+    assert load_result(src)["result"] == {"rows": [1.5, 2.5]}  # with its checksum: loads
     data = json.loads(src.read_text())
-    assert load_result(src)["result"] == data["result"]  # the committed file passes
     data.pop("result_sha256")
     bad = tmp_path / "results" / src.name
     bad.parent.mkdir()
@@ -485,4 +486,6 @@ def test_figures_and_load_result_require_the_checksum(tmp_path, capsys, monkeypa
         load_result(bad)
     assert main(["figures", "--results", str(bad.parent), "--out", str(tmp_path / "f")]) == 2
     assert "which carries no result_sha256" in capsys.readouterr().err
-    assert not (tmp_path / "f").exists() or not list((tmp_path / "f").iterdir())
+    assert not list((tmp_path / "f").glob("*.p*"))  # nothing drawn
+    assert main(["figures", "--results", "/dev/null", "--out", str(tmp_path / "f")]) == 2
+    assert "--results: got '/dev/null', which is not a folder" in capsys.readouterr().err
