@@ -170,12 +170,26 @@ def per_model(plot_one, results: dict, out_dir, stamp=None) -> list[Path]:
 
 def model_stamp(model: str, what: str = "") -> str:
     """The stamp of a figure drawn from ``model``'s results: its name, where its weights came
-    from (:func:`kvtheory.models.weights_note`, e.g. a dequantized 4-bit GGUF) and ``what`` was
+    from (:func:`weights_note`, e.g. a dequantized 4-bit GGUF) and ``what`` was
     measured."""
-    from .models import weights_note
-
     note = weights_note(model)
     return " · ".join(x for x in (model + (f" ({note})" if note else ""), what) if x)
+
+
+def weights_note(model: str) -> str:
+    """What a registry model's weights are (its registry description up to the architecture
+    note, e.g. ``SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32``); empty for other
+    names and paths (their weights are whatever the user loaded).
+
+    >>> weights_note("smollm2-135m")
+    'SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32'
+    >>> weights_note("/my/model")
+    ''
+    """
+    from ._packaged import PACKAGED
+
+    entry = next((e for e in PACKAGED if e.name == model), None)
+    return "" if entry is None else entry.description.split(" (")[0]
 
 
 def _slug(model: str) -> str:

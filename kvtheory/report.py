@@ -58,8 +58,8 @@ class ReportConfig:
     results: str = "results"
     figures: str = "figures"
     report: str = "REPORT.md"
-    models: tuple[str, ...] = DEFAULT_MODELS
-    stages: tuple[str, ...] | None = None
+    models: Any = DEFAULT_MODELS          # a tuple after validation (a "a,b" string is accepted)
+    stages: Any = None                    # None or a tuple of stage names, likewise
     force: bool = False
     seed: int = 0
     progress: bool = True

@@ -11,13 +11,20 @@ from typing import Any
 from .claims import claims, fmt, summaries
 from .stages import figure_paths, model_slug, stages
 
-__all__ = ["render", "summary_tables", "WEIGHTS_NOTE", "TOLERANCE_NOTE"]
+__all__ = ["render", "summary_tables", "weights_lines", "TOLERANCE_NOTE"]
 
-WEIGHTS_NOTE = (
-    "**Weights.** The decoders here are the packaged 4-bit GGUF checkpoints dequantized to "
-    "float32 (SmolLM2-135M Q4_1, Gemma 3 270M Q4_K_M, Qwen2.5-Coder-0.5B Q4_K_M), not the "
-    "original bf16 releases: absolute perplexities differ from published ones; comparisons "
-    "between methods on the same weights are what the claims rest on.")
+def weights_lines(models: tuple[str, ...]) -> list[str]:
+    """The report's note on weights: what each registry model's checkpoint is (the packaged
+    4-bit GGUF files are dequantized to float, not the original releases)."""
+    from .plotstyle import weights_note
+
+    notes = [(m, weights_note(m)) for m in models]
+    lines = ["**Weights.** Every number below comes from these checkpoints; the packaged decoders "
+             "are 4-bit GGUF files dequantized to float, not the original bf16 releases, so "
+             "absolute perplexities differ from published ones; the claims rest on comparisons "
+             "between methods on the same weights.", ""]
+    return lines + [f"- `{m}`: {n or 'weights as loaded from that name or path'}" for m, n in notes]
+
 
 TOLERANCE_NOTE = (
     "**Reproducing these numbers.** On the same CPU and software, a recomputation gives "
@@ -121,7 +128,7 @@ def render(saved: Any, cfg: Any, figures: list[Path]) -> str:
         "# kvtheory report: quantization against rank reduction at matched storage", "",
         _provenance_line(saved, cfg) + " Do not edit by hand: every number below is read from "
         "the result file named beside it (`kvtheory figures` redraws the figures from them).", "",
-        WEIGHTS_NOTE, "", TOLERANCE_NOTE, "",
+        *weights_lines(saved.models), "", TOLERANCE_NOTE, "",
         "## The paper's claims, tested", "",
         "Claims from arXiv 2604.11501 as listed in `shared/paper/CLAIMS.md`; the verdict rule is "
         "stated in each row, and per-model evidence is given where the claim is judged per model.",
