@@ -16,6 +16,10 @@ and layer; ``tokens=None`` means :math:`T \to \infty`, the basis is free):
 * ``fp``: 16.
 
 Internally every count is an exact :class:`fractions.Fraction`, so budget comparisons are exact.
+There is one implementation: :func:`breakdown` parses the spec once
+(:func:`kvtheory.methods.parse_method`) and reads its ``storage``, which is the compressor's own
+``storage`` (``Compressor.bits_per_element`` sums the same numbers); families added with
+:func:`kvtheory.methods.register_method` are counted the same way.
 """
 
 from __future__ import annotations

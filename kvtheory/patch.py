@@ -340,7 +340,9 @@ def fit_compressors(
         return {layer: (ck0, cv0) for layer in chosen}
     ids = _check_ids(calibration_ids, "calibration")
     _check_fits(model, ids, "calibration")
-    valid = _calibration_mask(attention_mask, ids)
+    from .methods.compressor import calibration_mask, real_tokens
+
+    valid = calibration_mask(attention_mask, ids)
     key = (_spec_key(spec_k), _spec_key(spec_v), rope, tuple(chosen), _ids_hash(ids),
            None if valid is None else _ids_hash(valid))
     per_model = _FIT_CACHE.setdefault(model, {})
@@ -350,7 +352,7 @@ def fit_compressors(
 
     def fit(layer, q, k, v):
         if valid is not None:  # the real tokens of every row, as one sequence
-            q, k, v = (_real_tokens(t, valid.to(t.device)) for t in (q, k, v))
+            q, k, v = (real_tokens(t, valid.to(t.device)) for t in (q, k, v))
         ck = ck0.fit(k.float(), q.float()) if ck0.needs_fit else ck0
         cv = cv0.fit(v.float()) if cv0.needs_fit else cv0
         fitted[layer] = (ck, cv)
@@ -369,20 +371,6 @@ def fit_compressors(
     return fitted
 
 
-def _calibration_mask(mask: Any, ids: Tensor) -> Tensor | None:
-    """The calibration attention mask as bool (batch, token), or None when every token is real."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape) or mask.is_floating_point():
-        raise bad_argument("attention_mask", mask if not isinstance(mask, Tensor) else
-                           f"shape {tuple(mask.shape)}", f"None or a 0/1 tensor shaped like the "
-                           f"calibration ids {tuple(ids.shape)}")
-    valid = mask.to("cpu").bool()
-    if not bool(valid.any()):
-        raise bad_argument("attention_mask", "all zeros", "at least one real calibration token")
-    return None if bool(valid.all()) else valid
-
-
 def _forward_padded(model: nn.Module, ids: Tensor, valid: Tensor) -> Any:
     """A forward pass over padded ids: the mask, and positions counted over the real tokens
     (left padding then gives each passage the positions it has alone)."""
@@ -393,11 +381,6 @@ def _forward_padded(model: nn.Module, ids: Tensor, valid: Tensor) -> Any:
     if "use_cache" in params:
         kw["use_cache"] = False
     return model(**kw)
-
-
-def _real_tokens(x: Tensor, valid: Tensor) -> Tensor:
-    """(batch, head, token, d) -> (1, head, n, d): the n real tokens of all rows, in order."""
-    return x.transpose(1, 2)[valid].transpose(0, 1).unsqueeze(0)
 
 
 def _apply(comp: Any, x: Float[Tensor, "batch kv_head token d"], mask: Tensor | None = None

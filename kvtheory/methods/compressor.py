@@ -36,7 +36,7 @@ from .._checks import check_int, check_tensor
 from ..errors import KVTheoryError, bad_argument
 
 __all__ = ["Compressor", "FnCompressor", "KV_AXES", "deferred_finite_checks", "check_output",
-           "check_mask", "on_real_tokens"]
+           "check_mask", "on_real_tokens", "key_validity", "calibration_mask", "real_tokens"]
 
 KV_AXES = "batch kv_head token d"
 
@@ -276,3 +276,31 @@ def key_validity(attention_mask: Any, batch: int, tokens: int) -> Tensor | None:
     if bool(visible.all()):
         return None
     return visible.expand(batch, tokens)
+
+
+def calibration_mask(mask: Any, ids: Tensor) -> Tensor | None:
+    """The attention mask of calibration ``ids`` as bool (batch, token) on the CPU, or None when
+    every token is real; a mask of another shape, a float mask or all zeros is refused.
+
+    >>> calibration_mask(torch.tensor([[1, 0]]), torch.zeros(1, 2)).tolist()
+    [[True, False]]
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape) or mask.is_floating_point():
+        raise bad_argument("attention_mask", mask if not isinstance(mask, Tensor) else
+                           f"shape {tuple(mask.shape)}", f"None or a 0/1 tensor shaped like the "
+                           f"calibration ids {tuple(ids.shape)}")
+    valid = mask.to("cpu").bool()
+    if not bool(valid.any()):
+        raise bad_argument("attention_mask", "all zeros", "at least one real calibration token")
+    return None if bool(valid.all()) else valid
+
+
+def real_tokens(x: Tensor, valid: Tensor) -> Tensor:
+    """(batch, head, token, d) -> (1, head, n, d): the n real tokens of all rows, in order.
+
+    >>> real_tokens(torch.arange(4.0).reshape(2, 1, 2, 1), torch.tensor([[True, False], [True, True]])).flatten().tolist()
+    [0.0, 2.0, 3.0]
+    """
+    return x.transpose(1, 2)[valid].transpose(0, 1).unsqueeze(0)
