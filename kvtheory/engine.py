@@ -69,11 +69,14 @@ def wikitext_ids(tokenizer_name: str, data_dir: str | None = None) -> Int[Tensor
 def eval_windows(model_name: str, seq_len: int, n_windows: int, calib_windows: int,
                  data_dir=None) -> tuple[Tensor, Tensor]:
     """``(eval (W, L), calibration (c, L))`` WikiText-2 ids of ``model_name``'s tokenizer:
-    W windows from the start of the test split, c from its end (disjoint)."""
-    from .evaluate import split_windows
+    W windows from the start of the test split, c from its end (disjoint); each starts with BOS
+    where the tokenizer adds one (:func:`kvtheory.evaluate.bos_id`: Gemma yes, SmolLM2 and Qwen
+    no)."""
+    from .evaluate import bos_id, split_windows
 
     ids = wikitext_ids(model_name, str(data_dir) if data_dir is not None else None)
-    return split_windows(ids, seq_len, n_windows, calib_windows)
+    bos = bos_id(get_model(model_name).tokenizer)
+    return split_windows(ids, seq_len, n_windows, calib_windows, bos=bos)
 
 
 def clear_memo() -> None:

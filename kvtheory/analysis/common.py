@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from .._checks import check_choice, check_int
 from ..engine import get_model, wikitext_ids  # noqa: F401  (re-exported for the stages)
 from ..store import DEFAULT_ROOT, config_hash
@@ -40,7 +42,9 @@ def load_or_capture(
     data_dir: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
 ):
-    """Q/K/V of ``model`` on WikiText-2 tokens ``[offset, offset + n_tokens)``, cached on disk.
+    """Q/K/V of ``model`` on WikiText-2 tokens ``[offset, offset + n_tokens)``, cached on disk
+    (for a tokenizer that adds BOS, :func:`kvtheory.evaluate.bos_id`, the window is BOS and the
+    first ``n_tokens - 1`` of those tokens).
 
     Returns a :class:`kvtheory.capture.Capture`; per layer ``q`` (1, q_head, token, d), ``k``
     and ``v`` (1, kv_head, token, d). The cache folder name derives from the arguments, and
@@ -51,8 +55,13 @@ def load_or_capture(
     check_int("n_tokens", n_tokens, 2)
     check_int("offset", offset, 0)
     check_choice("rope", rope, ("pre", "post"))
+    from ..evaluate import bos_id
+
+    bos = bos_id(get_model(model).tokenizer)
     key = {"model": model, "n_tokens": n_tokens, "rope": rope, "offset": offset,
            "layers": list(layers) if layers is not None else None}
+    if bos is not None:  # the window starts with BOS, as the model's tokenizer would put it
+        key["bos"] = bos
     folder = Path(root if root is not None else DEFAULT_ROOT) / "cache" / f"capture-{config_hash(key)}"
     if (folder / MANIFEST).exists():
         return load_capture(folder)
@@ -61,7 +70,10 @@ def load_or_capture(
         from ..errors import bad_argument
 
         raise bad_argument("n_tokens", n_tokens, f"at most {ids.numel() - offset} tokens after offset {offset}")
-    window = ids[offset: offset + n_tokens].unsqueeze(0)
+    window = ids[offset: offset + n_tokens - (bos is not None)]
+    if bos is not None:
+        window = torch.cat([window.new_full((1,), bos), window])
+    window = window.unsqueeze(0)
     cap = capture(get_model(model).model, window, layers=list(layers) if layers else None,
                   rope=rope, model_name=model)
     save_capture(cap, folder)

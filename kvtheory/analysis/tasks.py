@@ -113,11 +113,11 @@ class TasksConfig:
 
 
 def _calibration(model_name: str, n: int, data_dir):
-    from ..evaluate import split_windows
-    from .common import wikitext_ids
+    from ..evaluate import bos_id, split_windows
+    from .common import get_model, wikitext_ids
 
     ids = wikitext_ids(model_name, str(data_dir) if data_dir is not None else None)
-    return split_windows(ids, n, 1, 1)[1]
+    return split_windows(ids, n, 1, 1, bos=bos_id(get_model(model_name).tokenizer))[1]
 
 
 def _bits(spec: str, d: int) -> float:
