@@ -56,7 +56,7 @@ from ..errors import KVTheoryError, bad_argument
 
 __all__ = ["KVPRESS_RANGE", "KVPRESS_TESTED", "require_kvpress", "make_press", "PRESSES",
            "press_context", "PressRecord", "keep_mask", "eviction_metrics", "EvictionMetrics",
-           "eviction_perplexity", "compat_kwargs"]
+           "eviction_perplexity", "score_window", "compat_kwargs"]
 
 #: the kvpress versions this adapter is tested with (on transformers 5.24)
 KVPRESS_RANGE = ">=0.5.5,<0.6"
@@ -316,26 +316,31 @@ def eviction_metrics(
 
 
 @torch.inference_mode()
-def _score_window(model, w: Tensor, n_context: int, press: Any) -> Tensor:
-    """Summed NLL (float64) of ``w[n_context:]`` after prefilling ``w[:n_context]``."""
+def score_window(model: Any, w: Int[Tensor, " token"], n_context: int, press: Any = None, *,
+                 record: bool = False) -> tuple[Tensor, PressRecord | None]:
+    """Summed NLL (float64 scalar) of ``w[n_context:]`` after prefilling ``w[:n_context]``
+    under ``press`` (None: no press), and with ``record`` the press's :class:`PressRecord`."""
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
     w = w.to(dev)
     ctx, cont = w[None, :n_context], w[None, n_context:]
     cache = DynamicCache(config=model.config)
-    guard = press_context(press, model, record=False) if press is not None else contextlib.nullcontext()
-    with guard:
+    rec = None
+    if press is not None:
+        with press_context(press, model, record=record) as rec:
+            first = model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1:]
+    else:
         first = model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1:]
     m = cont.shape[1]
-    pos = torch.arange(n_context, n_context + m - 1, device=dev)[None]
     logits = first
     if m > 1:
+        pos = torch.arange(n_context, n_context + m - 1, device=dev)[None]
         rest = model(input_ids=cont[:, :-1], past_key_values=cache, use_cache=True,
                      position_ids=pos).logits
         logits = torch.cat([first, rest], 1)
     ce = torch.nn.functional.cross_entropy(logits[0].float(), cont[0], reduction="none")
-    return ce.double().sum().cpu()
+    return ce.double().sum().cpu(), (rec if record else None)
 
 
 def eviction_perplexity(
@@ -360,7 +365,7 @@ def eviction_perplexity(
     nll = []
     with _compressed(model, keys, values, calibration, "post"):
         for w in windows:
-            nll.append(_score_window(model, w, n_context, press))
+            nll.append(score_window(model, w, n_context, press)[0])
     n = windows.shape[1] - n_context
     cnt = torch.full((windows.shape[0],), float(n), dtype=torch.float64)
     return _score("ppl", torch.stack(nll), cnt, torch.exp, n * windows.shape[0], n_boot, seed)
