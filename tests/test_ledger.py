@@ -162,3 +162,34 @@ def test_errors_name_argument_value_and_expectation(call, message):
     with pytest.raises(KVTheoryError) as info:
         call()
     assert str(info.value).startswith(message)
+
+
+# ---------------------------------------------------------------- one implementation (issue 10)
+def test_the_ledger_reads_the_compressors_storage(monkeypatch):
+    """One implementation: change the compressor's storage and the ledger follows."""
+    from fractions import Fraction
+
+    from kvtheory.methods.uniform import Quantize
+
+    assert bits_per_element("int4", 64) == 4.5
+    monkeypatch.setattr(Quantize, "storage", lambda self, d, tokens=None: (Fraction(1), Fraction(2), Fraction(0)))
+    assert bits_per_element("int4", 64) == Quantize(4).bits_per_element(64) == 3.0
+    assert bits_per_element("int4-kivi", 64, 256) == 3.0
+
+
+def test_no_import_cycle_and_specs_parsed_once():
+    import subprocess
+    import sys
+
+    code = "import sys, kvtheory.ledger; print('kvtheory.compress' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the ledger needs only kvtheory.methods
+    from kvtheory.methods import parse_method, registry
+
+    registry._parse_str.cache_clear()
+    first = parse_method("rank12x4-pca-g4")
+    for _ in range(5):
+        assert parse_method("rank12x4-pca-g4") is first
+        bits_per_element("rank12x4-pca-g4", 64, 256)
+    info = registry._parse_str.cache_info()
+    assert info.misses == 1 and info.hits >= 10

@@ -311,3 +311,45 @@ def test_readme_example_runs():
     finally:
         if "topk" in registry.FAMILIES:
             unregister_method("topk")
+
+
+# ----------------------------------------------------------------------------- labels
+def _old_family(spec):  # the string matching that plotstyle.family used to do
+    if spec == "fp":
+        return "fp"
+    if spec.startswith("rank"):
+        return "hybrid" if "x" in spec.split("-")[0] else "rank"
+    if spec.startswith("int"):
+        return "kivi" if "kivi" in spec else "quant"
+    return "other"
+
+
+def _old_short(spec):  # tasks._short before the registry
+    head = spec.split("-")[0]
+    if "kivi" in spec:
+        return f"{head}\nKIVI"
+    if "x" in head:
+        r, b = head.split("x")
+        return f"{r}\n×INT{b}"
+    return head
+
+
+def test_labels_from_the_registry_equal_the_old_string_matching():
+    from test_compress import CANONICAL
+
+    from kvtheory.plotstyle import family, family_label, series, series_label, tick
+
+    specs = CANONICAL + [s.spec for b in (2, 3, 4, 8) for s in matched(b + 0.5, 64, 512)]
+    for spec in specs:
+        assert family(spec) == _old_family(spec) and tick(spec) == _old_short(spec), spec
+        fam = _old_family(spec)
+        if fam == "hybrid":
+            b = spec.split("-")[0].split("x")[1]
+            assert series(spec) == ("hybrid", f"x{b}") and series_label(spec) == f"rank r + INT{b} coefficients"
+        elif fam in ("quant", "kivi"):
+            assert series(spec) == (fam, fam)
+            assert series_label(spec) == {"quant": "INT-b per token", "kivi": "INT-b KIVI"}[fam]
+    assert series_label("rank16-pca") == "rank-r PCA"
+    assert [family_label(f) for f in ("quant", "kivi", "rank", "hybrid")] == [
+        "INT per token", "INT KIVI", "rank (PCA)", "hybrid"]  # flip_study's legend, as before
+    assert family("not-a-spec") == "other" and tick("not-a-spec") == "not-a-spec"
