@@ -719,23 +719,23 @@ FIGURES = [
     md(r"""
     # 3 · The figures, reproduced from saved results
 
-    `kvtheory report` (`make report`) runs every analysis of `kvtheory.analysis`, saves each
-    result as JSON with its config and provenance (`kvtheory.store.cached`), and draws the
-    figures from those files only. This notebook does the same, stage by stage: it loads the
-    saved results (`kvtheory.report.load_saved`), calls each analysis' own `plot(result,
-    out_dir)` and `summary(result)`, and shows the PNGs and the headline numbers.
+    `kvtheory report` (`make report`) runs every registered analysis stage
+    (`kvtheory.stages`) on every model of the report, saves each (stage, model) result as JSON
+    with its config and provenance (`kvtheory.store.cached`), and draws the figures from those
+    files only. This notebook does the same, stage by stage: it loads the saved results
+    (`kvtheory.report.load_stages`), calls each stage's own `plot(results, out_dir)` over the
+    models and `summary(result)` per model, and shows the PNGs and the headline numbers.
 
     * **Normal size**: `KVTHEORY_RESULTS` points at the results of `make report` (by default
       `../results`); nothing is recomputed.
     * **Small size** (`KVTHEORY_SMALL=1`, the test suite): the cheap stages — the bound check,
-      the routing example and the flip study — are first run at reduced sizes through their
-      config classes into `KVTHEORY_RESULTS`; the perplexity stages (budget curves, basis
-      ablation, downstream tasks, the damage predictor) are left to the report.
+      the routing example and the flip study — are first run at the small size on SmolLM2
+      (`kvtheory.report.run_stages`) into `KVTHEORY_RESULTS`; the perplexity stages (budget
+      curves, basis ablation, downstream tasks, the damage predictor) are left to the report.
 
     Figures are written to a temporary folder, never into the repository.
     """),
     code(r"""
-    import importlib
     import os
     import tempfile
     import time
@@ -748,8 +748,9 @@ FIGURES = [
     import transformers
     from IPython.display import Image, Markdown, display
 
-    from kvtheory import report, store
+    from kvtheory import report
     from kvtheory.analysis.common import small
+    from kvtheory.stages import stages
 
     transformers.utils.logging.disable_progress_bar()
     SMALL = small()
@@ -757,73 +758,48 @@ FIGURES = [
     RESULTS = Path(os.environ.get("KVTHEORY_RESULTS") or "../results")
     FIGURES = Path(tempfile.mkdtemp(prefix="kvtheory-figures-"))
     T0 = time.perf_counter()
-    STAGES = {st.name: st for st in report.STAGES}
+    STAGES = {st.name: st for st in stages()}
 
-
-    def stage_module(name):
-        # the analysis module of a report stage, or None when it cannot be imported
-        try:
-            mod = importlib.import_module(f"kvtheory.analysis.{STAGES[name].module}")
-        except ImportError:
-            return None
-        ok = all(hasattr(mod, f) for f in ("run", "plot", "summary")) and hasattr(mod, STAGES[name].config)
-        return mod if ok else None
-
-
-    display(pd.DataFrame([{"stage": name, "module": f"kvtheory.analysis.{st.module}", "config": st.config,
-                           "needs": ", ".join(st.needs) or "–",
-                           "importable": stage_module(name) is not None} for name, st in STAGES.items()])
-            .set_index("stage"))
+    display(pd.DataFrame([{"stage": name, "title": st.title, "figures": ", ".join(st.figures),
+                           "claims": ", ".join(st.claims) or "–", "needs": ", ".join(st.needs) or "–"}
+                          for name, st in STAGES.items()]).set_index("stage"))
     where = os.path.relpath(RESULTS.resolve(), Path.cwd().parent) if not SMALL else "a temporary folder"
     print(f"{'small' if SMALL else 'normal'} size; results from {where}")
     """),
     code(r"""
-    # small size: run the cheap stages at reduced sizes, each through its own config class
-    SMALL_PLAN = {
-        "bound_check": {"models": ("smollm2-135m",), "layers": (0,)},
-        "routing": {"n_tokens": 128, "layer": 15},
-        "flip_study": {"methods": ("int8", "int4", "int4-kivi", "int2-kivi", "rank16-pca", "rank32-pca"),
-                       "compare_model": None, "layers": (0, 15)},
-    }
+    # small size: run the cheap stages on SmolLM2 at the small size, as the report would
+    SMALL_STAGES = ("bound_check", "routing", "flip_study")
     if SMALL:
-        for name, overrides in SMALL_PLAN.items():
-            mod = stage_module(name)
-            if mod is None:
-                print(f"{name}: module not importable, skipped")
-                continue
-            cls = getattr(mod, STAGES[name].config)
-            cfg = cls.for_size(**overrides) if hasattr(cls, "for_size") else cls(**overrides)
-            t = time.perf_counter()
-            env = store.cached(name, {"config": cfg, "needs": {}},
-                               lambda: mod.run(cfg, data_dir=DATA, root=RESULTS, progress=False), RESULTS)
-            print(f"{name}: {Path(env['path']).name} ({time.perf_counter() - t:.0f} s)")
-
-    saved = report.load_saved(RESULTS)
-    display(pd.DataFrame([{"stage": name, "file": Path(env["path"]).name, "config hash": env.get("config_hash"),
+        cfg = report.ReportConfig(size="small", models=("smollm2-135m",), stages=SMALL_STAGES,
+                                  results=str(RESULTS), data_dir=DATA, progress=False)
+        saved = report.run_stages(cfg, log=print)
+    else:
+        saved = report.load_stages(report.ReportConfig(results=str(RESULTS)))
+    display(pd.DataFrame([{"stage": name, "model": model, "file": Path(env["path"]).name,
                            "git sha": str(env.get("provenance", {}).get("git_sha"))[:10],
                            "created": env.get("provenance", {}).get("created")}
-                          for name, env in saved.items()]).set_index("stage"))
+                          for name, per in saved.by_stage.items() for model, env in per.items()])
+            .set_index(["stage", "model"]))
     """),
     code(r"""
     SUMMARIES = {}
 
 
     def show_stage(name):
-        # draw one stage's figures from its saved result with its own plot(), show them and its summary
-        mod = stage_module(name)
-        if name not in saved or mod is None:
-            why = "its module is not importable" if mod is None else f"no saved result in {RESULTS}"
-            display(Markdown(f"*`{name}`: not shown — {why}"
-                             + (" (the small size skips this stage)*" if SMALL and name not in SMALL_PLAN else "*")))
+        # draw one stage's figures from its saved results with its own plot(), show them and the
+        # summary of every model side by side
+        stage, results = STAGES[name], saved.results(name)
+        if not results:
+            display(Markdown(f"*`{name}`: not shown — no saved result in {RESULTS}"
+                             + (" (the small size skips this stage)*" if SMALL and name not in SMALL_STAGES else "*")))
             return None
-        result = saved[name]["result"]
-        paths = [Path(p) for p in mod.plot(result, FIGURES / name)]
+        paths = [Path(p) for p in stage.plot(results, FIGURES / name)]
         for p in paths:
             if p.suffix == ".png":
                 display(Markdown(f"**`{p.stem}`**"), Image(filename=str(p)))
-        summ = mod.summary(result)
+        summ = {model: stage.summary(res) for model, res in results.items()}
         SUMMARIES[name] = summ
-        display(pd.Series(summ, dtype=object).to_frame(f"{name} summary"))
+        display(pd.DataFrame(summ, dtype=object))
         return summ
     """),
     md(r"""
@@ -904,22 +880,24 @@ FIGURES = [
     code(r"""
     checks = {}
     if bound is not None:
-        model = saved["bound_check"]["result"]["models"]
-        name = "smollm2-135m" if "smollm2-135m" in model else next(iter(model))
-        checks["bound_check: removal costs more than INT4 rounding (median ratio > 1)"] = \
-            bound[f"{name}.b4.ratio_median"] > 1
-        checks["bound_check: KL / Fisher median within [0.5, 2]"] = 0.5 < bound["kl_over_fisher.median"] < 2
+        for model, summ in bound.items():
+            checks[f"bound_check, {model}: removal costs more than INT4 rounding (median ratio > 1)"] = \
+                summ["b4.ratio_median"] > 1
+            checks[f"bound_check, {model}: KL / Fisher median within [0.5, 2]"] = \
+                0.5 < summ["kl_over_fisher.median"] < 2
     if routing is not None:
-        arg = saved["routing"]["result"]["argmax"]
-        checks["routing: removal flips the top-1 token, INT4 does not"] = (
-            arg["removed"] != arg["fp"] and arg["int4"] == arg["fp"])
+        for model, res in saved.results("routing").items():
+            arg = res["argmax"]
+            checks[f"routing, {model}: removal flips the top-1 token, INT4 does not"] = (
+                arg["removed"] != arg["fp"] and arg["int4"] == arg["fp"])
     if flips is not None:
-        res = saved["flip_study"]["result"]
-        rank4 = res["matched_rank"]["int4"]
-        means = {s: m["mean"] for s, m in res["methods"].items()}
-        checks[f"flip_study: {rank4} flips more than int4 at the same storage"] = (
-            means[rank4]["flip_rate"] > means["int4"]["flip_rate"])
-        checks["flip_study: no certified query flipped"] = flips[f"{res['model']}.certificate_violations"] == 0
+        for model, res in saved.results("flip_study").items():
+            rank4 = res["matched_rank"]["int4"]
+            means = {s: m["mean"] for s, m in res["methods"].items()}
+            checks[f"flip_study, {model}: {rank4} flips more than int4 at the same storage"] = (
+                means[rank4]["flip_rate"] > means["int4"]["flip_rate"])
+            checks[f"flip_study, {model}: no certified query flipped"] = \
+                flips[model]["certificate_violations"] == 0
     display(pd.Series(checks, dtype=object).to_frame("holds"))
     print(f"{len(SUMMARIES)} stages shown, {sum(1 for p in FIGURES.rglob('*.png'))} PNG figures, "
           f"{time.perf_counter() - T0:.0f} s (kernel CPU {time.process_time():.0f} s)")
