@@ -7,7 +7,8 @@ Each sub-command lives in its own module under :mod:`kvtheory.commands` and defi
     def add_arguments(parser): ...       # argparse arguments
     def run(args) -> int: ...            # the exit status
 
-User errors (:class:`~kvtheory.errors.KVTheoryError`) print one line and exit 2;
+User errors (:class:`~kvtheory.errors.KVTheoryError`) print one line and exit 2; an error
+of the system (``OSError`` such as an I/O error, ``MemoryError``) prints one line and exits 1;
 no traceback is shown unless ``KVTHEORY_DEBUG=1``.
 """
 
@@ -77,6 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kvtheory {args.command}: interrupted; finished rows are saved", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # the system refused: one line, never a traceback
+        if os.environ.get("KVTHEORY_DEBUG"):
+            raise
+        what = (f"{exc.strerror or exc} ({exc.filename})" if isinstance(exc, OSError) and exc.filename
+                else f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        print(f"kvtheory {args.command}: error: the system refused: {what}; nothing more was "
+              "written (set KVTHEORY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _console() -> None:  # pragma: no cover

@@ -445,6 +445,24 @@ def test_load_model_names_unavailable_devices(tiny):
         load_model(str(tiny["model"]), device=f"cuda:{n}")
 
 
+def test_system_errors_print_one_line(monkeypatch, capsys):
+    import kvtheory.commands.verify as verify
+    from kvtheory.cli import main
+
+    def eio(args):
+        raise OSError(errno.EIO, "Input/output error", "/mnt/x.json")
+
+    monkeypatch.delenv("KVTHEORY_DEBUG", raising=False)
+    monkeypatch.setattr(verify, "run", eio)
+    assert main(["verify"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "kvtheory verify: error: the system refused: Input/output error (/mnt/x.json); nothing "
+        "more was written (set KVTHEORY_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("KVTHEORY_DEBUG", "1")
+    with pytest.raises(OSError):
+        main(["verify"])
+
+
 def test_format_table_handles_missing_intervals():
     rec = {"method": "fp", "target": "kv", "bits_per_element": 16.0, "metric": "ppl", "value": 3.5,
            "ci_low": None, "ci_high": None, "n_tokens": 31, "n_items": 1}
