@@ -28,6 +28,7 @@ __all__ = [
     "read_json",
     "sha256_file",
     "sha256_bytes",
+    "canonical_json",
     "provenance",
     "git_sha",
     "to_jsonable",
@@ -42,10 +43,51 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    except OSError as exc:
+        raise KVTheoryError(f"path: got {str(path)!r}, which cannot be read ({exc.strerror or exc}); "
+                            "expected a readable file") from None
     return h.hexdigest()
+
+
+def canonical_json(obj: Any, arg: str = "value", **kw: Any) -> str:
+    """Strict JSON of ``obj`` (after :func:`to_jsonable`); a value JSON cannot hold (infinity, an
+    object of unknown type) is a :class:`KVTheoryError` naming where it sits.
+
+    >>> canonical_json({"a": [1, float("inf")]})
+    Traceback (most recent call last):
+    ...
+    kvtheory.errors.KVTheoryError: value: got inf at a[1]; expected finite numbers (NaN is saved as null), strings, lists and dicts
+    """
+    obj = to_jsonable(obj)
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except (ValueError, TypeError):
+        where, bad = _find_unjsonable(obj, "")
+        raise KVTheoryError(f"{arg}: got {bad!r} at {where or 'the top level'}; expected finite "
+                            "numbers (NaN is saved as null), strings, lists and dicts") from None
+
+
+def _find_unjsonable(obj: Any, where: str) -> tuple[str | None, Any]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found = _find_unjsonable(v, f"{where}.{k}" if where else str(k))
+            if found[0] is not None:
+                return found
+        return None, None
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _find_unjsonable(v, f"{where}[{i}]")
+            if found[0] is not None:
+                return found
+        return None, None
+    if obj is None or isinstance(obj, (str, bool, int)) or (isinstance(obj, float) and obj == obj
+                                                            and abs(obj) != float("inf")):
+        return None, None
+    return where, obj
 
 
 def _read_only(folder: Path) -> bool:
@@ -356,7 +398,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any, arg: str = "json") -> Path:
     """Atomically write ``obj`` as pretty, strict JSON."""
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    text = canonical_json(obj, arg, indent=2, sort_keys=False) + "\n"
     return atomic_write(path, text, arg=arg)
 
 

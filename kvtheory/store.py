@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import KVTheoryError
-from .io import provenance, read_json, to_jsonable, write_json
+from .io import canonical_json, provenance, read_json, to_jsonable, write_json
 
 __all__ = ["config_hash", "result_path", "cached", "load_result", "result_sha256", "DEFAULT_ROOT"]
 
@@ -30,7 +30,7 @@ def config_hash(config: Any) -> str:
     >>> config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     True
     """
-    text = json.dumps(to_jsonable(config), sort_keys=True, separators=(",", ":"))
+    text = canonical_json(config, "config", sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -41,7 +41,7 @@ def result_sha256(result: Any) -> str:
     >>> result_sha256({"b": 1.5, "a": [1, None]}) == result_sha256({"a": [1, None], "b": 1.5})
     True
     """
-    text = json.dumps(to_jsonable(result), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = canonical_json(result, "result", sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -463,6 +463,25 @@ def test_system_errors_print_one_line(monkeypatch, capsys):
         main(["verify"])
 
 
+def test_values_json_cannot_hold_are_named(tmp_path):
+    from kvtheory.store import config_hash, result_sha256
+
+    with pytest.raises(KVTheoryError, match=r"json: got inf at rows\[1\]\.ppl; expected finite"):
+        io.write_json(tmp_path / "r.json", {"rows": [{"ppl": 1.0}, {"ppl": float("inf")}]}, "json")
+    with pytest.raises(KVTheoryError, match=r"config: got torch.float32 at dtype; expected"):
+        config_hash({"dtype": torch.float32})
+    with pytest.raises(KVTheoryError, match=r"result: got -inf at x"):
+        result_sha256({"x": float("-inf")})
+    with pytest.raises(KVTheoryError, match=r"path: got .*, which cannot be read \(Is a directory\)"):
+        io.sha256_file(tmp_path)
+    assert not list(tmp_path.iterdir())
+    # unchanged digests: NaN still saved as null, and the hand-checked canonical form
+    import hashlib
+
+    assert result_sha256({"b": float("nan"), "a": [1]}) == hashlib.sha256(
+        b'{"a":[1],"b":null}').hexdigest()
+
+
 def test_format_table_handles_missing_intervals():
     rec = {"method": "fp", "target": "kv", "bits_per_element": 16.0, "metric": "ppl", "value": 3.5,
            "ci_low": None, "ci_high": None, "n_tokens": 31, "n_items": 1}
