@@ -229,3 +229,15 @@ def test_real_smollm2_small(data_dir, tmp_path):
     assert all(x["certificate"] is None or x["certificate"]["violations"] == 0 for x in m.values())
     rate = {s: x["mean"]["flip_rate"] for s, x in m.items()}
     assert rate["int8"] < rate["int4-kivi"] < rate["rank16-pca"]
+
+
+def test_certificate_uses_the_layers_sliding_window(gen):
+    """A window of one key leaves each query a single candidate (nothing can flip: all
+    certified); a window as long as the sequence is the plain causal mask."""
+    from kvtheory.analysis.flip_study import certified_queries
+
+    q, k = torch.randn(4, 6, 8, generator=gen), torch.randn(2, 10, 8, generator=gen)
+    steps = torch.full((2, 10, 8), 0.5)
+    assert bool(certified_queries(q, k, steps, True, window=1).all())
+    assert torch.equal(certified_queries(q, k, steps, True, window=10),
+                       certified_queries(q, k, steps, True))

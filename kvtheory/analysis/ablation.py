@@ -164,7 +164,8 @@ def _flip_metrics(model, cap_post, cap_side, plan, rope: str, causal: bool) -> d
         k_hat = ck(cap_side[layer]["k"])
         if rope_of is not None:
             k_hat = rope_of(k_hat)
-        m = attention_metrics(q, k, k_hat.to(k.dtype), causal=causal, margin_bins=edges)
+        m = attention_metrics(q, k, k_hat.to(k.dtype), causal=causal, margin_bins=edges,
+                              window=cap_post.meta.window(layer))
         for f in acc:
             acc[f].append(float(getattr(m, f).mean()))
         n_hi += int(m.margin_counts[:, 3:].sum())

@@ -216,6 +216,15 @@ def _finite(x: Tensor) -> list:
     return [float(v) if np.isfinite(v) else None for v in x.double().tolist()]
 
 
+def _layer_mask(mask: Tensor | None, pos: list[int], T: int, window: int | None) -> Tensor | None:
+    """The causal ``mask`` (query positions ``pos``) narrowed to a sliding ``window`` (query i
+    sees keys j with i - window < j <= i); unchanged for a global layer."""
+    if window is None:
+        return mask
+    inside = torch.arange(T)[None, :] > torch.tensor(pos)[:, None] - window
+    return inside if mask is None else mask & inside
+
+
 def check_capture(cap, cfg: BoundCheckConfig, causal: bool, *, progress: bool = False) -> dict:
     """The columns of one model: one row per (layer, kv head, direction) of ``cap`` (a
     :class:`kvtheory.capture.Capture`), plus its stats (see :func:`run` for the schema)."""
@@ -227,9 +236,9 @@ def check_capture(cap, cfg: BoundCheckConfig, causal: bool, *, progress: bool = 
         raise bad_argument("layers", cfg.layers, f"layers among the captured {list(meta.layers)}")
     T, g = len(meta.positions), meta.group
     pos = query_positions(T, cfg.n_queries)
-    mask = None
+    base_mask = None
     if causal:
-        mask = torch.arange(T)[None, :] <= torch.tensor(pos)[:, None]
+        base_mask = torch.arange(T)[None, :] <= torch.tensor(pos)[:, None]
     names = ("layer", "kv_head", "dir_kind", "dir_index", "proj_fisher", "proj_kl")
     cols: dict = {c: [] for c in names}
     cols["quant"] = {str(b): {c: [] for c in _QUANT_COLS} for b in cfg.bits}
@@ -237,6 +246,7 @@ def check_capture(cap, cfg: BoundCheckConfig, causal: bool, *, progress: bool = 
     index = list(range(cfg.n_pca_dirs)) + list(range(cfg.n_random_dirs))
     for layer in tqdm(layers, desc=f"bound {meta.model}", disable=not progress, leave=False):
         q, k = cap[layer]["q"][0], cap[layer]["k"][0]
+        mask = _layer_mask(base_mask, pos, T, meta.window(layer))
         for h in range(meta.kv_heads):
             u = directions(k[h], cfg.n_pca_dirs, cfg.n_random_dirs, _mix(cfg.seed, 0, layer, h))
             gen = torch.Generator().manual_seed(_mix(cfg.seed, 1, layer, h))

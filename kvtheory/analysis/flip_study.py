@@ -170,15 +170,19 @@ def coflip_stats(flip: Bool[Tensor, "head query"], groups: list[list[int]]) -> d
 
 def certified_queries(
     q: Float[Tensor, "q_head query d"], k: Float[Tensor, "kv_head token d"],
-    steps: Float[Tensor, "*spec kv_head token d"], causal: bool,
+    steps: Float[Tensor, "*spec kv_head token d"], causal: bool, window: int | None = None,
 ) -> Bool[Tensor, "*spec q_head query"]:
     """Per query head and query (the last ``query`` of the tokens): certified flip-free by
     :func:`kvtheory.bounds.margin_certificate` under per-element quantization ``steps``
-    (leading axes: several quantizers at once; the logits are computed once)."""
+    (leading axes: several quantizers at once; the logits are computed once). ``window``: the
+    layer's sliding window (query i sees keys j with i - window < j <= i), None for global."""
     from ..bounds import margin_certificate
 
     (hq, nq, d), (hkv, t) = q.shape, k.shape[:2]
-    mask = (torch.arange(t) <= torch.arange(t - nq, t)[:, None]) if causal else None
+    pos = torch.arange(t - nq, t)[:, None]
+    mask = (torch.arange(t) <= pos) if causal else None
+    if window is not None:
+        mask = (torch.arange(t) > pos - window) & (mask if mask is not None else True)
     lead = steps.shape[:-3]
     cert = margin_certificate(q.reshape(hkv, hq // hkv, nq, d), k[:, None], steps[..., None, :, :],
                               mask, per_token=True)
@@ -209,7 +213,7 @@ def _specs(methods, d: int, tokens: int) -> tuple[list[str], dict[str, str]]:
     return specs + [r for r in dict.fromkeys(ranks.values()) if r not in specs], ranks
 
 
-def _layer(q, k, v, cal, specs, cfg, causal, medges, pedges, groups) -> dict[str, dict]:
+def _layer(q, k, v, cal, specs, cfg, causal, medges, pedges, groups, window=None) -> dict[str, dict]:
     """One layer: metrics per method, co-flips, and the certificates of all quantizers at once."""
     from ..compress import Quantize, make_compressor
     from ..flips import attention_metrics
@@ -223,7 +227,8 @@ def _layer(q, k, v, cal, specs, cfg, causal, medges, pedges, groups) -> dict[str
         if cfg.kv:
             vv, vh = v[None], (vcomp.fit(cal["v"]) if vcomp.needs_fit else vcomp)(v[None])
         m = attention_metrics(q[None], k[None], comp(k[None]), vv, vh, causal=causal, topk=cfg.topk,
-                              margin_bins=medges, prob_bins=pedges, return_per_query=True)
+                              margin_bins=medges, prob_bins=pedges, return_per_query=True,
+                              window=window)
         flips[s] = m.per_query.flip[0]
         row = {f: getattr(m, f).tolist() for f in _FIELDS if getattr(m, f) is not None}
         n_hi, f_hi = m.margin_counts[:, gt1:].sum(1).tolist(), m.margin_flips[:, gt1:].sum(1).tolist()
@@ -236,7 +241,7 @@ def _layer(q, k, v, cal, specs, cfg, causal, medges, pedges, groups) -> dict[str
         if isinstance(comp, Quantize):
             steps[s] = quant_steps(k, comp.bits, axis=comp.axis, group=comp.group, symmetric=comp.symmetric)
     if steps:
-        cert = certified_queries(q, k, torch.stack(list(steps.values())), causal)
+        cert = certified_queries(q, k, torch.stack(list(steps.values())), causal, window)
         for s, c in zip(steps, cert):
             out[s]["cert"] = (c.to(torch.float64).mean(-1).tolist(), int(c.sum()),
                               int((c & flips[s]).sum()), c.numel())
@@ -295,7 +300,7 @@ def analyse(cap, calib, cfg: FlipStudyConfig, *, causal: bool, layers=None,
     medges, pedges = (0.0, *cfg.margin_bins, math.inf), (0.0, *cfg.prob_bins, 1.0)
     torch.manual_seed(cfg.seed)
     rows = [_layer(*(cap[layer][w][0] for w in "qkv"), calib[layer], specs, cfg, causal, medges,
-                   pedges, groups)
+                   pedges, groups, window=meta.window(layer))
             for layer in tqdm(chosen, desc=f"flips {meta.model}", disable=not progress, leave=False)]
     methods = {s: {"family": family(s), "bits_per_element": bits_per_element(s, d, t)}
                | _pool([r[s] for r in rows], medges, pedges) for s in specs}

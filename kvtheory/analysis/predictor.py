@@ -145,7 +145,8 @@ def capture_metrics(model, cap, plan: dict, causal: bool) -> dict:
     for layer in cap.meta.layers:
         q, k, v = (cap[layer][w] for w in "qkv")
         ck, cv = plan[layer]
-        m = attention_metrics(q, k, ck(k).to(k.dtype), v, cv(v).to(v.dtype), causal=causal)
+        m = attention_metrics(q, k, ck(k).to(k.dtype), v, cv(v).to(v.dtype), causal=causal,
+                              window=cap.meta.window(layer))
         for f in _METRICS:
             acc[f].append(float(getattr(m, f).mean()))
     return {f: sum(v) / len(v) for f, v in acc.items()} | {"fisher_layers": acc["fisher"]}

@@ -164,11 +164,13 @@ def find_example(cap, cfg: RoutingConfig, tokenizer=None, *, progress: bool = Fa
     for layer in tqdm(layers, desc="routing", disable=not progress, leave=False):
         q_all, k_all = cap[layer]["q"][0], cap[layer]["k"][0]
         kq_all = int4(k_all[None])[0]
+        win = meta.window(layer)  # a sliding-window layer: query i sees keys j > i - window
+        lmask = mask if win is None else mask & (torch.arange(T)[None, :] > torch.arange(T)[:, None] - win)
         for h in range(meta.q_heads):
             kv = h // g
             u, idx = _candidates(k_all[kv], cfg.direction, cfg.rank)
             top, margin, keep, qi, dj, new_top, gap = _search_head(
-                q_all[h], k_all[kv], kq_all[kv], u, mask, cfg.min_position)
+                q_all[h], k_all[kv], kq_all[kv], u, lmask, cfg.min_position)
             counts["searched"] += T - cfg.min_position
             counts["flipped_removal"] += int(qi.unique().numel())
             counts["flipped_int4"] += int((~keep[cfg.min_position:]).sum())
