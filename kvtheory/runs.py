@@ -210,8 +210,8 @@ def check_eval_file(data: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Check a saved eval result before resuming it: kind and format, config, provenance,
     records (known methods and targets, finite values, no duplicates) and ``result_sha256``.
     Raises :class:`KVTheoryError` naming the file and what is wrong."""
-    from .compress import parse_method
     from .config import TARGETS, EvalConfig
+    from .methods import parse_method
 
     path = Path(path)
     if not isinstance(data, dict) or data.get("kind") != KIND:
