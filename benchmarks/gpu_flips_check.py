@@ -37,6 +37,9 @@ from kvtheory import _triton_metrics as tm  # noqa: E402
 from kvtheory import bench, flips  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
 
+#: per-query tolerance |fused - ref| <= RTOL |ref| + ATOL max(1, max|q||k|/sqrt(d)): float32
+#: rounding of logits of that size (the inputs are bf16 values, exact in both)
+RTOL, ATOL = 1e-4, 2e-7
 NAMES = ("margin", "top1_prob", "topk_overlap", "kl", "fisher", "output_rel_err")
 
 
@@ -92,6 +95,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     smax = float((q.double().norm(dim=-1).max() * k.double().norm(dim=-1).max()) / math.sqrt(d))
     tie_tol = 1e-5 * max(1.0, smax)
     out["tie_tol"] = tie_tol
+    out["tolerance"] = {"rtol": RTOL, "atol": ATOL * max(1.0, smax)}
     out["valid_pairs"] = int(valid.sum())
     for rname, r in refs.items():
         res = {}
@@ -103,8 +107,10 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
             same_inf = bool((torch.isfinite(x) == fin).all())
             err = (x[fin] - y[fin]).abs()
             rel = err / y[fin].abs().clamp_min(1e-6)
+            tol = RTOL * y[fin].abs() + ATOL * max(1.0, smax)
             res[n] = {"max_abs": float(err.max()) if err.numel() else 0.0,
                       "max_rel": float(rel.max()) if rel.numel() else 0.0,
+                      "out_of_tol": int((err > tol).sum()),
                       "same_infinite": same_inf}
         diff = (fused["flip"] != r["flip"]) & valid
         near = ((ref["gap_s"] <= tie_tol) | ((ref["gap_flip"] <= tie_tol) & (ref["gap_flip"] > 0))
@@ -119,7 +125,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     for r in refs:
         for n in ("top1_prob", "kl", "fisher", "output_rel_err"):
             if n in out[r]:
-                ok &= out[r][n]["max_rel"] <= 1e-3 or out[r][n]["max_abs"] <= 1e-6
+                ok &= out[r][n]["out_of_tol"] == 0 and out[r][n]["same_infinite"]
         if "margin" in out[r]:
             ok &= out[r]["margin"]["max_abs"] <= 10 * tie_tol and out[r]["margin"]["same_infinite"]
     out["pass"] = bool(ok and out["fused_calls"] >= 1)
@@ -132,10 +138,9 @@ def sweep(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
 
     q, k, kh = bench.flip_inputs(T, q_heads=hq, kv_heads=hkv, d=d, device="cuda",
                                  dtype=torch.bfloat16)
-    grid = {"full": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 32, 8, 2),
-                     (64, 32, 4, 3)],
-            "flip": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3),
-                     (128, 64, 4, 3)]}
+    grid = {"full": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2),
+                     (64, 32, 4, 3), (128, 64, 8, 3)],
+            "flip": [(128, 64, 8, 3), (256, 64, 8, 3), (256, 32, 8, 3), (128, 32, 4, 3)]}
     qg = q.reshape(1, hkv, hq // hkv * T, d)
     res: dict = {"T": T, "matmul_ms": triton.testing.do_bench(
         lambda: (torch.matmul(qg, k.mT), torch.matmul(qg, kh.mT)), warmup=50, rep=300,
@@ -158,9 +163,13 @@ def sweep(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
             except Exception as exc:  # noqa: BLE001 - a config may not compile (resources)
                 res[f"{name}{cfg}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
-            res[f"{name}{cfg}"] = {"ms": ms, "compile_s": comp, "ratio": ms / res["matmul_ms"]}
+            kern = tm.LAST[0]
+            res[f"{name}{cfg}"] = {"ms": ms, "compile_s": comp, "ratio": ms / res["matmul_ms"],
+                                   "n_regs": getattr(kern, "n_regs", None),
+                                   "n_spills": getattr(kern, "n_spills", None)}
             print(f"  {name} {cfg}: {ms:.2f} ms ({ms / res['matmul_ms']:.2f}x), compile "
-                  f"{comp:.1f} s", flush=True)
+                  f"{comp:.1f} s, regs {getattr(kern, 'n_regs', '?')}, spills "
+                  f"{getattr(kern, 'n_spills', '?')}", flush=True)
             if best is None or ms < best[1]:
                 best = (cfg, ms)
         res[f"best_{name}"] = best

@@ -45,6 +45,8 @@ ENV = "KVTHEORY_FUSED"
 _NEG = -1.0e30          # hidden logits: exp(_NEG - m) == 0, and hidden deltas are exactly 0
 #: calls served by the kernel (tests and benchmarks check that it ran)
 CALLS = [0]
+#: the last compiled kernel launched (its ``n_regs``, ``n_spills`` for the benchmarks)
+LAST: list = [None]
 
 try:  # pragma: no cover - exercised on a CUDA machine only
     import triton
@@ -68,38 +70,57 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine only
 
     @triton.jit
-    def _phi(u):
-        """e^u - 1 - u, accurate near 0 (series to u^8/8! for |u| < 1/2)."""
-        p = 1.0 + u * 0.125
+    def _phi_poly(u):
+        """e^u - 1 - u for |u| < 1: the series to u^10/10! (relative remainder < 6e-8)."""
+        p = 1.0 + u * 0.1
+        p = 1.0 + u * (1.0 / 9.0) * p
+        p = 1.0 + u * 0.125 * p
         p = 1.0 + u * (1.0 / 7.0) * p
         p = 1.0 + u * (1.0 / 6.0) * p
         p = 1.0 + u * 0.2 * p
         p = 1.0 + u * 0.25 * p
         p = 1.0 + u * (1.0 / 3.0) * p
-        p = 0.5 * u * u * p
-        return tl.where(tl.abs(u) < 0.5, p, tl.exp(u) - 1.0 - u)
+        return 0.5 * u * u * p
 
     @triton.jit
-    def _insert(ts, ti, kc, cur, cidx, work, cols):
-        """One round of the running top-k: each row's largest remaining entry ``cur`` (at
-        ``cidx``) replaces the row's smallest kept entry if strictly larger; it is then removed
-        from ``work``."""
+    def _phi(u):
+        """e^u - 1 - u."""
+        return tl.where(tl.abs(u) < 1.0, _phi_poly(u), tl.exp(u) - 1.0 - u)
+
+    @triton.jit
+    def _psi(h):
+        """e^h (1 - h) - 1 (<= 0), accurate near 0 (series for |h| < 1/2)."""
+        p = -1.0 / 5760.0
+        p = -1.0 / 840.0 + h * p
+        p = -1.0 / 144.0 + h * p
+        p = -1.0 / 30.0 + h * p
+        p = -0.125 + h * p
+        p = -1.0 / 3.0 + h * p
+        p = -0.5 + h * p
+        return tl.where(tl.abs(h) < 0.5, h * h * p, tl.exp(h) * (1.0 - h) - 1.0)
+
+    @triton.jit
+    def _log1p(x):
+        return tl.where(x < 1e-3, x * (1.0 - x * (0.5 - x * (1.0 / 3.0))), tl.log(1.0 + x))
+
+    @triton.jit
+    def _insert(ts, ti, kc, cur, cidx):
+        """Each row's candidate ``cur`` (at ``cidx``) replaces the row's smallest kept entry
+        (its first slot if several) when strictly larger."""
         kth = tl.min(ts, 1)
-        ins = cur > kth
         mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
-        rep = ins[:, None] & (kc[None, :] == mpos[:, None])
-        ts = tl.where(rep, cur[:, None], ts)
-        ti = tl.where(rep, cidx[:, None], ti)
-        work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
-        return ts, ti, work
+        rep = (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
+        return tl.where(rep, cur[:, None], ts), tl.where(rep, cidx[:, None], ti)
 
     @triton.jit
-    def _topk_block(ts, ti, kc, work, cur, cols):
-        """Merge one block of logits (``cur`` = its row maxima) into the running top-k."""
+    def _topk_rest(ts, ti, kc, work, cur, cols):
+        """Further rounds of the running top-k while some row's largest remaining entry
+        ``cur`` of ``work`` beats its smallest kept one (after the block's first round)."""
         go = tl.max((cur > tl.min(ts, 1)).to(tl.int32), 0)
         while go > 0:
             cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
-            ts, ti, work = _insert(ts, ti, kc, cur, cidx, work, cols)
+            ts, ti = _insert(ts, ti, kc, cur, cidx)
+            work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
             cur = tl.max(work, 1)
             go = tl.max((cur > tl.min(ts, 1)).to(tl.int32), 0)
         return ts, ti
@@ -111,8 +132,9 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
         D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
-        HAS_V: tl.constexpr, FULL: tl.constexpr,
+        HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr,
     ):
+        # logits stay unscaled (raw q.k) in the loop; weights are exp2((s - m) * scale * log2 e)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // HQ
@@ -134,13 +156,16 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
         if HAS_WINDOW:
             lo = (pos_lo - WINDOW + 1) // BLOCK_N * BLOCK_N   # columns < 0 are masked
         NEG: tl.constexpr = -1.0e30
+        LOG2E: tl.constexpr = 1.4426950408889634
+        a2 = scale * LOG2E
         m1 = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s
-        m2 = tl.full([BLOCK_M], NEG, tl.float32)       # running second largest of s
-        sh_at = tl.full([BLOCK_M], NEG, tl.float32)    # s^ at that index
+        m2 = tl.full([BLOCK_M], NEG, tl.float32)       # running second of s (topk == 1 only)
+        sh_at = tl.full([BLOCK_M], NEG, tl.float32)    # s^ at the first argmax of s
         mh = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s^
+        c = tl.zeros([BLOCK_M], tl.float32)            # reference delta (scaled)
         W = tl.zeros([BLOCK_M], tl.float32)
-        mu = tl.zeros([BLOCK_M], tl.float32)
-        M2 = tl.zeros([BLOCK_M], tl.float32)
+        S1 = tl.zeros([BLOCK_M], tl.float32)
+        S2 = tl.zeros([BLOCK_M], tl.float32)
         PH = tl.zeros([BLOCK_M], tl.float32)
         ZH = tl.zeros([BLOCK_M], tl.float32)
         kc = tl.arange(0, KP)
@@ -164,9 +189,6 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
             kh = tl.load(KH + kp, mask=kmk, other=0.0)
             s = tl.dot(q, tl.trans(k))
             sh = tl.dot(q, tl.trans(kh))
-            if FULL:
-                s = s * scale
-                sh = sh * scale
             need = (start + BLOCK_N > T) | (start < 0)
             if CAUSAL:
                 need = need | (start + BLOCK_N - 1 > pos_lo)
@@ -186,75 +208,94 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
                 s = tl.where(vis, s, NEG)
                 sh = tl.where(vis, sh, NEG)
             bm = tl.max(s, 1)
+            bmh = tl.max(sh, 1)
             bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
             at_bi = cols[None, :] == bi[:, None]
-            new_top = bm > m1
-            sh_at = tl.where(new_top, tl.max(tl.where(at_bi, sh, NEG), 1), sh_at)
-            bmh = tl.max(sh, 1)
+            sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
+            sh_at = tl.where(bm > m1, sh_b, sh_at)
             if FULL:
-                s2 = tl.max(tl.where(at_bi, NEG, s), 1)
-                m2 = tl.maximum(tl.maximum(m2, s2), tl.minimum(m1, bm))
+                # sums are about a reference delta c: the delta at the running top token
+                # (moved with it, so c stays near the mean where p is concentrated)
+                cn = tl.where(bm > m1, (sh_b - bm) * scale, c)
+                e = c - cn
+                c = cn
                 m1n = tl.maximum(m1, bm)
-                # block statistics of delta about the block's own mean, weights e^{s - bm}
-                w = tl.exp(s - bm[:, None])
+                ls = (s - bm[:, None]) * a2
+                w = tl.exp2(ls)                         # block-local weights, 1 at the top
+                u = (sh - s) * scale - c[:, None]
                 Wb = tl.sum(w, 1)
-                dl = sh - s
-                mub = tl.sum(w * dl, 1) / Wb
-                u = dl - mub[:, None]
-                M2b = tl.sum(w * u * u, 1)
-                PHb = tl.sum(w * _phi(u), 1)
-                alpha = tl.exp(m1 - m1n)
-                beta = tl.exp(bm - m1n)
+                t = w * u
+                S1b = tl.sum(t, 1)
+                S2b = tl.sum(t * u, 1)
+                if tl.max(tl.max(tl.abs(u), 1), 0) < 1.0:
+                    PHb = tl.sum(w * _phi_poly(u), 1)
+                else:   # w (e^u - 1 - u) = e^(ls + u) - w (1 + u): no inf * 0
+                    PHb = tl.sum(tl.where(tl.abs(u) < 1.0, w * _phi_poly(u),
+                                          tl.exp2(ls + u * LOG2E) - w * (1.0 + u)), 1)
+                alpha = tl.exp2((m1 - m1n) * a2)
+                beta = tl.exp2((bm - m1n) * a2)
                 Wa = W * alpha
-                Wbs = Wb * beta
-                Wn = Wa + Wbs
-                fa = Wa / Wn
-                fb = Wbs / Wn
-                dm = mub - mu
-                mu = mu + dm * fb
-                M2 = M2 * alpha + M2b * beta + dm * dm * fa * Wbs
-                ha = -fb * dm
-                hb = fa * dm
-                PH = (PH * alpha * tl.exp(ha) + Wa * _phi(ha)
-                      + PHb * beta * tl.exp(hb) + Wbs * _phi(hb))
-                W = Wn
-                mhn = tl.maximum(mh, bmh)
-                ah = tl.exp(mh - mhn)
-                wh = tl.exp(sh - mhn[:, None])
-                ZH = ZH * ah + tl.sum(wh, 1)
-                if HAS_V:
-                    vp = (kbase + cols[:, None]) * DV + dv[None, :]
-                    vmk = cmask[:, None] & (dv[None, :] < DV)
-                    vt = tl.load(V + vp, mask=vmk, other=0.0).to(tl.float32)
-                    vht = tl.load(VH + vp, mask=vmk, other=0.0).to(tl.float32)
-                    o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
-                                                    input_precision="tf32x3")
-                    oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
+                S1a = S1 * alpha
+                # the old sums about the new reference: u -> u + e
+                ee = tl.exp(e)
+                PHa = tl.where(Wa > 0, ee * (PH * alpha) + Wa * _phi(e) + S1a * (ee - 1.0), 0.0)
+                S2 = S2 * alpha + e * (2.0 * S1a + Wa * e) + S2b * beta
+                S1 = S1a + Wa * e + S1b * beta
+                PH = PHa + PHb * beta
+                W = Wa + Wb * beta
+                if WITH_ZH:
+                    mhn = tl.maximum(mh, bmh)
+                    ah = tl.exp2((mh - mhn) * a2)
+                    wh = tl.exp2((sh - mhn[:, None]) * a2)
+                    ZH = ZH * ah + tl.sum(wh, 1)
+                    if HAS_V:
+                        vp = (kbase + cols[:, None]) * DV + dv[None, :]
+                        vmk = cmask[:, None] & (dv[None, :] < DV)
+                        vt = tl.load(V + vp, mask=vmk, other=0.0).to(tl.float32)
+                        vht = tl.load(VH + vp, mask=vmk, other=0.0).to(tl.float32)
+                        o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
+                                                        input_precision="tf32x3")
+                        oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
+                if TOPK == 1:
+                    s2 = tl.max(tl.where(at_bi, NEG, s), 1)
+                    m2 = tl.maximum(tl.maximum(m2, s2), tl.minimum(m1, bm))
+                # top-k of s (first round shares the argmax above) and of s^
+                ts, ti = _insert(ts, ti, kc, bm, bi)
+                work = tl.where(at_bi, -3.0e38, s)
+                ts, ti = _topk_rest(ts, ti, kc, work, tl.max(work, 1), cols)
+                bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
+                tsh, tih = _insert(tsh, tih, kc, bmh, bih)
+                workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
+                tsh, tih = _topk_rest(tsh, tih, kc, workh, tl.max(workh, 1), cols)
                 m1 = m1n
-                mh = mhn
-                ts, ti = _topk_block(ts, ti, kc, s, bm, cols)
-                tsh, tih = _topk_block(tsh, tih, kc, sh, bmh, cols)
             else:
                 m1 = tl.maximum(m1, bm)
-                mh = tl.maximum(mh, bmh)
+            mh = tl.maximum(mh, bmh)
         base = OUT + bh.to(tl.int64) * NQ + rows
         tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
         if FULL:
-            big = (mh - m1 - mu) + tl.log(ZH / W)
-            small = tl.log(1.0 + PH / W)
-            small = tl.where(PH / W < 1e-3, PH / W * (1.0 - PH / W * (0.5 - PH / W / 3.0)),
-                             small)
-            eps = 1.1920929e-07
-            slack = 64 * eps * (tl.abs(m1) + tl.abs(mh) + tl.abs(mu) + tl.abs(tl.log(W * ZH)) + 1)
-            kl = tl.where(tl.abs(big - small) <= slack, small, big)
-            kl = tl.maximum(kl, 0.0)
+            d1 = S1 / W                                  # mu - c
+            fisher = tl.maximum(0.5 * (S2 / W - d1 * d1), 0.0)
+            hh = -d1
+            php = tl.maximum(tl.exp(hh) * PH + W * _psi(hh), 0.0)   # sum_j w_j phi(delta_j - mu)
+            kl = _log1p(php / W)
+            if WITH_ZH:   # lse(s^) - lse(s) - mu where the series sum is not finite
+                big = (mh - m1) * scale - (c + d1) + tl.log(ZH / W)
+                kl = tl.where(kl < float("inf"), kl, tl.maximum(big, 0.0))
+            if TOPK == 1:
+                second = m2
+            else:
+                real = tl.where(kc[None, :] < TOPK, ts, NEG)
+                top = tl.max(real, 1)
+                slot = tl.min(tl.where(real == top[:, None], kc[None, :], 1 << 20), 1)
+                second = tl.max(tl.where(kc[None, :] == slot[:, None], NEG, real), 1)
             hit = (ti[:, :, None] == tih[:, None, :]).to(tl.float32)
             overlap = tl.sum(tl.sum(hit, 2), 1)
-            tl.store(base + N_OUT, m1 - m2, mask=rmask)
+            tl.store(base + N_OUT, (m1 - second) * scale, mask=rmask)
             tl.store(base + 2 * N_OUT, 1.0 / W, mask=rmask)
             tl.store(base + 3 * N_OUT, overlap, mask=rmask)
             tl.store(base + 4 * N_OUT, kl, mask=rmask)
-            tl.store(base + 5 * N_OUT, 0.5 * M2 / W, mask=rmask)
+            tl.store(base + 5 * N_OUT, fisher, mask=rmask)
             if HAS_V:
                 ov = o / W[:, None]
                 ohv = oh / ZH[:, None]
@@ -307,12 +348,19 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     bdv = max(16, triton.next_power_of_2(dvn))
     kp = triton.next_power_of_2(max(topk, 2))
     grid = (triton.cdiv(Q, bm), B * Hq)
-    _metrics_kernel[grid](
-        q, k, k_hat, v, v_hat, km, out,
-        Q, T, T - Q, Hq, Hkv, g, hm, km_div, int(window or 0), float(scale), B * Hq * Q,
-        D=d, DV=dvn, BD=bd, BDV=bdv, BLOCK_M=bm, BLOCK_N=bn, KP=kp, TOPK=topk,
-        CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KM=key_mask is not None,
-        HAS_V=has_v, FULL=bool(full), num_warps=warps, num_stages=stages)
+
+    def launch(with_zh: bool) -> None:
+        LAST[0] = _metrics_kernel[grid](
+            q, k, k_hat, v, v_hat, km, out,
+            Q, T, T - Q, Hq, Hkv, g, hm, km_div, int(window or 0), float(scale), B * Hq * Q,
+            D=d, DV=dvn, BD=bd, BDV=bdv, BLOCK_M=bm, BLOCK_N=bn, KP=kp, TOPK=topk,
+            CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KM=key_mask is not None,
+            HAS_V=has_v, FULL=bool(full), WITH_ZH=bool(with_zh), num_warps=warps,
+            num_stages=stages)
+
+    launch(has_v)
+    if full and not has_v and bool((~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()):
+        launch(True)    # a series sum overflowed (deltas beyond ~88): add lse(s^) for KL
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
