@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -90,7 +91,7 @@ def make_press(name: str, compression_ratio: float, **kwargs: Any):
     return cls(compression_ratio=float(compression_ratio), **kwargs)
 
 
-def compat_kwargs(module: torch.nn.Module, kwargs: dict) -> dict:
+def compat_kwargs(module: Any, kwargs: dict) -> dict:
     r"""The attention kwargs a kvpress 0.5 hook expects, from those of transformers 5.x.
 
     Adds ``past_key_values`` (= ``cache``) and ``cache_position`` = :math:`[L-q, L)` with
@@ -326,18 +327,19 @@ def score_window(model: Any, w: Int[Tensor, " token"], n_context: int, press: An
     w = w.to(dev)
     ctx, cont = w[None, :n_context], w[None, n_context:]
     cache = DynamicCache(config=model.config)
+    # transformers >= 5.3 names the argument ``cache``; older versions ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rec = None
     if press is not None:
         with press_context(press, model, record=record) as rec:
-            first = model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1:]
+            first = model(input_ids=ctx, use_cache=True, **{name: cache}).logits[:, -1:]
     else:
-        first = model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1:]
+        first = model(input_ids=ctx, use_cache=True, **{name: cache}).logits[:, -1:]
     m = cont.shape[1]
     logits = first
     if m > 1:
         pos = torch.arange(n_context, n_context + m - 1, device=dev)[None]
-        rest = model(input_ids=cont[:, :-1], past_key_values=cache, use_cache=True,
-                     position_ids=pos).logits
+        rest = model(input_ids=cont[:, :-1], use_cache=True, position_ids=pos, **{name: cache}).logits
         logits = torch.cat([first, rest], 1)
     ce = torch.nn.functional.cross_entropy(logits[0].float(), cont[0], reduction="none")
     return ce.double().sum().cpu(), (rec if record else None)
