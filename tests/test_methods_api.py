@@ -353,3 +353,19 @@ def test_labels_from_the_registry_equal_the_old_string_matching():
     assert [family_label(f) for f in ("quant", "kivi", "rank", "hybrid")] == [
         "INT per token", "INT KIVI", "rank (PCA)", "hybrid"]  # flip_study's legend, as before
     assert family("not-a-spec") == "other" and tick("not-a-spec") == "not-a-spec"
+
+
+def test_a_factory_taking_a_role_builds_per_role_compressors():
+    def scaled(c, role):  # keys scaled by c/10, values untouched; storage per role
+        factor = c / 10 if role == "k" else 1.0
+        return Compressor.from_fn(lambda x: x * factor, bits_per_element=8 if role == "k" else 16)
+
+    register_method("scale{c}", scaled)
+    try:
+        assert bits_per_element("scale5", 64, role="k") == 8.0
+        assert bits_per_element("scale5", 64, role="v") == 16.0
+        x = torch.ones(1, 1, 2, 4)
+        assert make_compressor("scale5", "k")(x).unique().item() == 0.5
+        assert torch.equal(make_compressor("scale5", "v")(x), x)
+    finally:
+        unregister_method("scale")

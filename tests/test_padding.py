@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tol import assert_close
 
-from kvtheory.bases import PCABasis
+from kvtheory.bases import HadamardBasis, PCABasis
 from kvtheory.compress import Compressor, Quantize, RotatedQuantize, make_compressor
-from kvtheory.bases import HadamardBasis
 from kvtheory.errors import KVTheoryError
 from kvtheory.methods.compressor import key_validity
 from kvtheory.patch import clear_fit_cache, compressed_kv, fit_compressors
@@ -168,3 +169,18 @@ def test_fit_mask_pre_rope_left_and_right_agree(llama):  # and the mask is check
     assert_close(fits[0][1][0].fitted.rotation, fits[1][1][0].fitted.rotation, "float64")
     with pytest.raises(KVTheoryError, match=r"attention_mask: got 'shape \(3, 3\)'"):
         fit_compressors(llama, "rank4-pca", "fp", ids, attention_mask=mask[:, :3])
+
+
+# ----------------------------------------------------------------------------- property
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4), group=st.integers(1, 24),
+       bits=st.integers(2, 8), symmetric=st.booleans(), seed=st.integers(0, 2**16),
+       side=st.sampled_from(["right", "left"]))
+def test_any_padding_gives_each_sequence_its_own_kivi_groups(lengths, group, bits, symmetric, seed, side):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(2, n, 4, generator=g, dtype=torch.float64) for n in lengths]
+    x, mask = _padded(rows, side, fill=float(seed % 7) * 100)
+    comp = Quantize(bits, "channel", group, symmetric)
+    out = comp(x, mask)
+    for b, r in enumerate(rows):
+        assert torch.equal(out[b][:, mask[b]], comp(r[None])[0])
