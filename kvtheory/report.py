@@ -249,7 +249,16 @@ def draw_figures(saved: Results, out_dir: str | os.PathLike) -> list[Path]:
     for stage in stages():
         res = saved.results(stage.name)
         if res:
-            paths += list(stage.plot(res, out_dir))
+            try:
+                paths += list(stage.plot(res, out_dir))
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                if isinstance(exc, KVTheoryError):
+                    raise
+                files = ", ".join(repr(saved.path(stage.name, m)) for m in res)
+                raise KVTheoryError(
+                    f"results: got {files}, whose {stage.name} result cannot be drawn "
+                    f"({type(exc).__name__}: {str(exc)[:80]}); expected a result written by this "
+                    "kvtheory version (delete it and run `kvtheory report`)") from None
     return paths
 
 

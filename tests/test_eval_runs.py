@@ -482,6 +482,20 @@ def test_values_json_cannot_hold_are_named(tmp_path):
         b'{"a":[1],"b":null}').hexdigest()
 
 
+def test_figures_name_a_result_they_cannot_draw(tmp_path, capsys, monkeypatch):
+    """A checksummed result of another schema (an older kvtheory): named, not a KeyError."""
+    from kvtheory.cli import main
+    from kvtheory.store import cached
+
+    monkeypatch.delenv("KVTHEORY_DEBUG", raising=False)
+    env = cached("routing-smollm2-135m", {"x": 1}, lambda: {"junk": 1}, root=tmp_path / "res",
+                 model="smollm2-135m")
+    assert main(["figures", "--results", str(tmp_path / "res"), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"kvtheory figures: error: results: got '{env['path']}', "
+                                               "whose routing result cannot be drawn (KeyError")
+
+
 def test_format_table_handles_missing_intervals():
     rec = {"method": "fp", "target": "kv", "bits_per_element": 16.0, "metric": "ppl", "value": 3.5,
            "ci_low": None, "ci_high": None, "n_tokens": 31, "n_items": 1}
