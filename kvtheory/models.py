@@ -45,7 +45,7 @@ from ._packaged import PACKAGED, PackagedModel, cache_root, converted_dir, insta
 from .errors import KVTheoryError, bad_argument
 
 __all__ = ["ModelInfo", "LoadedModel", "REGISTRY", "PackagedModel", "load_model", "model_info",
-           "cache_root", "registry_dir", "install_state", "suggest"]
+           "cache_root", "registry_dir", "install_state", "suggest", "registry_status", "facts_line"]
 
 #: registry name -> :class:`PackagedModel` (packages, files, pinned SHA-256, description)
 REGISTRY: dict[str, PackagedModel] = {m.name: m for m in PACKAGED}
@@ -397,3 +397,62 @@ def model_info(model: nn.Module, name: str | None = None) -> ModelInfo:
         rope_bases=bases,
         qk_norm=qk_norm,
     )
+
+
+# ----------------------------------------------------------------------------- registry listing
+def _info_from_folder(folder: Path, name: str, causal: bool) -> ModelInfo:
+    """:class:`ModelInfo` from a model folder's config alone (modules built on the meta device)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    return model_info(model, name=name)
+
+
+def facts_line(info: ModelInfo) -> str:
+    """One line of architecture facts: layers, heads (GQA group), head_dim, windows, RoPE, QK-norm.
+
+    >>> facts_line(ModelInfo("m", "gemma3_text", 3, 4, 1, 4, 256, True, True, 32768, True,
+    ...     ("sliding_attention",) * 2 + ("full_attention",), (512, 512, None), (1e4, 1e4, 1e6), True))
+    'gemma3_text, 3 layers, 4/1 heads (group 4), head_dim 256, window 512 x2 + global x1, RoPE base 10000/1e+06, QK-norm, causal LM'
+    """
+    windows = [w for w in info.windows if w is not None]
+    if windows:
+        sizes = sorted(set(windows))
+        win = ", window " + " + ".join(f"{w} x{windows.count(w)}" for w in sizes) + \
+            f" + global x{len(info.windows) - len(windows)}"
+    else:
+        win = ", global attention"
+    bases = sorted({b for b in info.rope_bases if b is not None})
+    rope = (", RoPE base " + "/".join(f"{b:g}" for b in bases)) if bases else (", RoPE" if info.rope else ", no RoPE")
+    kind = "causal LM" if info.causal and info.has_lm_head else ("encoder" if not info.causal else "decoder")
+    return (f"{info.arch}, {info.n_layers} layers, {info.q_heads}/{info.kv_heads} heads (group {info.group}), "
+            f"head_dim {info.d}{win}{rope}{', QK-norm' if info.qk_norm else ''}, {kind}")
+
+
+def registry_status(cache_dir: str | os.PathLike | None = None, convert: bool = False) -> list[dict[str, Any]]:
+    """One dict per registry model: name, state (``not installed``/``installed``/``converted``),
+    packages, install command, pinned SHA-256, description and, once its config is available
+    (a converted GGUF or a package folder), ``info`` (:class:`ModelInfo` as a dict) and ``facts``.
+    ``convert=True`` converts installed GGUF models first."""
+    from dataclasses import asdict
+
+    rows = []
+    for entry in REGISTRY.values():
+        state = install_state(entry, cache_dir)
+        if convert and state == "installed" and entry.gguf:
+            converted_dir(entry, cache_dir)
+            state = install_state(entry, cache_dir)
+        info = None
+        if state == "converted" or (state == "installed" and not entry.gguf):
+            info = _info_from_folder(converted_dir(entry, cache_dir), entry.name, entry.causal)
+        rows.append({
+            "name": entry.name, "state": state, "default": entry.default, "packages": list(entry.packages),
+            "install": entry.install, "sha256": entry.sha256, "size": entry.size,
+            "description": entry.description, "notes": entry.notes,
+            "info": None if info is None else asdict(info), "facts": None if info is None else facts_line(info),
+        })
+    return rows

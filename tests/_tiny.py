@@ -13,6 +13,11 @@ import torch
 
 VOCAB = 64
 ARCHS = ("gpt2", "llama", "mistral", "qwen2", "bert")
+#: architectures with QK-norm (keys normalised after k_proj, before RoPE) and/or sliding windows:
+#: gemma3 (MQA 4/1, head-wise norm on (batch, head, token, d), layers sliding 4, sliding 4,
+#: global), qwen3 (norm on (batch, token, head, d)), olmo2 (norm over the flat head*d output)
+QK_ARCHS = ("gemma3", "qwen3", "olmo2")
+GEMMA_WINDOW = 4
 
 
 def tiny_config(arch: str, attn: str = "sdpa", **overrides):
@@ -30,7 +35,17 @@ def tiny_config(arch: str, attn: str = "sdpa", **overrides):
         return tf.BertConfig(**common, **{**kw, **overrides})
     kw = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
               intermediate_size=64, max_position_embeddings=64, head_dim=8)
-    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
+    if arch == "gemma3":
+        kw.update(num_hidden_layers=3, num_key_value_heads=1, sliding_window=GEMMA_WINDOW,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                  query_pre_attn_scalar=8, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        return tf.Gemma3TextConfig(**common, **{**kw, **overrides})
+    if arch == "olmo2":
+        kw.pop("head_dim")
+        kw.update(bos_token_id=None, eos_token_id=1, pad_token_id=0)
+        return tf.Olmo2Config(**common, **{**kw, **overrides})
+    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+           "qwen3": tf.Qwen3Config}[arch]
     if arch == "mistral":
         kw["sliding_window"] = 6  # shorter than the test sequences: the sliding mask matters
     return cls(**common, **{**kw, **overrides})
@@ -42,7 +57,8 @@ def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0, **overrides) -> tor
 
     config = tiny_config(arch, attn, **overrides)
     cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
-           "qwen2": tf.Qwen2ForCausalLM, "bert": tf.BertModel}[arch]
+           "qwen2": tf.Qwen2ForCausalLM, "bert": tf.BertModel, "gemma3": tf.Gemma3ForCausalLM,
+           "qwen3": tf.Qwen3ForCausalLM, "olmo2": tf.Olmo2ForCausalLM}[arch]
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
