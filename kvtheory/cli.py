@@ -9,7 +9,8 @@ Each sub-command lives in its own module under :mod:`kvtheory.commands` and defi
 
 User errors (:class:`~kvtheory.errors.KVTheoryError`) print one line and exit 2; an error
 of the system (``OSError`` such as an I/O error, ``MemoryError``) prints one line and exits 1;
-no traceback is shown unless ``KVTHEORY_DEBUG=1``.
+no traceback is shown unless ``KVTHEORY_DEBUG=1``. SIGTERM unwinds like Ctrl-C (temporary files
+and locks removed) and exits 143.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from .errors import KVTheoryError
@@ -68,8 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    old_term = _on_sigterm()
     try:
         return int(args._run(args) or 0)
+    except _Terminated:
+        print(f"kvtheory {args.command}: terminated; finished rows are saved", file=sys.stderr)
+        return 143
     except KVTheoryError as exc:
         if os.environ.get("KVTHEORY_DEBUG"):
             raise
@@ -86,6 +93,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvtheory {args.command}: error: the system refused: {what}; nothing more was "
               "written (set KVTHEORY_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that temporary files and locks are cleaned up on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+def _on_sigterm():
+    """Turn SIGTERM into :class:`_Terminated` (main thread only); the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _console() -> None:  # pragma: no cover

@@ -127,6 +127,41 @@ def test_two_runs_on_one_file_lose_nothing(tiny, tmp_path):
     assert not list(tmp_path.glob(".same.json*"))  # no lock or temp file left behind
 
 
+STALL_IN_LOCK = textwrap.dedent("""
+    import sys, time
+    import kvtheory.runs as runs
+    def stalled(*args, **kw):
+        time.sleep(600)  # holding the lock; the test sends SIGTERM here
+    runs.write_json = stalled
+    from kvtheory.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_unwinds_and_releases_the_lock(tiny, tmp_path):
+    import signal
+    import time
+
+    driver, out = tmp_path / "driver.py", tmp_path / "out" / "r.json"
+    driver.write_text(STALL_IN_LOCK)
+    proc = subprocess.Popen([sys.executable, str(driver), *_cli_args(tiny, out, "fp")], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out.parent / ".r.json.lock"
+    try:
+        t0 = time.monotonic()
+        while not lock.exists() and proc.poll() is None and time.monotonic() - t0 < 240:
+            time.sleep(0.1)
+        assert lock.read_text().split() == [str(proc.pid)]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines() == [
+        "kvtheory eval: terminated; finished rows are saved"]
+    assert list(out.parent.iterdir()) == []  # no lock, no temporary file, no half result
+
+
 def test_lock_waits_names_a_live_holder_and_takes_over_a_stale_one(tmp_path):
     target = tmp_path / "r.json"
     with io.file_lock(target, "json") as lock:
