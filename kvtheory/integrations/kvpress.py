@@ -263,7 +263,9 @@ def eviction_metrics(
     >>> q = torch.tensor([[[[1.0, 0.0]]]]); k = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]])
     >>> m = eviction_metrics(q, k, torch.tensor([[[False, True]]]), causal=False)
     >>> bool(m.flip[0, 0, 0]), round(float(m.evicted_mass[0, 0, 0]), 4), round(float(m.kl_kept[0, 0, 0]), 4)
-    (True, 0.7311, 1.3133)
+    (True, 0.8044, 1.6318)
+
+    (logits :math:`\sqrt2` and 0: :math:`m = \sigma(\sqrt2) = 0.8044`, :math:`-\log(1-m) = 1.6318`.)
     """
     check_tensor("q", q, ndim=4, axes="batch q_head query d")
     check_tensor("k", k, ndim=4, axes="batch kv_head token d")

@@ -52,7 +52,7 @@ from ..errors import KVTheoryError, bad_argument
 __all__ = ["KVTheoryLM", "TASKS_DIR", "LMEVAL_RANGE", "main", "task_dir"]
 
 #: lm-eval versions this model is tested with
-LMEVAL_RANGE = ">=0.4.9,<0.5"
+LMEVAL_RANGE = ">=0.4.13,<0.5"
 #: the offline task configs shipped with kvtheory
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
