@@ -290,6 +290,7 @@ def test_lambada_and_embed_tasks(tiny, tmp_path, capsys, as_cli, data_dir):
                 "--methods", "fp,int4", "--seq-len", "64", "--calib-windows", "1", "--n-boot", "20",
                 "--data-dir", str(data_dir), "--no-progress", "--json", str(out))
     assert res.returncode == 0, res.stderr
+    assert "LAMBADA scoring: target = the last whitespace-separated word" in res.stdout
     data = json.loads(out.read_text())
     rec = data["records"][0]
     assert rec["metric"] == "accuracy" and set(rec["metrics"]) == {"accuracy", "target_ppl"}

@@ -19,6 +19,13 @@ from ..errors import bad_argument
 
 NAME = "eval"
 HELP = "perplexity / LAMBADA / encoder fidelity of a model under KV compression (resumable JSON)"
+#: the scoring convention ``--task lambada`` follows (printed with its table; see README)
+LAMBADA_CONVENTION = (
+    "LAMBADA scoring: target = the last whitespace-separated word with the whitespace before it "
+    "(newlines in passages 426, 1053, 2881, 3047, 3977, 4351, else a space), target tokens = "
+    "tok(context + sep + word) minus tok(context), no BOS; accuracy = every target token greedy; "
+    "target_ppl = exp(mean target NLL per passage). lm-eval's lambada_openai splits on spaces and "
+    "differs on those 6 passages only; passages are batched by equal length (no padding).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     out = run_eval(cfg, args.json, results_dir=args.results_dir, overwrite=args.overwrite,
                    progress=not args.no_progress, batch_size=batch_size, log=lambda m: None)
     print(format_table(out["records"]))
+    if cfg.task == "lambada":
+        print(LAMBADA_CONVENTION)
     print(f"({len(out['computed'])} rows computed, {len(out['skipped'])} resumed) -> {out['path']}")
     if out["failed"]:
         rows = "; ".join(f"{m}/{t} ({why})" for m, t, why in out["failed"])
