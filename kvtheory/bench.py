@@ -324,10 +324,10 @@ def compressor_share(run: Callable[[], Any], device: Any) -> tuple[float, float]
     inner = patch._apply
     spent = [0.0]
 
-    def timed(comp, x):
+    def timed(comp, x, *mask):
         sync(device)
         t0 = time.perf_counter()
-        y = inner(comp, x)
+        y = inner(comp, x, *mask)
         sync(device)
         spent[0] += time.perf_counter() - t0
         return y
