@@ -136,7 +136,7 @@ def test_compressor_share_counts_compressor_calls():
     from kvtheory import patch
 
     inner = patch._apply
-    patch._apply = lambda comp, x: calls.append(x.shape) or inner(comp, x)
+    patch._apply = lambda comp, x, *mask: calls.append(x.shape) or inner(comp, x, *mask)
     try:
         inside, total = bench.compressor_share(run, "cpu")
     finally:
