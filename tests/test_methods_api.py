@@ -369,3 +369,26 @@ def test_a_factory_taking_a_role_builds_per_role_compressors():
         assert torch.equal(make_compressor("scale5", "v")(x), x)
     finally:
         unregister_method("scale")
+
+
+def test_a_family_beside_the_builtin_int_head():
+    """The issue's second example: INT-b with stochastic rounding, ``int{b}-sr``."""
+    def sr(b):
+        def f(x):
+            lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+            step = (hi - lo) / (2**b - 1)
+            g = torch.Generator().manual_seed(0)
+            u = torch.rand(x.shape, generator=g, dtype=x.dtype)
+            return torch.floor((x - lo) / step + u).clamp(0, 2**b - 1) * step + lo
+        return Compressor.from_fn(f, bits_per_element=lambda d, tokens: b + 32 / d)
+
+    register_method("int{b}-sr", sr)
+    try:
+        assert parse_method("int3-sr").family.key == "int-sr"
+        assert str(parse_method("int3")) == "int3" and parse_method("int3").family.key == "int"
+        assert bits_per_element("int3-sr", 64) == bits_per_element("int3", 64) == 3.5
+        x = torch.randn(1, 1, 5, 8)
+        err = (make_compressor("int3-sr")(x) - x).abs()
+        assert bool((err <= (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 7).all())
+    finally:
+        unregister_method("int-sr")
