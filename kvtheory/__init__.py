@@ -36,6 +36,9 @@ _EXPORTS = {
     # compression
     "make_compressor": "compress",
     "parse_method": "compress",
+    "Compressor": "methods",
+    "register_method": "methods",
+    "check_methods": "methods",
     "bits_per_element": "ledger",
     "matched": "ledger",
     # metrics
