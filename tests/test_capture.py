@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -231,3 +232,108 @@ def test_cli_capture_smollm2(tmp_path, data_dir):
     assert (cap.meta.q_heads, cap.meta.kv_heads, cap.meta.group, cap.meta.d) == (9, 3, 3, 64)
     assert cap[5]["q"].shape == (1, 9, 64, 64) and cap[5]["k"].shape == (1, 3, 64, 64)
     assert all(math.isfinite(float(cap[layer][w].abs().max())) for layer in (0, 5) for w in "qkv")
+
+
+# ----------------------------------------------------------------------------- issue 11: bad input
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64, "float32", 32, "int8"])
+def test_non_floating_or_non_dtype_dtype_is_refused(dtype):
+    with pytest.raises(KVTheoryError, match=r"^dtype: got .*expected None \(keep the computed dtype\) or a floating"):
+        inspect.unwrap(capture)(tiny_model("llama"), tiny_ids(), dtype=dtype)
+
+
+@pytest.mark.parametrize("ids,why", [
+    (torch.ones(2, 3, dtype=torch.bool), "integer dtype"),
+    (torch.ones(2, 3, dtype=torch.complex64), "integer dtype"),
+    (torch.ones(2, 3, dtype=torch.float16), "integer dtype"),
+    (torch.ones(2, 3, dtype=torch.long, device="meta"), "not a meta tensor"),
+    ([[1, 2, 3]], "as a torch tensor"),
+    (7, "as a torch tensor"),
+    (torch.ones(1, 2, 3, dtype=torch.long), "shaped (token,) or (batch, token)"),
+    (torch.ones(0, dtype=torch.long), "shaped (token,) or (batch, token)"),
+])
+def test_bad_ids_are_named(ids, why):
+    with pytest.raises(KVTheoryError, match=r"^input_ids: got .*" + re.escape(why)):
+        inspect.unwrap(capture)(tiny_model("llama"), ids)
+
+
+def test_meta_model_is_refused():
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    with pytest.raises(KVTheoryError, match="model: got .*meta.*expected a model whose weights are loaded"):
+        inspect.unwrap(capture)(model, tiny_ids())
+
+
+def test_bad_device_is_named():
+    with pytest.raises(KVTheoryError, match="device: got 'warp'"):
+        inspect.unwrap(capture)(tiny_model("llama"), tiny_ids(), device="warp")
+
+
+@pytest.mark.parametrize("path", [None, 3, ""])
+def test_load_capture_of_a_non_path_is_named(path):
+    with pytest.raises(KVTheoryError, match="^capture: got .*expected the path of a folder"):
+        inspect.unwrap(load_capture)(path)  # below the test suite's jaxtyping hook, as users call it
+
+
+@pytest.mark.parametrize("field,value", [("d", 16), ("q_heads", 8), ("kv_heads", 2), ("model", "other"),
+                                         ("group", 2), ("windows", [3, 3]), ("rope", "pre")])
+def test_hand_edited_manifest_is_refused_naming_the_file(saved, field, value):
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest[field] = value
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KVTheoryError, match=re.escape(str(saved / MANIFEST)) + ".*manifest_sha256"):
+        load_capture(saved)
+
+
+@pytest.mark.parametrize("field,value,word", [("d", 16, "shape"), ("q_heads", 8, "group"),
+                                              ("dtype", "bfloat16", "dtype")])
+def test_re_signed_edit_is_caught_by_the_shapes(saved, field, value, word):
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest[field] = value
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KVTheoryError, match="metadata does not match its tensors.*" + word):
+        load_capture(saved)
+
+
+def test_version_1_manifest_without_windows_still_loads(saved):
+    """Captures written before windows and the manifest hash (format 1) load, checked by shape."""
+    manifest = json.loads((saved / MANIFEST).read_text())
+    for key in ("windows", "manifest_sha256"):
+        del manifest[key]
+    manifest["format_version"] = 1
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    cap = load_capture(saved)
+    assert cap.meta.windows is None and cap.meta.window(0) is None
+    manifest["d"] = 16
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(KVTheoryError, match="does not match its tensors"):
+        load_capture(saved)
+
+
+@pytest.mark.parametrize("blocker", ["out-is-file", "tensor-is-folder", "manifest-is-folder"])
+def test_cli_out_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, blocker):
+    import kvtheory.models
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(kvtheory.models, "load_model", never)
+    out = tmp_path / "out"
+    if blocker == "out-is-file":
+        out.write_text("x")
+    else:
+        (out / (TENSOR_FILE if blocker == "tensor-is-folder" else MANIFEST)).mkdir(parents=True)
+    text = tmp_path / "t.txt"
+    text.write_text("the of and " * 10)
+    rc = main(["capture", "--model", "whatever", "--tokens", "8", "--out", str(out), "--text-file", str(text)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--out" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_save_capture_checks_both_paths_before_writing(tmp_path):
+    cap = capture(tiny_model("gpt2"), tiny_ids())
+    out = tmp_path / "cap"
+    (out / MANIFEST).mkdir(parents=True)
+    with pytest.raises(KVTheoryError, match="folder"):
+        save_capture(cap, out)
+    assert not (out / TENSOR_FILE).exists()  # nothing half-written
