@@ -177,12 +177,54 @@ def sweep(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
     return res
 
 
+def variants(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
+    """Where the full kernel's time goes: the softmax sums alone (PARTS=1), the top-k alone
+    (PARTS=2), both (3), and block shapes with more warps per tile."""
+    import triton.testing
+
+    q, k, kh = bench.flip_inputs(T, q_heads=hq, kv_heads=hkv, d=d, device="cuda",
+                                 dtype=torch.bfloat16)
+    res: dict = {}
+    base = tm.CONFIG["full"]
+    best = None
+    variants = [(3, base, {}), (3, base, {"REST": 1}), (3, base, {"PHI_MODE": 1}),
+                (2, base, {}), (3, base, {"REST": 0}), (3, (128, 64, 8, 2), {}),
+                (3, (64, 64, 4, 3), {})]
+    for parts, cfg, tune in variants:
+        tm.CONFIG["full"] = cfg
+        tm.TUNE.clear()
+        tm.TUNE.update(tune, **({"PARTS": parts} if parts != 3 else {}))
+        try:
+            fn = (lambda: tm.fused_metrics(q, k, kh, None, None, None, causal=False, window=None,
+                                           scale=d ** -0.5, topk=5, full=True))
+            fn()
+            ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        except Exception as exc:  # noqa: BLE001
+            res[f"parts{parts}{cfg}{tune}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        kern = tm.LAST[0]
+        res[f"parts{parts}{cfg}{tune}"] = {"ms": ms, "n_regs": getattr(kern, "n_regs", None),
+                                           "n_spills": getattr(kern, "n_spills", None)}
+        print(f"  parts {parts} {cfg} {tune}: {ms:.2f} ms, regs {getattr(kern, 'n_regs', '?')}"
+              f" spills {getattr(kern, 'n_spills', '?')}", flush=True)
+        if parts == 3 and tune.get("REST", 2) != 0 and (best is None or ms < best["ms"]):
+            best = {"ms": ms, "full": list(cfg), "tune": dict(tune)}
+    res["best"] = best
+    # the fastest exact variant is used from here on (and by gpu_job via --kernel-config)
+    tm.CONFIG["full"] = tuple(best["full"]) if best else base
+    tm.TUNE.clear()
+    tm.TUNE.update(best["tune"] if best else {})
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_flips.json")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip", default="", help="comma-separated steps to skip: check,sweep,speed")
     p.add_argument("--tokens", default="16384,32768")
+    p.add_argument("--steps", default="", help="extra steps: variants")
+    p.add_argument("--best-out", default=None, help="JSON of the fastest exact variant")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     t0 = time.perf_counter()
@@ -191,6 +233,7 @@ def main() -> int:
     def save():
         doc["elapsed_s"] = time.perf_counter() - t0
         doc["config"] = {k: list(v) for k, v in tm.CONFIG.items()}
+        doc["tune"] = dict(tm.TUNE)
         write_json(args.out, doc, arg="--out")
 
     def step(name, fn):
@@ -227,6 +270,10 @@ def main() -> int:
                     f"{r[ref]['flip_differ_not_near_tie']}), kl rel {r[ref]['kl']['max_rel']:.2e}, "
                     f"fisher rel {r[ref]['fisher']['max_rel']:.2e}" for ref in ("dense64", "cpu64")
                     if ref in r), flush=True)
+    if "variants" in args.steps:
+        doc["variants"] = step("variants", variants)
+        if args.best_out and doc["variants"] and doc["variants"].get("best"):
+            write_json(args.best_out, doc["variants"]["best"], arg="--best-out")
     if "sweep" not in skip:
         doc["sweep"] = step("config sweep", sweep)
     if "speed" not in skip:

@@ -7,12 +7,18 @@ random, and the flip engine gets synthetic tensors. Runs, for float32 and bfloat
   (4 windows × 1024 and 2 × 4096 tokens; the PCA basis is fitted once on 1 random window);
 * ``flips``: ``attention_metrics`` vs the two bare matmuls at T = 8192 and 16384;
 * ``memory``: peak ``torch.cuda.max_memory_allocated`` of ``attention_metrics`` at 32,768 tokens;
+* ``flips7b``: the fused metrics kernel at a Mistral-7B layer's shape (32 query / 8 KV heads,
+  d=128, bf16) at T = 4,096 ... 32,768 against the two bare bf16 matmuls, with TFLOP/s against
+  the measured peak, and its peak memory at 32,768 tokens (issue 12);
 
 and a bf16 (and fp32) ``n×n`` matmul to measure the peak the flip engine is held against.
 Writes the JSON after every step (partial results survive a time-out) and prints the table.
 
     PYTHONPATH=. python3 benchmarks/gpu_job.py --out gpu.json --git-sha SHA   # on the GPU machine
     PYTHONPATH=. python3 benchmarks/gpu_job.py --small --device cpu     # plumbing dry run
+    # only some steps, keeping the other rows of an earlier file:
+    PYTHONPATH=. python3 benchmarks/gpu_job.py --only peak,flips,memory,flips7b \
+        --merge benchmarks/gpu.json --out gpu.json --git-sha SHA
 """
 
 from __future__ import annotations
@@ -96,9 +102,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny sizes: a dry run of the plumbing")
     p.add_argument("--git-sha", default=None,
                    help="commit of the working tree sent (the GPU machine gets no .git)")
+    p.add_argument("--only", default="peak,eval,flips,memory,flips7b",
+                   help="comma-separated steps: peak, eval, flips, memory, flips7b")
+    p.add_argument("--kernel-config", default=None, metavar="PATH",
+                   help="JSON {full: [BLOCK_M, BLOCK_N, warps, stages], tune: {...}} for the "
+                        "fused kernel (written by gpu_flips_check.py --best-out)")
+    p.add_argument("--merge", default=None, metavar="PATH",
+                   help="an earlier result file whose rows of the cases not re-run are kept")
     args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    bad = only - {"peak", "eval", "flips", "memory", "flips7b"}
+    if bad:
+        p.error(f"--only: unknown steps {sorted(bad)}")
     dev = torch.device(args.device)
     small = args.small
+    from kvtheory import _triton_metrics as tm
+
+    if args.kernel_config:
+        from kvtheory.io import read_json
+
+        kc = read_json(args.kernel_config, arg="--kernel-config")
+        tm.CONFIG["full"] = tuple(kc["full"])
+        tm.TUNE.update(kc.get("tune", {}))
     shape = dict(num_hidden_layers=2) if small else {}
     eval_sizes = [(2, 128)] if small else [(4, 1024), (2, 4096)]
     flip_tokens = [256] if small else [8192, 16384]
@@ -112,11 +137,29 @@ def main(argv: list[str] | None = None) -> int:
                 "calib_windows": 1, "tokens": "random ids (seeded)", "flip_tokens": flip_tokens,
                 "memory_tokens": mem_tokens, "matmul_n": peak_n,
                 "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-                "source_git_sha": args.git_sha}
+                "source_git_sha": args.git_sha,
+                "fused_kernel": {"config": {k: list(v) for k, v in tm.CONFIG.items()},
+                                 "tune": dict(tm.TUNE), "triton": tm.triton is not None}}
     cases: list[dict] = []
     doc = bench.results_document(cases, settings=settings)
     doc["job"] = "benchmarks/gpu_job.py"
     doc["errors"] = []
+
+    kept: list[dict] = []
+    if args.merge:
+        from kvtheory.io import read_json
+
+        old = read_json(args.merge, arg="--merge")
+        rerun = ({"eval", "eval-diag"} if "eval" in only else set()) | (
+            {"flips"} if only & {"flips", "flips7b"} else set()) | (
+            {"memory"} if only & {"memory", "flips7b"} else set())
+        kept = [c for c in old.get("cases", []) if c.get("case") not in rerun]
+        doc["merged"] = {"from": args.merge, "kept_cases": sorted({c.get("case") for c in kept}),
+                         "kept_from_sha": old.get("settings", {}).get("source_git_sha"),
+                         "kept_date": old.get("machine", {}).get("date")}
+        if "peak" not in only:
+            doc["matmul_peak"] = old.get("matmul_peak")
+        cases.extend(kept)
 
     def save() -> None:
         doc["rows"] = [r for c in cases for r in c["rows"]]
@@ -138,14 +181,28 @@ def main(argv: list[str] | None = None) -> int:
         save()
         return out
 
-    peak = step("matmul peak bf16", lambda: bench.matmul_peak(n=peak_n, device=dev,
-                                                             dtype=torch.bfloat16))
-    doc["matmul_peak"] = peak
-    doc["matmul_peak_fp32"] = step("matmul peak fp32", lambda: bench.matmul_peak(
-        n=peak_n, device=dev, dtype=torch.float32))
+    peak = doc.get("matmul_peak")
+    if "peak" in only:
+        peak = step("matmul peak bf16", lambda: bench.matmul_peak(n=peak_n, device=dev,
+                                                                 dtype=torch.bfloat16))
+        doc["matmul_peak"] = peak
+        doc["matmul_peak_fp32"] = step("matmul peak fp32", lambda: bench.matmul_peak(
+            n=peak_n, device=dev, dtype=torch.float32))
+
+    def add_peak(res: dict) -> None:
+        if peak:
+            for row in res["rows"]:
+                if row["what"].startswith("attention_metrics vs 2 bare") or row[
+                        "what"].startswith("flip_rate vs 2 bare"):
+                    lab = "attention_metrics" if row["what"].startswith("att") else "flip_rate"
+                    tf = res["tflops"][lab]
+                    row["note"] += (f"; {100 * tf / peak['tflops']:.1f}% of the bf16 "
+                                    f"matmul peak {peak['tflops']:.0f} TFLOP/s")
+
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        model = step(f"model {name}", lambda: bench.smollm2_shaped_model(dev, dtype, **shape))
+        model = (step(f"model {name}", lambda: bench.smollm2_shaped_model(dev, dtype, **shape))
+                 if "eval" in only else None)
         if model is not None:
             for w, n in eval_sizes:
                 windows = bench.random_ids(n, vocab, batch=w, seed=1)
@@ -163,19 +220,29 @@ def main(argv: list[str] | None = None) -> int:
             if res is not None:
                 cases.append(res)
             del model
-        for t in flip_tokens:
+        for t in flip_tokens if "flips" in only else ():
             res = step(f"flips {name} T={t}", lambda: bench.case_flips(
                 tokens=t, device=dev, dtype=dtype, reps=args.reps))
             if res is not None:
-                if peak:
-                    for row in res["rows"]:
-                        if row["what"].startswith("attention_metrics vs 2 bare"):
-                            tf = res["tflops"]["attention_metrics"]
-                            row["note"] += (f"; {100 * tf / peak['tflops']:.1f}% of the bf16 "
-                                            f"matmul peak {peak['tflops']:.0f} TFLOP/s")
+                add_peak(res)
                 cases.append(res)
-        res = step(f"memory {name}", lambda: bench.case_memory(
-            tokens=mem_tokens, device=dev, dtype=dtype))
+        if "memory" in only:
+            res = step(f"memory {name}", lambda: bench.case_memory(
+                tokens=mem_tokens, device=dev, dtype=dtype))
+            if res is not None:
+                cases.append(res)
+        save()
+    if "flips7b" in only:   # issue 12: a Mistral-7B layer's attention shape, bf16
+        big = dict(q_heads=32, kv_heads=8, d=128)
+        for t in [512] if small else [4096, 8192, 16384, 32768]:
+            res = step(f"flips7b T={t}", lambda: bench.case_flips(
+                tokens=t, device=dev, dtype=torch.bfloat16, reps=args.reps, fp32_row=False,
+                torch_row=t == (512 if small else 16384), **big))
+            if res is not None:
+                add_peak(res)
+                cases.append(res)
+        res = step("memory flips7b", lambda: bench.case_memory(
+            tokens=mem_tokens, device=dev, dtype=torch.bfloat16, **big))
         if res is not None:
             cases.append(res)
         save()

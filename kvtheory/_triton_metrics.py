@@ -47,6 +47,10 @@ _NEG = -1.0e30          # hidden logits: exp(_NEG - m) == 0, and hidden deltas a
 CALLS = [0]
 #: the last compiled kernel launched (its ``n_regs``, ``n_spills`` for the benchmarks)
 LAST: list = [None]
+#: which parts of the full kernel run (1: softmax sums, 2: top-k; timing variants only)
+PARTS = [3]
+#: extra constexpr switches of the kernel (timing variants only)
+TUNE: dict = {}
 
 try:  # pragma: no cover - exercised on a CUDA machine only
     import triton
@@ -126,6 +130,22 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
         return ts, ti
 
     @triton.jit
+    def _topk_rest2(ts, ti, tsh, tih, kc, work, cur, workh, curh, cols):
+        """:func:`_topk_rest` for the two running top-k at once (one loop, one test a round)."""
+        go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
+        while go > 0:
+            cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
+            ts, ti = _insert(ts, ti, kc, cur, cidx)
+            work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
+            cur = tl.max(work, 1)
+            cidh = tl.min(tl.where(workh == curh[:, None], cols[None, :], 1 << 30), 1)
+            tsh, tih = _insert(tsh, tih, kc, curh, cidh)
+            workh = tl.where(cols[None, :] == cidh[:, None], -3.0e38, workh)
+            curh = tl.max(workh, 1)
+            go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
+        return ts, ti, tsh, tih
+
+    @triton.jit
     def _metrics_kernel(
         Q, K, KH, V, VH, KM, OUT,
         NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
@@ -133,6 +153,7 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
         HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr,
+        PARTS: tl.constexpr = 3, PHI_MODE: tl.constexpr = 0, REST: tl.constexpr = 2,
     ):
         # logits stay unscaled (raw q.k) in the loop; weights are exp2((s - m) * scale * log2 e)
         pid_m = tl.program_id(0)
@@ -213,7 +234,7 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
             at_bi = cols[None, :] == bi[:, None]
             sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
             sh_at = tl.where(bm > m1, sh_b, sh_at)
-            if FULL:
+            if FULL and (PARTS & 1):
                 # sums are about a reference delta c: the delta at the running top token
                 # (moved with it, so c stays near the mean where p is concentrated)
                 cn = tl.where(bm > m1, (sh_b - bm) * scale, c)
@@ -227,11 +248,17 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
                 t = w * u
                 S1b = tl.sum(t, 1)
                 S2b = tl.sum(t * u, 1)
-                if tl.max(tl.max(tl.abs(u), 1), 0) < 1.0:
-                    PHb = tl.sum(w * _phi_poly(u), 1)
-                else:   # w (e^u - 1 - u) = e^(ls + u) - w (1 + u): no inf * 0
+                if PHI_MODE == 0:
+                    if tl.max(tl.max(tl.abs(u), 1), 0) < 1.0:
+                        PHb = tl.sum(w * _phi_poly(u), 1)
+                    else:   # w (e^u - 1 - u) = e^(ls + u) - w (1 + u): no inf * 0
+                        PHb = tl.sum(tl.where(tl.abs(u) < 1.0, w * _phi_poly(u),
+                                              tl.exp2(ls + u * LOG2E) - w * (1.0 + u)), 1)
+                elif PHI_MODE == 1:
                     PHb = tl.sum(tl.where(tl.abs(u) < 1.0, w * _phi_poly(u),
                                           tl.exp2(ls + u * LOG2E) - w * (1.0 + u)), 1)
+                else:
+                    PHb = tl.sum(w * _phi_poly(u), 1)
                 alpha = tl.exp2((m1 - m1n) * a2)
                 beta = tl.exp2((bm - m1n) * a2)
                 Wa = W * alpha
@@ -256,20 +283,23 @@ if triton is not None:  # pragma: no cover - compiled and run on a CUDA machine 
                         o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
                                                         input_precision="tf32x3")
                         oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
+            if FULL and (PARTS & 2):
                 if TOPK == 1:
                     s2 = tl.max(tl.where(at_bi, NEG, s), 1)
                     m2 = tl.maximum(tl.maximum(m2, s2), tl.minimum(m1, bm))
                 # top-k of s (first round shares the argmax above) and of s^
                 ts, ti = _insert(ts, ti, kc, bm, bi)
                 work = tl.where(at_bi, -3.0e38, s)
-                ts, ti = _topk_rest(ts, ti, kc, work, tl.max(work, 1), cols)
                 bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
                 tsh, tih = _insert(tsh, tih, kc, bmh, bih)
                 workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
-                tsh, tih = _topk_rest(tsh, tih, kc, workh, tl.max(workh, 1), cols)
-                m1 = m1n
-            else:
-                m1 = tl.maximum(m1, bm)
+                if REST == 1:
+                    ts, ti = _topk_rest(ts, ti, kc, work, tl.max(work, 1), cols)
+                    tsh, tih = _topk_rest(tsh, tih, kc, workh, tl.max(workh, 1), cols)
+                elif REST == 2:
+                    ts, ti, tsh, tih = _topk_rest2(ts, ti, tsh, tih, kc, work, tl.max(work, 1),
+                                                   workh, tl.max(workh, 1), cols)
+            m1 = tl.maximum(m1, bm)
             mh = tl.maximum(mh, bmh)
         base = OUT + bh.to(tl.int64) * NQ + rows
         tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
@@ -356,7 +386,7 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
             D=d, DV=dvn, BD=bd, BDV=bdv, BLOCK_M=bm, BLOCK_N=bn, KP=kp, TOPK=topk,
             CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KM=key_mask is not None,
             HAS_V=has_v, FULL=bool(full), WITH_ZH=bool(with_zh), num_warps=warps,
-            num_stages=stages)
+            num_stages=stages, **TUNE)
 
     launch(has_v)
     if full and not has_v and bool((~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()):
