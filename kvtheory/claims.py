@@ -192,11 +192,10 @@ def _c3(by_model: Mapping[str, Summaries]) -> tuple[str, str]:
         if g is None or lr is None:
             continue
         pts.append((g, lr))
-        parts.append(f"{model} (group {fmt(g)}): PPL rank/quant × {fmt(math.exp(lr))} "
-                     f"[{fmt(math.exp(b.get('int4_budget_log_ratio_ci_low', lr)))}, "
-                     f"{fmt(math.exp(b.get('int4_budget_log_ratio_ci_high', lr)))}], gap "
-                     f"{fmt(b.get('int4_budget_gap_rank'))} PPL"
-                     + (f"; {mech[0]}" if mech else ""))
+        lo, hi = b.get("int4_budget_log_ratio_ci_low"), b.get("int4_budget_log_ratio_ci_high")
+        ci = f" [{fmt(math.exp(lo))}, {fmt(math.exp(hi))}]" if lo is not None else " (no interval)"
+        parts.append(f"{model} (group {fmt(g)}): PPL rank/quant × {fmt(math.exp(lr))}{ci}, gap "
+                     f"{fmt(b.get('int4_budget_gap_rank'))} PPL" + (f"; {mech[0]}" if mech else ""))
     if len({g for g, _ in pts}) < 2:
         return ("; ".join(parts) or "budget stage not run on two GQA groups",
                 UNTESTABLE + " (needs models with at least two GQA groups)")

@@ -185,7 +185,9 @@ def ppl_point(model: Any, model_key: str, spec: str, target: str, *,
         score = perplexity(inner, windows, keys=ks, values=vs, calibration=plan, rope=rope,
                            n_boot=n_boot, seed=seed, progress=progress)
     CALLS[h] += 1
-    out = dataclasses.asdict(score)
+    # an interval that does not exist (one window) is None, in memory as on disk
+    out = {k: (None if isinstance(v, float) and v != v else v)
+           for k, v in dataclasses.asdict(score).items()}
     _MEMO[h] = out
     if path is not None:
         write_json(path, {"key": key, "score": out}, arg="root")

@@ -200,6 +200,8 @@ def _log_ratio(result: dict, target: str, m: dict) -> tuple[float, float, float]
     q, r = pts.get(m["quant"]["spec"]), pts.get(m["rank"]["spec"])
     if q is None or r is None:
         return None
+    if None in (r["ci_low"], r["ci_high"], q["ci_low"], q["ci_high"]):  # one window: no interval
+        return math.log(r["ppl"] / q["ppl"]), None, None
     return (math.log(r["ppl"] / q["ppl"]), math.log(r["ci_low"] / q["ci_high"]),
             math.log(r["ci_high"] / q["ci_low"]))
 
@@ -224,8 +226,9 @@ def summary(result: dict) -> dict[str, float | str]:
                 out[f"int4_budget_{g}"] = m[g]
         lr = _log_ratio(result, target, m)
         if lr is not None:
-            out["int4_budget_log_ratio"], out["int4_budget_log_ratio_ci_low"], \
-                out["int4_budget_log_ratio_ci_high"] = lr
+            out["int4_budget_log_ratio"] = lr[0]
+            if lr[1] is not None:
+                out["int4_budget_log_ratio_ci_low"], out["int4_budget_log_ratio_ci_high"] = lr[1:]
     if "kv_heads" in result:
         out["gqa_group"] = float(result["q_heads"] // result["kv_heads"])
     for row in result["matched"].get(target, []):

@@ -35,7 +35,7 @@ def gap_points(results: dict[str, dict]) -> list[dict]:
         target = "kv" if "kv" in res["matched"] else next(iter(res["matched"]))
         m = _at_budget(res, target, 4)
         lr = None if m is None else _log_ratio(res, target, m)
-        if lr is None:
+        if lr is None or lr[1] is None:
             continue
         out.append({"model": model, "group": res["q_heads"] // res["kv_heads"],
                     "ratio": math.exp(lr[0]), "lo": math.exp(lr[1]), "hi": math.exp(lr[2]),
