@@ -268,7 +268,7 @@ def load_capture(path: str | os.PathLike) -> Capture:
     if missing:
         raise _corrupt(folder / MANIFEST, f"whose manifest lacks {', '.join(missing)}")
     if version >= 2 and manifest["manifest_sha256"] != _manifest_digest(manifest):
-        raise _corrupt(folder / MANIFEST, "whose content differs from its manifest_sha256 (edited by hand "
+        raise _corrupt(folder / MANIFEST, "whose SHA-256 differs from its manifest_sha256 (edited by hand "
                        "or damaged)")
     tensor_path = folder / str(manifest["tensor_file"])
     if not tensor_path.is_file():
