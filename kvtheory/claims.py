@@ -156,7 +156,7 @@ def _mechanism(f: Mapping[str, Any]) -> tuple[str, bool] | None:
             seen)
 
 
-def _spearman(x: list[float], y: list[float]) -> float:
+def _spearman(x: list, y: list) -> float:
     """Spearman's ρ with average ranks for ties (NaN when either side is constant).
 
     >>> _spearman([1, 2, 3], [10, 30, 20])
