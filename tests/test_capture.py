@@ -337,3 +337,41 @@ def test_save_capture_checks_both_paths_before_writing(tmp_path):
     with pytest.raises(KVTheoryError, match="folder"):
         save_capture(cap, out)
     assert not (out / TENSOR_FILE).exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- device_map (accelerate)
+def test_capture_of_a_model_placed_by_an_explicit_device_map(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("accelerate")
+    import transformers
+
+    from kvtheory.models import load_model
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    folder = save_tiny("llama", tmp_path / "tiny", tokenizer=True)
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                 "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    lm = load_model(str(folder), device_map=placement)
+    assert seen == [placement]  # placement handed to accelerate
+    ids = tiny_ids()
+    placed, plain = capture(lm, ids, rope="pre"), capture(tiny_model("llama"), ids, rope="pre")
+    for layer in (0, 1):
+        for w in "qkv":
+            assert torch.equal(placed[layer][w], plain[layer][w])
+    text = tmp_path / "text.txt"
+    text.write_text("the first of the things that he had was not a thing which it be " * 4)
+    out = tmp_path / "out"
+    assert main(["capture", "--model", str(folder), "--tokens", "16", "--out", str(out), "--device-map",
+                 json.dumps(placement), "--text-file", str(text), "--no-progress"]) == 0
+    assert load_capture(out)[1]["k"].shape == (1, 2, 16, 8) and seen[-1] == placement
+    capsys.readouterr()
+    rc = main(["capture", "--model", str(folder), "--tokens", "16", "--out", str(out), "--device-map",
+               "everywhere", "--text-file", str(text)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--device-map: got 'everywhere'" in err and "\n" not in err

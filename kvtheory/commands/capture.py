@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="corpora folder (else $KVTHEORY_DATA)")
     p.add_argument("--text-file", default=None, help="read this UTF-8 text instead of WikiText-2")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate placement: auto | balanced | sequential | a JSON object "
+                        "{module: device} (then --device is ignored)")
     p.add_argument("--dtype", default="float32", help="model dtype; tensors are stored as float32")
     p.add_argument("--keep-dtype", action="store_true", help="store tensors in the model dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -43,6 +46,24 @@ def _ints(name: str, text: str | None) -> list[int] | None:
         return [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise bad_argument(name, text, "comma-separated integers such as 0,5") from None
+
+
+def _device_map(text: str | None):
+    """``--device-map``: None, a placement strategy name, or a JSON object {module: device}."""
+    if text is None:
+        return None
+    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not value:
+        raise bad_argument("--device-map", text, "auto, balanced, balanced_low_0, sequential or a JSON "
+                           'object such as {"": "cpu"}')
+    return value
 
 
 def _text(args: argparse.Namespace) -> str:
@@ -70,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if n_tokens < 1:
         raise bad_argument("--tokens", n_tokens, "a positive integer")
     layers = _ints("--layers", args.layers)
+    _device_map(args.device_map)  # a malformed placement fails before any work
     what = [w.strip() for w in str(args.what).split(",") if w.strip()]
     if args.rope not in ("post", "pre"):
         raise bad_argument("--rope", args.rope, "post or pre")
@@ -87,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     text = _text(args)  # corpus errors surface before the model loads
     t0 = time.perf_counter()
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype,
+                    device_map=_device_map(args.device_map))
     if lm.tokenizer is None:
         raise KVTheoryError(
             f"--model: got {args.model!r}, which has no tokenizer; expected a model folder with one")
