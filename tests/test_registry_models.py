@@ -1,4 +1,4 @@
-"""Slow tests of the packaged GGUF registry models gemma3-270m and qwen2.5-0.5b (real weights).
+"""Slow tests of the packaged GGUF registry models gemma3-270m, qwen2.5-0.5b and smollm2-135m.
 
 Each model is loaded once per session (converted into the kvtheory cache on the first run) and
 shared by its tests (``xdist_group`` keeps them in one worker). Logits are scored in chunks of
@@ -30,6 +30,8 @@ FACTS = {
     "gemma3-270m": ("gemma3_text", 18, 4, 1, 256, tuple(None if i % 6 == 5 else 512 for i in range(18)),
                     True, 2, 14.5),
     "qwen2.5-0.5b": ("qwen2", 24, 14, 2, 64, (None,) * 24, False, None, 29.0),
+    # its perplexity is checked in test_evaluate (23.09 over 4 x 1024 tokens)
+    "smollm2-135m": ("llama", 30, 9, 3, 64, (None,) * 30, False, None, None),
 }
 _LOADED: dict[str, models.LoadedModel] = {}
 
@@ -79,6 +81,8 @@ def test_registry_model(name, data_dir):
     assert cap[0]["q"].shape == (1, qh, 48, d) and cap[n - 1]["k"].shape == (1, kvh, 48, d)
     assert cap.meta.windows == (windows[0], windows[n - 1]) and cap.meta.group == qh // kvh
 
+    if ppl_stated is None:
+        return
     windows_, _ = split_windows(ids, 512, 1, bos=bos)
     window = windows_[0]
     assert window.numel() == 512 and (bos is None or int(window[0]) == bos)
