@@ -22,7 +22,7 @@ from kvtheory.data import load_wikitext2
 from kvtheory.evaluate import bos_id, perplexity, split_windows, tokenize
 from kvtheory.patch import compressed_kv
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("registry_models")]  # one worker, one load
 
 #: name -> (arch, layers, q heads, kv heads, head_dim, windows, QK-norm, BOS id, PPL stated in
 #: the issue for the first 512 tokens in fp32: about 14.5 with BOS for Gemma, about 29 for Qwen)
