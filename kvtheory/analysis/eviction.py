@@ -266,6 +266,8 @@ def summary(result: dict) -> dict[str, float | str]:
         if f"{a}.ppl_quant" in out and f"{a}.ppl_evict" in out:
             dominated.append(out[f"{a}.ppl_quant"] < out[f"{a}.ppl_evict"])
             decisive.append(out[f"{a}.flip_ge1_quant"] < out[f"{a}.flip_ge1_evict"])
+    wins = [b["anchor"] for b, ok in zip(result["budgets"], dominated) if ok]
+    out["quant_beats_evict_at"] = ", ".join(wins) if wins else "none"
     out["verdict"] = ("quantization dominates eviction at every matched budget (perplexity)"
                       if dominated and all(dominated) else
                       "quantization does not dominate eviction at every matched budget (perplexity)")
@@ -276,35 +278,49 @@ def summary(result: dict) -> dict[str, float | str]:
 
 
 def plot(result: dict, out_dir) -> list:
-    """``eviction_vs_quant``: continuation perplexity and key flip rate against bits per element."""
+    """``eviction_vs_quant``: continuation perplexity, key flip rate and decisive (margin >= 1)
+    flip rate against bits per cached element, one line per press / quantizer / rank."""
     from ..plotstyle import COLORS, FULL_WIDTH, new_figure, save_figure, style
 
+    press_colors = {"knorm": "#999999", "snapkv": "#009E73", "streaming": "#CC79A7",
+                    "expected": "#E69F00", "random": "#666666", "tova": "#F0E442"}
     marks = {"knorm": "v", "snapkv": "^", "streaming": "<", "expected": ">", "random": "x", "tova": "d"}
+
+    def line(r: dict) -> tuple[str, str, str, str]:
+        """(label, color, marker, linestyle) of a row's series."""
+        if r["family"] == "quant":
+            kivi = "kivi" in r["method"]
+            return ("INT, KIVI keys" if kivi else "INT per-token", COLORS["kivi" if kivi else "quant"],
+                    "s" if kivi else "o", "-")
+        if r["family"] == "rank":
+            return "rank (PCA)", COLORS["rank"], "D", "-"
+        m = r["method"]
+        return f"evict: {m}", press_colors.get(m, COLORS["other"]), marks.get(m, "o"), "--"
+
+    fp = next(r for r in result["rows"] if r["family"] == "fp")
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["rows"]:
+        if r["family"] != "fp":
+            groups.setdefault(line(r), []).append(r)
     with style():
-        fig, axes = new_figure(width=FULL_WIDTH, ncols=2, aspect=0.4)
+        fig, axes = new_figure(width=FULL_WIDTH, ncols=3, aspect=0.36)
         for ax, key, label in ((axes[0], "ppl", "continuation perplexity"),
-                               (axes[1], "flip_rate", "key flip rate")):
-            fp = next(r for r in result["rows"] if r["family"] == "fp")
+                               (axes[1], "flip_rate", "key flip rate"),
+                               (axes[2], "flip_rate_margin_ge1", f"flip rate, fp margin ≥ {MARGIN_CUT:g}")):
             ax.axhline(fp[key] if key == "ppl" else 0.0, color=COLORS["fp"], lw=0.8, ls=":",
                        label="fp16")
-            groups: dict[tuple[str, str], list[dict]] = {}
-            for r in result["rows"]:
-                if r["family"] != "fp":
-                    groups.setdefault((r["family"], r["method"] if r["family"] != "rank" else "rank"), []).append(r)
-            for (fam, method), rows in sorted(groups.items()):
+            for (name, color, marker, ls), rows in groups.items():
                 rows = sorted(rows, key=lambda r: r["bits"])
-                color = {"quant": COLORS["kivi"] if "kivi" in method else COLORS["quant"],
-                         "rank": COLORS["rank"], "evict": COLORS["other"]}[fam]
-                name = {"quant": "INT" + ("/KIVI keys" if "kivi" in method else " per-token"),
-                        "rank": "rank (PCA)", "evict": f"evict: {method}"}[fam]
                 ax.plot([r["bits"] for r in rows], [r[key] for r in rows], color=color,
-                        marker=marks.get(method, "o"), label=name)
+                        marker=marker, ls=ls, label=name)
             ax.set_xlabel("bits per cached element")
             ax.set_ylabel(label)
             if key == "ppl":
                 ax.set_yscale("log")
-        axes[1].legend(loc="upper right", fontsize=6)
-        fig.suptitle(f"Eviction vs quantization vs rank at matched storage, {result['model']} "
-                     f"({result['n_windows']}×{result['n_context']}+{result['n_score']} tokens)", fontsize=8)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.subplots_adjust(wspace=0.38, bottom=0.3)
+        fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=6, bbox_to_anchor=(0.5, -0.02))
+        fig.suptitle(f"Eviction (kvpress) vs quantization vs rank at matched storage, {result['model']} "
+                     f"({result['n_windows']}×{result['n_context']} context + {result['n_score']} scored tokens)",
+                     fontsize=8)
         return save_figure(fig, out_dir, "eviction_vs_quant")
-
