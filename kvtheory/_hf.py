@@ -3,14 +3,16 @@
 One private home for what every module needs from a transformers model: unwrap a
 :class:`~kvtheory.models.LoadedModel`, its device, one forward pass without a cache, token-id
 checks (dtype, shape, vocabulary, context length), its attention modules in layer order and its
-configs. This module imports nothing else from kvtheory except the error helpers, so it can
-never be part of an import cycle.
+configs, and where "just before RoPE" is for queries and keys (the projection, or the QK-norm
+that follows it) with a forward hook that sees that output as (batch, head, token, d). This
+module imports nothing else from kvtheory except the error helpers, so it can never be part of
+an import cycle.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +20,8 @@ from torch import Tensor, nn
 from .errors import KVTheoryError, bad_argument
 
 __all__ = ["unwrap", "model_device", "forward", "check_ids", "check_fits", "context_length",
-           "routes", "attention_modules", "configs", "text_config"]
+           "routes", "attention_modules", "configs", "text_config", "pre_rope_site", "head_view",
+           "head_hook"]
 
 _ROUTES_CACHE: dict[type, bool] = {}
 
@@ -155,3 +158,70 @@ def text_config(model: nn.Module) -> Any:
     if config is None:
         raise bad_argument("model", model, "a transformers model (with a .config)")
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+#: projection -> the norms that some models (Gemma 3, Qwen3, OLMo 2, Cohere, ...) apply to its
+#: output before RoPE; the pre-RoPE site is the norm's output when the module has one in use
+_QK_NORMS = {"q_proj": ("q_norm", "q_layernorm"), "k_proj": ("k_norm", "k_layernorm")}
+# (attention class, norm name) -> layout learnt from an unambiguous call: "bhtd" or "bthd"
+_LAYOUTS: dict[tuple[type, str], str] = {}
+
+
+def pre_rope_site(module: nn.Module, name: str) -> tuple[nn.Module, int, int, str]:
+    """Where ``name``'s states are just before RoPE: ``(site module, heads, head_dim, site name)``.
+
+    The site is the projection ``name`` (``q_proj``/``k_proj``), or the QK-norm applied to its
+    output when the attention module has one in use (``k_norm``, ``k_layernorm``, ...).
+    """
+    proj = getattr(module, name, None)
+    head_dim = getattr(module, "head_dim", None)
+    out = getattr(proj, "out_features", None)
+    if not isinstance(proj, nn.Module) or not isinstance(head_dim, int) or not isinstance(out, int):
+        raise KVTheoryError(
+            f"rope: got 'pre' for attention class {type(module).__name__}, which has no "
+            f"{name} projection and head_dim; expected a Llama-style attention module")
+    heads = out // head_dim
+    if getattr(module, "use_qk_norm", True) is not False and getattr(module, "qk_layernorm", True) is not False:
+        for norm in _QK_NORMS.get(name, ()):
+            site = getattr(module, norm, None)
+            if isinstance(site, nn.Module):
+                return site, heads, head_dim, norm
+    return proj, heads, head_dim, name
+
+
+def head_view(x: Tensor, heads: int, head_dim: int, inp: Tensor | None, key: tuple) -> tuple[Tensor, str]:
+    """``x`` as (batch, head, token, d) and its layout: ``flat`` (batch, token, head·d),
+    ``bhtd`` or ``bthd``; an ambiguous 4-D shape (heads == tokens) is told apart by the
+    input's strides (a transposed view has the head axis inner) or by the class's earlier calls."""
+    if x.ndim == 3 and x.shape[-1] == heads * head_dim:
+        return x.unflatten(-1, (heads, head_dim)).transpose(-3, -2), "flat"
+    if x.ndim == 4 and x.shape[-1] == head_dim and heads in (x.shape[1], x.shape[2]):
+        if x.shape[1] != x.shape[2] or heads == 1:
+            layout = "bhtd" if x.shape[1] == heads else "bthd"
+            _LAYOUTS.setdefault(key, layout)
+        elif key in _LAYOUTS:
+            layout = _LAYOUTS[key]
+        elif isinstance(inp, Tensor) and inp.ndim == 4 and inp.stride(1) != inp.stride(2):
+            layout = "bhtd" if inp.stride(1) < inp.stride(2) else "bthd"
+        else:
+            layout = "bthd" if x.is_contiguous() else "bhtd"
+        return (x if layout == "bhtd" else x.transpose(1, 2)), layout
+    raise KVTheoryError(
+        f"rope: got 'pre' for {key[0].__name__}.{key[1]} whose output has shape {tuple(x.shape)}; "
+        f"expected (batch, token, {heads}*{head_dim}) or 4-D with {heads} heads of {head_dim}")
+
+
+def head_hook(fn: Callable[[Tensor], Tensor | None], heads: int, head_dim: int, key: tuple) -> Callable:
+    """Forward hook on a pre-RoPE site (projection or QK-norm): its output seen as
+    (batch, head, token, d); a replacement returned by ``fn`` goes back in the site's layout."""
+
+    def hook(site, inputs, output):
+        view, layout = head_view(output, heads, head_dim, inputs[0] if inputs else None, key)
+        new = fn(view)
+        if new is None:
+            return None
+        if layout == "flat":
+            return new.transpose(-3, -2).flatten(-2)
+        return new if layout == "bhtd" else new.transpose(1, 2)
+
+    return hook

@@ -36,7 +36,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ._checks import check_choice
-from ._hf import attention_modules, check_fits, check_ids, configs, forward, model_device, routes, unwrap
+from ._hf import (attention_modules, check_fits, check_ids, configs, forward, head_hook, head_view,
+                  model_device, pre_rope_site, routes, unwrap)
 from .errors import KVTheoryError, bad_argument
 
 __all__ = ["compressed_kv", "fit_compressors", "attention_modules", "clear_fit_cache", "PREFIX"]
@@ -119,71 +120,8 @@ def _layer_set(layers: Any, n: int) -> list[int]:
 layer_set = _layer_set  # for capture: layers=None|int|iterable -> sorted layer indices
 
 
-#: projection -> the norms that some models (Gemma 3, Qwen3, OLMo 2, Cohere, ...) apply to its
-#: output before RoPE; the pre-RoPE site is the norm's output when the module has one in use
-_QK_NORMS = {"q_proj": ("q_norm", "q_layernorm"), "k_proj": ("k_norm", "k_layernorm")}
-# (attention class, norm name) -> layout learnt from an unambiguous call: "bhtd" or "bthd"
-_LAYOUTS: dict[tuple[type, str], str] = {}
-
-
-def _pre_rope_site(module: nn.Module, name: str) -> tuple[nn.Module, int, int, str]:
-    """Where ``name``'s states are just before RoPE: ``(site module, heads, head_dim, site name)``.
-
-    The site is the projection ``name`` (``q_proj``/``k_proj``), or the QK-norm applied to its
-    output when the attention module has one in use (``k_norm``, ``k_layernorm``, ...).
-    """
-    proj = getattr(module, name, None)
-    head_dim = getattr(module, "head_dim", None)
-    out = getattr(proj, "out_features", None)
-    if not isinstance(proj, nn.Module) or not isinstance(head_dim, int) or not isinstance(out, int):
-        raise KVTheoryError(
-            f"rope: got 'pre' for attention class {type(module).__name__}, which has no "
-            f"{name} projection and head_dim; expected a Llama-style attention module")
-    heads = out // head_dim
-    if getattr(module, "use_qk_norm", True) is not False and getattr(module, "qk_layernorm", True) is not False:
-        for norm in _QK_NORMS.get(name, ()):
-            site = getattr(module, norm, None)
-            if isinstance(site, nn.Module):
-                return site, heads, head_dim, norm
-    return proj, heads, head_dim, name
-
-
-def _head_view(x: Tensor, heads: int, head_dim: int, inp: Tensor | None, key: tuple) -> tuple[Tensor, str]:
-    """``x`` as (batch, head, token, d) and its layout: ``flat`` (batch, token, head·d),
-    ``bhtd`` or ``bthd``; an ambiguous 4-D shape (heads == tokens) is told apart by the
-    input's strides (a transposed view has the head axis inner) or by the class's earlier calls."""
-    if x.ndim == 3 and x.shape[-1] == heads * head_dim:
-        return x.unflatten(-1, (heads, head_dim)).transpose(-3, -2), "flat"
-    if x.ndim == 4 and x.shape[-1] == head_dim and heads in (x.shape[1], x.shape[2]):
-        if x.shape[1] != x.shape[2] or heads == 1:
-            layout = "bhtd" if x.shape[1] == heads else "bthd"
-            _LAYOUTS.setdefault(key, layout)
-        elif key in _LAYOUTS:
-            layout = _LAYOUTS[key]
-        elif isinstance(inp, Tensor) and inp.ndim == 4 and inp.stride(1) != inp.stride(2):
-            layout = "bhtd" if inp.stride(1) < inp.stride(2) else "bthd"
-        else:
-            layout = "bthd" if x.is_contiguous() else "bhtd"
-        return (x if layout == "bhtd" else x.transpose(1, 2)), layout
-    raise KVTheoryError(
-        f"rope: got 'pre' for {key[0].__name__}.{key[1]} whose output has shape {tuple(x.shape)}; "
-        f"expected (batch, token, {heads}*{head_dim}) or 4-D with {heads} heads of {head_dim}")
-
-
-def _head_hook(fn: Callable[[Tensor], Tensor | None], heads: int, head_dim: int, key: tuple) -> Callable:
-    """Forward hook on a pre-RoPE site (projection or QK-norm): its output seen as
-    (batch, head, token, d); a replacement returned by ``fn`` goes back in the site's layout."""
-
-    def hook(site, inputs, output):
-        view, layout = _head_view(output, heads, head_dim, inputs[0] if inputs else None, key)
-        new = fn(view)
-        if new is None:
-            return None
-        if layout == "flat":
-            return new.transpose(-3, -2).flatten(-2)
-        return new if layout == "bhtd" else new.transpose(1, 2)
-
-    return hook
+# where "pre-RoPE" is (the projection, or its QK-norm) and how its output is seen as heads: _hf
+_pre_rope_site, _head_view, _head_hook = pre_rope_site, head_view, head_hook
 
 
 def _pre_rope(model: nn.Module) -> bool:
@@ -219,8 +157,8 @@ def _route(
                 _HANDLERS.setdefault(module, []).append(handler)
                 added.append((module, handler))
             for name, make in (projections or {}).items():
-                site, heads, head_dim, where = _pre_rope_site(module, name)
-                hook = _head_hook(make(layer), heads, head_dim, (type(module), where))
+                site, heads, head_dim, where = pre_rope_site(module, name)
+                hook = head_hook(make(layer), heads, head_dim, (type(module), where))
                 handles.append(site.register_forward_hook(hook))
         yield modules
     finally:
