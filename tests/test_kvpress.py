@@ -211,3 +211,19 @@ def test_knorm_on_smollm2_keeps_low_norm_keys_and_flip_identity(data_dir):
         top = s.argmax(-1)  # (1, 9, 32)
         evicted = ~keep.repeat_interleave(3, 1).gather(-1, top)
         assert_close(m.flip.double().mean(), evicted.double().mean(), "exact64")
+
+
+def test_dimension_press_recorded_as_k_hat():
+    """ThinK zeroes key channels instead of evicting tokens: recorded as k_hat, no keep mask."""
+    model = _tiny_llama(3)
+    press = kvpress.ThinKPress(key_channel_compression_ratio=0.5, window_size=8)
+    w = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(3))
+    _, rec = score_window(model, w, 32, press, record=True)
+    for layer in (0, 1):
+        assert rec.keep[layer] is None
+        before, k_hat = rec.keys_before[layer], rec.k_hat[layer]
+        assert k_hat.shape == before.shape
+        zero = (k_hat == 0).all(-2)  # (batch, kv_head, d): channels zeroed for every token
+        assert zero.sum(-1).tolist() == [[4, 4]]  # half of d = 8 per KV head
+        assert torch.equal(k_hat[~zero[:, :, None, :].expand_as(k_hat)],
+                           before[~zero[:, :, None, :].expand_as(before)])

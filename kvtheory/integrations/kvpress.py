@@ -118,9 +118,10 @@ def compat_kwargs(module: Any, kwargs: dict) -> dict:
 
 @dataclass
 class PressRecord:
-    """What a press did in each layer during the prefill: ``keys_before`` (the full post-RoPE
-    keys, batch kv_head token d), ``keep`` (batch kv_head token, True = kept; None if the press
-    kept every row) and ``k_hat`` (set instead of ``keep`` when the press changed keys in place)."""
+    """What a press did in each layer it changed during the prefill: ``keys_before`` (the full
+    post-RoPE keys, batch kv_head token d), ``keep`` (batch kv_head token, True = kept; None
+    when the press changed keys without removing tokens, e.g. ThinK) and ``k_hat`` (the changed
+    keys, set instead of a keep mask). Layers the press left unchanged are absent."""
 
     keys_before: dict[int, Tensor]
     keep: dict[int, Tensor | None]
@@ -152,14 +153,16 @@ def press_context(press: Any, model: Any, *, record: bool = True) -> Iterator[Pr
         layer = module.layer_idx
         cache_layer = kwargs["past_key_values"].layers[layer]
         before = cache_layer.keys
+        # a copy: some presses (ThinK) change the cached keys in place
+        snap = before.detach().clone() if record and isinstance(before, Tensor) else None
         out = original(module, inputs, kwargs, output)
         after = cache_layer.keys
-        if record and after is not before and isinstance(before, Tensor) and before.numel():
-            rec.keys_before[layer] = before.detach()
-            if after.shape == before.shape:
-                rec.keep[layer], rec.k_hat[layer] = None, after.detach()
-            else:
-                rec.keep[layer] = keep_mask(before, after)
+        if snap is not None and snap.numel():
+            if after.shape != snap.shape:
+                rec.keys_before[layer], rec.keep[layer] = snap, keep_mask(snap, after)
+            elif not torch.equal(after, snap):
+                rec.keys_before[layer], rec.keep[layer] = snap, None
+                rec.k_hat[layer] = after.detach().clone()
         return out
 
     press.forward_hook = hook
