@@ -106,9 +106,14 @@ def gpu_section(path: Path) -> str | None:
     gpu = (mach.get("gpu") or {}).get("name", "GPU")
     peak = doc.get("matmul_peak") or {}
     extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
+    merged = doc.get("merged") or {}
+    if merged.get("kept_cases"):
+        extra += (f"; rows of {', '.join(merged['kept_cases'])} kept from the run of "
+                  f"{merged.get('kept_date', '?')} (source {str(merged.get('kept_from_sha'))[:7]})")
     return (f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
-            f" (random-weight SmolLM2-shaped model, from {path.as_posix()}){extra}\n\n"
-            + table_text(rows))
+            f" (random-weight SmolLM2-shaped model; flip-engine rows on synthetic tensors, "
+            f"32/8 heads and d=128 being a Mistral-7B layer's shape; from {path.as_posix()})"
+            f"{extra}\n\n" + table_text(rows))
 
 
 def print_gpu_rows(path: Path, console: Any) -> bool:
