@@ -121,7 +121,16 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
         res["flip_rate_fused"] = float(fused["flip"][valid].double().mean())
         res["flip_rate_ref"] = float(r["flip"][valid].double().mean())
         out[rname] = res
+    # flip_rate (the flip-only kernel variant) against the dense reference's per-head rates
+    calls = tm.CALLS[0]
+    fr = flips.flip_rate(*cuda[:3], causal, key_mask=kmc, window=window).double()
+    out["flip_rate_fused_calls"] = tm.CALLS[0] - calls
+    w = valid.double()
+    fr_ref = (ref["flip"].double() * w).sum((0, 2)) / w.sum((0, 2))
+    out["flip_rate_fn_max_abs"] = float((fr - fr_ref).abs().max())
     ok = all(out[r]["flip_differ_not_near_tie"] == 0 for r in refs)
+    ok &= out["flip_rate_fn_max_abs"] == 0.0 or out["dense64"]["near_ties"] > 0
+    ok &= out["flip_rate_fused_calls"] >= 1
     for r in refs:
         for n in ("top1_prob", "kl", "fisher", "output_rel_err"):
             if n in out[r]:
@@ -265,7 +274,8 @@ def main() -> int:
             r = step(f"equality {c['label']}", lambda c=c: compare(**c))
             if r is not None:
                 doc["checks"].append(r)
-                print(f"  {r['label']}: pass={r['pass']} " + "; ".join(
+                print(f"  {r['label']}: pass={r['pass']} flip_rate |diff| "
+                      f"{r['flip_rate_fn_max_abs']:.2e} " + "; ".join(
                     f"{ref}: flips differ {r[ref]['flip_differ']} (not near tie "
                     f"{r[ref]['flip_differ_not_near_tie']}), kl rel {r[ref]['kl']['max_rel']:.2e}, "
                     f"fisher rel {r[ref]['fisher']['max_rel']:.2e}" for ref in ("dense64", "cpu64")
