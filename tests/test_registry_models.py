@@ -58,6 +58,37 @@ def _nll(lm, ids: torch.Tensor, chunk: int = 128) -> float:
     return total
 
 
+def test_gemma_sliding_window_matches_the_models_attention(data_dir):
+    """At 600 tokens (window 512) the softmax over captured q, k with the recorded window
+    equals Gemma's own eager attention probabilities in a sliding and in a global layer."""
+    lm = _model("gemma3-270m")
+    ids = tokenize(lm.tokenizer, load_wikitext2(data_dir))[:599]
+    ids = torch.cat([ids.new_tensor([bos_id(lm.tokenizer)]), ids])
+    layers = [0, 5]
+    cap = capture(lm, ids, layers=layers)
+    assert cap.meta.windows == (512, None)
+    seen = {}
+    old = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = lm.model.model(input_ids=ids[None], use_cache=False, output_attentions=True)
+        seen = {layer: out.attentions[layer][0].double() for layer in layers}
+        del out
+    finally:
+        lm.model.set_attn_implementation(old)
+    t = ids.numel()
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None]
+    scale = lm.model.config.query_pre_attn_scalar ** -0.5
+    for layer in layers:
+        q, k, w = cap[layer]["q"][0].double(), cap[layer]["k"][0].double(), cap.meta.window(layer)
+        visible = (j <= i) & ((j > i - w) if w is not None else True)
+        hand = torch.softmax((q @ k.transpose(-1, -2)) * scale + torch.where(visible, 0.0, -math.inf), -1)
+        assert_close(seen[layer], hand, "cpu_batch")
+        if w is not None:  # queries past the window put no mass beyond it
+            assert float(seen[layer][:, w:, 0].abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("name", list(FACTS))
 def test_registry_model(name, data_dir):
     pytest.importorskip("gguf")
@@ -90,34 +121,3 @@ def test_registry_model(name, data_dir):
     by_hand = math.exp(_nll(lm, window) / 511)
     assert_close(torch.tensor(score.value), torch.tensor(by_hand), "cpu_batch")
     assert abs(score.value / ppl_stated - 1) < 0.05, score.value  # the value stated in the issue
-
-
-def test_gemma_sliding_window_matches_the_models_attention(data_dir):
-    """At 600 tokens (window 512) the softmax over captured q, k with the recorded window
-    equals Gemma's own eager attention probabilities in a sliding and in a global layer."""
-    lm = _model("gemma3-270m")
-    ids = tokenize(lm.tokenizer, load_wikitext2(data_dir))[:599]
-    ids = torch.cat([ids.new_tensor([bos_id(lm.tokenizer)]), ids])
-    layers = [0, 5]
-    cap = capture(lm, ids, layers=layers)
-    assert cap.meta.windows == (512, None)
-    seen = {}
-    old = lm.model.config._attn_implementation
-    lm.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = lm.model.model(input_ids=ids[None], use_cache=False, output_attentions=True)
-        seen = {layer: out.attentions[layer][0].double() for layer in layers}
-        del out
-    finally:
-        lm.model.set_attn_implementation(old)
-    t = ids.numel()
-    i, j = torch.arange(t)[:, None], torch.arange(t)[None]
-    scale = lm.model.config.query_pre_attn_scalar ** -0.5
-    for layer in layers:
-        q, k, w = cap[layer]["q"][0].double(), cap[layer]["k"][0].double(), cap.meta.window(layer)
-        visible = (j <= i) & ((j > i - w) if w is not None else True)
-        hand = torch.softmax((q @ k.transpose(-1, -2)) * scale + torch.where(visible, 0.0, -math.inf), -1)
-        assert_close(seen[layer], hand, "cpu_batch")
-        if w is not None:  # queries past the window put no mass beyond it
-            assert float(seen[layer][:, w:, 0].abs().max()) == 0.0
