@@ -84,3 +84,19 @@ def test_eval_windows_and_provenance_carry_bos(tmp_path):
                                                           reduction="sum")) for w in windows)
     assert_close(torch.tensor(row["value"]), torch.tensor(math.exp(nll / 14)), "cpu_batch")
     assert row["n_tokens"] == 14
+
+
+def test_cli_capture_starts_with_bos_where_the_tokenizer_adds_it(tmp_path):
+    from kvtheory.capture import load_capture
+    from kvtheory.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS[1:]) * 2)
+    for name, tok, first in (("bos", bos_tokenizer(), [BOS]), ("plain", tiny_tokenizer(), [])):
+        folder = save_tiny("llama", tmp_path / name)
+        tok.save_pretrained(folder)
+        out = tmp_path / f"cap-{name}"
+        assert main(["capture", "--model", str(folder), "--tokens", "10", "--out", str(out),
+                     "--text-file", str(text), "--no-progress"]) == 0
+        expected = first + ev.tokenize(tok, text.read_text()).tolist()
+        assert load_capture(out).meta.token_ids == (tuple(expected[:10]),)
