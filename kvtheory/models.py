@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ._hf import attention_modules, text_config
-from ._packaged import PACKAGED, PackagedModel, cache_root, converted_dir, install_state, source_paths
+from ._packaged import PACKAGED, PackagedModel, cache_root, converted_dir, install_state
 from .errors import KVTheoryError, bad_argument
 
 __all__ = ["ModelInfo", "LoadedModel", "REGISTRY", "PackagedModel", "load_model", "model_info",
