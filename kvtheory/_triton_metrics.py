@@ -6,25 +6,33 @@ queries can see (causal, sliding window, key mask), computing both logit tiles
 inputs, float32 accumulation). Nothing of size ``query × token`` is written: per query it
 keeps, online,
 
-* the top-1 of :math:`s` (first index on ties), :math:`\hat s` at that index, the second
-  largest :math:`s` (margin) and the maximum of :math:`\hat s` (flip);
-* :math:`m = \max s`, :math:`W = \sum_j e^{s_j - m}`, and the weighted statistics of
-  :math:`\delta = \hat s - s` under :math:`p`: mean :math:`\mu`, :math:`M_2 = \sum_j w_j
-  (\delta_j - \mu)^2` and :math:`\Phi = \sum_j w_j \varphi(\delta_j - \mu)` with
-  :math:`\varphi(u) = e^u - 1 - u \ge 0`, merged block by block with Chan's rule (block
-  statistics about the block's own mean :math:`\mu_b`; merging two parts whose means differ
-  by :math:`\Delta` adds :math:`\Delta^2 W_a W_b / W` to :math:`M_2` and, with
-  :math:`h_a = \mu_a - \mu`, :math:`\Phi = e^{h_a}\Phi_a + W_a\varphi(h_a) + (a\to b)`, all
-  terms non-negative, so nothing cancels);
-* :math:`\hat m`, :math:`\hat W` (online log-sum-exp of :math:`\hat s`), the ``topk`` largest
-  entries of :math:`s` and of :math:`\hat s` with their indices (overlap), and with values
-  :math:`\sum_j w_j v_j` and :math:`\sum_j \hat w_j \hat v_j` (float32 products, 3×tf32).
+* the first argmax of :math:`s`, :math:`\hat s` at it and :math:`\max \hat s` (flip);
+* the ``topk`` largest entries of :math:`s` and of :math:`\hat s` with their indices (top-k
+  overlap; the two largest of :math:`s` give the margin, or a running second maximum when
+  ``topk = 1``): each key block inserts its row maxima (the argmax above), then further rounds
+  run while some row's next largest beats its smallest kept entry (a data-dependent loop);
+* :math:`m = \max s` and :math:`W = \sum_j w_j`, :math:`w_j = e^{s_j - m}` (one ``exp2`` per
+  logit, the scale folded in), and about a reference :math:`c` the sums
+  :math:`S_1 = \sum_j w_j u_j`, :math:`S_2 = \sum_j w_j u_j^2` and
+  :math:`\Phi_c = \sum_j w_j\varphi(u_j)`, :math:`u_j = \delta_j - c`,
+  :math:`\delta = \hat s - s`, :math:`\varphi(u) = e^u - 1 - u \ge 0` (series to :math:`u^{10}`
+  for :math:`|u| < 1`, else :math:`e^{\ln w_j + u_j} - w_j(1 + u_j)`, no :math:`0\cdot\infty`).
+  :math:`c` is the :math:`\delta` of the running top token, moved with it: when it moves by
+  :math:`e`, :math:`S_2 \mathrel{+}= 2eS_1 + We^2`, :math:`S_1 \mathrel{+}= We` and
+  :math:`\Phi_c \to e^{e}\Phi_c + W\varphi(e) + S_1(e^{e} - 1)` (from
+  :math:`\varphi(u + e) = e^{e}\varphi(u) + \varphi(e) + u(e^{e} - 1)`), so :math:`c` stays
+  near :math:`\mu = p\cdot\delta` where :math:`p` is concentrated;
+* with values, :math:`\hat m`, :math:`\hat W` (online log-sum-exp of :math:`\hat s`) and
+  :math:`\sum_j w_j v_j`, :math:`\sum_j \hat w_j \hat v_j` (float32 products, 3×tf32).
 
-Then :math:`\mathrm{Fisher} = \tfrac12 M_2/W` (shift-invariant in :math:`\delta`),
-:math:`\mathrm{KL}(p\|\hat p) = \log(1 + \Phi/W)` (exact: :math:`\sum_j p_j e^{x_j} = 1 +
-\sum_j p_j\varphi(x_j)` since :math:`\sum_j p_j x_j = 0`) or, when that is not finite,
-:math:`\hat m - m - \mu + \log(\hat W/W)` (:math:`= \mathrm{lse}(\hat s) - \mathrm{lse}(s) -
-p\cdot\delta`), exactly as :mod:`kvtheory.flips` chooses between its two forms.
+Then, with :math:`h = c - \mu = -S_1/W`: :math:`\mathrm{Fisher} = \tfrac12(S_2/W - h^2)`
+(:math:`= \tfrac12(\sum_j p_j\delta_j^2 - (\sum_j p_j\delta_j)^2)`, shift-invariant) and
+:math:`\mathrm{KL}(p\|\hat p) = \log(1 + \Phi_\mu/W)`, :math:`\Phi_\mu = e^{h}\Phi_c +
+W(e^{h}(1 - h) - 1)` (exact: :math:`\sum_j p_j e^{x_j} = 1 + \sum_j p_j\varphi(x_j)` for
+:math:`x = \delta - \mu`, since :math:`\sum_j p_j x_j = 0`). Where that sum is not finite
+(deltas beyond ~88) the kernel runs again with :math:`\hat m, \hat W` and takes
+:math:`\mathrm{lse}(\hat s) - \mathrm{lse}(s) - \mu`. ``tests/test_flips_masks.py`` and
+``benchmarks/gpu_flips_check.py`` check the results against a dense float64 reference.
 
 This module imports without Triton or CUDA; :func:`available` says whether the kernel can run.
 Float32/float64 inputs are not sent here (they stay on the engine's float32/float64 path).
