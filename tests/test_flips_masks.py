@@ -220,3 +220,55 @@ def test_fused_switch_is_validated(monkeypatch):
     b = attention_metrics(q.bfloat16(), k.bfloat16(), kh.bfloat16())
     assert tm.CALLS[0] == calls
     assert_close(a.kl, b.kl, "exact64")
+
+
+# ---------------------------------------------------------------- the fused kernel's algebra
+def _phi(u):
+    return torch.expm1(u) - u
+
+
+def _stream_like_the_kernel(s, sh, block):
+    """The fused kernel's per-row streaming update (kvtheory/_triton_metrics.py), in float64
+    torch: sums about the delta of the running top token, re-referenced when it moves."""
+    R, T = s.shape
+    m1 = torch.full((R,), -math.inf, dtype=s.dtype)
+    c = torch.zeros(R, dtype=s.dtype)
+    W, S1, S2, PH = (torch.zeros(R, dtype=s.dtype) for _ in range(4))
+    for a in range(0, T, block):
+        sb, shb = s[:, a:a + block], sh[:, a:a + block]
+        bm, bi = sb.max(1)
+        sh_b = shb.gather(1, bi[:, None]).squeeze(1)
+        cn = torch.where(bm > m1, sh_b - bm, c)
+        e, c = c - cn, cn
+        m1n = torch.maximum(m1, bm)
+        w = torch.exp(sb - bm[:, None])
+        u = (shb - sb) - c[:, None]
+        alpha = torch.where(torch.isinf(m1), 0.0, torch.exp(m1 - m1n))
+        beta = torch.exp(bm - m1n)
+        Wa, S1a = W * alpha, S1 * alpha
+        PHa = torch.exp(e) * (PH * alpha) + Wa * _phi(e) + S1a * torch.expm1(e)
+        S2 = S2 * alpha + e * (2 * S1a + Wa * e) + (w * u * u).sum(1) * beta
+        S1 = S1a + Wa * e + (w * u).sum(1) * beta
+        PH = PHa + (w * _phi(u)).sum(1) * beta
+        W = Wa + w.sum(1) * beta
+        m1 = m1n
+    h = -S1 / W
+    fisher = 0.5 * (S2 / W - h * h)
+    kl = torch.log1p((torch.exp(h) * PH + W * (torch.exp(h) * (1 - h) - 1)) / W)
+    return kl, fisher, 1 / W
+
+
+@pytest.mark.parametrize("block", [1, 3, 16, 64])
+@pytest.mark.parametrize("spread", [0.05, 1.0, 8.0])
+def test_fused_kernel_streaming_algebra_matches_the_dense_definitions(block, spread):
+    g = torch.Generator().manual_seed(block)
+    s = 3 * torch.randn(40, 64, generator=g, dtype=torch.float64)
+    sh = s + spread * torch.randn(40, 64, generator=g, dtype=torch.float64) + 2.5  # a shift too
+    kl, fisher, p1 = _stream_like_the_kernel(s, sh, block)
+    p = torch.softmax(s, 1)
+    logp, logph = torch.log_softmax(s, 1), torch.log_softmax(sh, 1)
+    delta = sh - s
+    mu = (p * delta).sum(1, keepdim=True)
+    assert_close(kl, (p * (logp - logph)).sum(1), "float64")
+    assert_close(fisher, 0.5 * (p * (delta - mu) ** 2).sum(1), "float64")
+    assert_close(p1, p.amax(1), "float64")
