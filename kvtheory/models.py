@@ -180,6 +180,8 @@ def _from_pretrained(path: str, causal: bool | None, dtype, device_map, **hub) -
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).exists() for f in _TOKENIZER_FILES):
         return model, None  # a model folder saved without its tokenizer (documented)
+    if hub.get("local_files_only") and not any(_hub_cached(path, f) for f in _TOKENIZER_FILES):
+        return model, None  # a cached Hub model without tokenizer files
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -195,6 +197,16 @@ def _is_causal_hub(name: str, **hub) -> bool:
 
     archs = getattr(AutoConfig.from_pretrained(name, **hub), "architectures", None) or []
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def _hub_cached(name: str, filename: str = "config.json") -> bool:
+    """Whether the local Hugging Face cache holds ``name``'s file (no network, no transformers)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, filename), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return False
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -228,6 +240,8 @@ def _load_other(name: str, dtype, device_map) -> tuple[nn.Module, Any]:
                 f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); expected a complete saved model") from None
     parts = name.split("/")
     if len(parts) != 2 or not all(parts) or name.startswith((".", "~")) or os.sep != "/" and os.sep in name:
+        if _hub_cached(name):  # a legacy one-part id (e.g. "gpt2") already in the local Hub cache
+            return _from_pretrained(name, None, dtype, device_map, local_files_only=True)
         raise _unknown(name, "not a registry name, no such folder, not an 'org/name' Hub id")
     errors = (OSError, ValueError, KeyError, SafetensorError)
     try:

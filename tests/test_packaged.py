@@ -199,3 +199,31 @@ def test_registry_status_and_models_command(fake, capsys, monkeypatch):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     info = rows["fake-gguf"]["info"]
     assert (info["n_layers"], info["group"], info["windows"], info["qk_norm"]) == (2, 2, [None, None], False)
+
+
+def test_cached_hub_ids_load_offline(tmp_path):
+    """A one-part legacy id and an org/name id found in the local Hub cache load without network
+    (a fresh interpreter, so that the Hub cache location is read from the environment)."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _tiny import save_tiny
+cache = Path({str(tmp_path / 'hub')!r})
+for repo, tok in (("models--tinyllama", False), ("models--someorg--tiny", True)):
+    save_tiny("llama", cache / repo / "snapshots" / "abc", tokenizer=tok)
+    (cache / repo / "refs").mkdir()
+    (cache / repo / "refs" / "main").write_text("abc")
+from kvtheory.models import load_model
+for name in ("tinyllama", "someorg/tiny"):
+    lm = load_model(name)
+    print(name, type(lm.model).__name__, lm.info.n_layers, lm.tokenizer is None)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["tinyllama LlamaForCausalLM 2 True", "someorg/tiny LlamaForCausalLM 2 False"]
