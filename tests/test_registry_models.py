@@ -1,4 +1,4 @@
-"""Slow tests of the packaged GGUF registry models gemma3-270m, qwen2.5-0.5b and smollm2-135m.
+"""Slow tests of the registry models: gemma3-270m, qwen2.5-0.5b, smollm2-135m (GGUF) and minilm-l6.
 
 Each model is loaded once per session (converted into the kvtheory cache on the first run) and
 shared by its tests (``xdist_group`` keeps them in one worker). Logits are scored in chunks of
@@ -121,3 +121,20 @@ def test_registry_model(name, data_dir):
     by_hand = math.exp(_nll(lm, window) / 511)
     assert_close(torch.tensor(score.value), torch.tensor(by_hand), "cpu_batch")
     assert abs(score.value / ppl_stated - 1) < 0.05, score.value  # the value stated in the issue
+
+
+def test_minilm_encoder(data_dir):
+    """The encoder of the registry: facts, fp inside compressed_kv identical, capture shapes."""
+    lm = _model("minilm-l6")
+    info = lm.info
+    assert (info.arch, info.n_layers, info.q_heads, info.kv_heads, info.d, info.causal) == ("bert", 6, 12, 12, 32, False)
+    assert info.windows == (None,) * 6 and info.rope_bases == (None,) * 6 and bos_id(lm.tokenizer) is None
+    ids = lm.tokenizer("The tower is 324 metres tall, about the same height as an 81-storey building.",
+                       return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).last_hidden_state
+        with compressed_kv(lm, keys="fp", values="fp"):
+            assert torch.equal(lm.model(input_ids=ids).last_hidden_state, ref)
+    cap = capture(lm, ids[0], layers=[0, 5])
+    assert cap[5]["q"].shape == (1, 12, ids.shape[1], 32) and cap[0]["v"].shape == (1, 12, ids.shape[1], 32)
+    assert cap.meta.group == 1 and cap.meta.windows == (None, None)
