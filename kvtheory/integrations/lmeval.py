@@ -24,7 +24,10 @@ an attention mask. Compression statistics that span tokens (KIVI's per-channel g
 bases) would then see the pad tokens. This model records the true lengths of the batch (it
 wraps the harness's ``pad_and_concat`` while a log-likelihood batch is built) and passes the
 matching attention mask, so the padded positions are hidden exactly as the model's own mask
-hides them.
+hides them, and token-grouped compressors take their statistics over the real tokens only. In
+float32, batched CPU passes still differ from single ones by batch noise (about 1e-6 in the
+keys), which KIVI's per-channel rounding can amplify; ``batch_size=1`` or ``dtype=float64``
+gives exact scores.
 
 **Scoring conventions** of the offline ``lambada_openai`` task (``tasks/lambada_openai.yaml``):
 the harness's own: context = the passage split on single spaces without the last piece,
