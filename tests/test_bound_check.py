@@ -197,12 +197,17 @@ def test_summary_and_plots_from_json(res, tmp_path, cfg):
     result = {"averaging": "x", "bits": list(BITS), "headline": {str(b): 3 * 4**b for b in BITS},
               "models": {"tiny": res}, "fisher_kl": bc.fisher_kl_stats([res])}
     loaded = json.loads(json.dumps(result, allow_nan=False))
-    s = bc.summary(loaded)
-    assert s["tiny.b4.ratio_median"] == res["stats"]["4"]["all"]["kl_round"]["measured"]["median"]
-    assert s["tiny.b4.ratio_p5"] <= s["tiny.b4.ratio_median"] <= s["tiny.b4.ratio_p95"]
-    assert s["tiny.b4.headline"] == 768 and s["tiny.b2.headline"] == 48
-    assert s["tiny.b2.within10_mc"] == res["stats"]["2"]["all"]["mc"]["over_exact"]["within"]
+    s = bc.summary(loaded)   # one model: keys without its name
+    assert s["b4.ratio_median"] == res["stats"]["4"]["all"]["kl_round"]["measured"]["median"]
+    assert s["b4.ratio_p5"] <= s["b4.ratio_median"] <= s["b4.ratio_p95"]
+    assert s["b4.headline"] == 768 and s["b2.headline"] == 48
+    assert s["b2.within10_mc"] == res["stats"]["2"]["all"]["mc"]["over_exact"]["within"]
     assert s["kl_over_fisher.median"] == result["fisher_kl"]["all"]["median"]
+    two = bc.summary(loaded | {"models": {"tiny": res, "other": res}})   # several: prefixed
+    assert two["tiny.b4.ratio_median"] == two["other.b4.ratio_median"] == s["b4.ratio_median"]
+    merged = bc.merge({"tiny": loaded, "other": loaded | {"models": {"other": res}}})
+    assert list(merged["models"]) == ["tiny", "other"]
+    assert merged["fisher_kl"]["all"]["n"] == 2 * result["fisher_kl"]["all"]["n"]
     paths = bc.plot(loaded, tmp_path)
     names = sorted(p.name for p in paths)
     assert names == ["fisher_vs_kl.pdf", "fisher_vs_kl.png", "theory_vs_measured.pdf",
