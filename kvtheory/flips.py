@@ -3,7 +3,8 @@ r"""Streaming attention-fidelity metrics: what compressed keys do to attention r
 Query :math:`i` (at position :math:`i + T - Q` of the :math:`T` tokens) has logits
 :math:`s_{ij} = \tau\,q_i\cdot k_j` and :math:`\hat s_{ij} = \tau\,q_i\cdot\hat k_j`
 (:math:`\tau = 1/\sqrt d`) over the tokens it sees (:math:`j \le i + T - Q` when causal, all
-otherwise; never padded ones), :math:`p = \mathrm{softmax}(s)`,
+otherwise; with a sliding window :math:`w` also :math:`j > i + T - Q - w`; never masked ones,
+the key mask being shared by the heads or per head), :math:`p = \mathrm{softmax}(s)`,
 :math:`\hat p = \mathrm{softmax}(\hat s)`, :math:`\delta = \hat s - s`. Per query:
 
 .. math::
@@ -21,7 +22,9 @@ otherwise; never padded ones), :math:`p = \mathrm{softmax}(s)`,
 The flip is "the top-1 token changes" (:math:`t` is the first top token if several tie; a
 tie for the top of :math:`\hat s` keeps it). Query head :math:`h`
 reads KV head :math:`h // g` (GQA). Queries are streamed in blocks: memory is linear in the
-number of tokens, never quadratic; logits are float32 (float64 stays float64).
+number of tokens, never quadratic; logits are float32 (float64 stays float64, and float64 is
+used where float32 logits could overflow). On CUDA, bf16/fp16 inputs go through one fused Triton
+kernel (:mod:`kvtheory._triton_metrics`) that never materialises the logits.
 Sources: arXiv 2604.11501 (flips as the discrete failure of rank reduction); the Fisher
 metric as in :mod:`kvtheory.fisher`.
 """
@@ -55,8 +58,9 @@ _METRICS = ("flip_rate", "topk_overlap", "kl", "fisher", "output_rel_err")
 class PerQuery:
     """Per-query values (``batch q_head query``, on the input device; float32 or float64).
 
-    ``valid`` (``batch query``) marks queries that see a token and are not padding; elsewhere
-    the values are NaN and ``flip`` is False. ``margin`` is ``inf`` with one visible token.
+    ``valid`` (``batch query``) marks queries that see a token and are not padding (a position
+    kept in some head); elsewhere, and for a (head, query) pair that sees no token under a
+    per-head key mask, the values are NaN and ``flip`` is False. ``margin`` is ``inf`` with one visible token.
     """
 
     valid: Bool[Tensor, "batch query"]
