@@ -69,6 +69,9 @@ class EvalConfig:
     * ``calib_windows``: windows of ``seq_len`` tokens taken from the END of the corpus token
       stream to fit data-dependent bases (pca, qaware, ...); disjoint from the evaluated tokens.
     * ``n_boot``: bootstrap resamples for the 95% intervals.
+    * ``device_map``: None (the whole model on ``device``), or a placement for accelerate as text:
+      ``auto``/``balanced``/``sequential`` or JSON ``{module: device}`` (layers on several
+      devices; compressors and fitted bases follow each layer's device).
     """
 
     model: str
@@ -84,6 +87,7 @@ class EvalConfig:
     data_dir: str | os.PathLike | None = None
     text_file: str | os.PathLike | None = None
     device: str = "cpu"
+    device_map: str | None = None
     dtype: str = "float32"
     n_boot: int = 1000
 
@@ -119,6 +123,12 @@ class EvalConfig:
         check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise bad_argument("device", self.device, "cpu, cuda, cuda:N or mps")
+        if self.device_map is not None:  # a strategy or JSON text (kept as text: hashable, saved)
+            from .models import parse_device_map
+
+            if not isinstance(self.device_map, str):
+                raise bad_argument("device_map", self.device_map, "None, a strategy name or JSON text")
+            parse_device_map(self.device_map)
         if self.text_file is not None and self.task == "lambada":
             raise bad_argument("text_file", self.text_file,
                                "no text file for the lambada task (it reads the LAMBADA corpus)")
@@ -145,6 +155,8 @@ class EvalConfig:
         unused = ("limit",) if self.task == "wikitext2" else ("max_windows",)
         for key in ("methods", "targets", "data_dir", *unused):
             d.pop(key)
+        if d["device_map"] is None:  # files written before device_map existed keep their identity
+            d.pop("device_map")
         if self.text_file is not None:
             d["text_file"] = Path(self.text_file).name
         return d

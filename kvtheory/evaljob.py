@@ -99,7 +99,10 @@ class Job:
         except ImportError:  # pragma: no cover
             pass
         cfg = self.cfg
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        from .models import parse_device_map
+
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                        device_map=parse_device_map(cfg.device_map))
         self.model, self.tok, self.info = lm.model, lm.tokenizer, lm.info
         if self.tok is None:
             raise bad_argument("model", cfg.model, "a model folder that includes its tokenizer")

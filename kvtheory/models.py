@@ -471,3 +471,31 @@ def registry_status(cache_dir: str | os.PathLike | None = None, convert: bool = 
             "info": None if info is None else asdict(info), "facts": None if info is None else facts_line(info),
         })
     return rows
+
+
+#: placement strategies accelerate understands for ``device_map``
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | dict | None, name: str = "device_map") -> str | dict | None:
+    """A ``device_map`` from the command line or a config: None, a placement strategy
+    (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``), a JSON object
+    ``{module: device}`` as text, or such a dict.
+
+    >>> parse_device_map("auto"), parse_device_map('{"": "cpu"}')
+    ('auto', {'': 'cpu'})
+    """
+    if text is None or text in DEVICE_MAP_STRATEGIES:
+        return text
+    value = text
+    if isinstance(text, str):
+        import json
+
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
+        raise bad_argument(name, text, f"{', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object "
+                           'such as {"": "cpu"}')
+    return value

@@ -50,20 +50,9 @@ def _ints(name: str, text: str | None) -> list[int] | None:
 
 def _device_map(text: str | None):
     """``--device-map``: None, a placement strategy name, or a JSON object {module: device}."""
-    if text is None:
-        return None
-    if text in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return text
-    import json
+    from ..models import parse_device_map
 
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict) or not value:
-        raise bad_argument("--device-map", text, "auto, balanced, balanced_low_0, sequential or a JSON "
-                           'object such as {"": "cpu"}')
-    return value
+    return parse_device_map(text, "--device-map")
 
 
 def _text(args: argparse.Namespace) -> str:

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="corpora folder (else $KVTHEORY_DATA, else Hub)")
     p.add_argument("--text-file", default=None, help="score this UTF-8 text instead of WikiText-2")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--device-map", default=None,
+                   help="place layers with accelerate: auto, balanced, sequential or JSON "
+                        "{module: device} (for models beyond one device)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     p.add_argument("--batch-size", default="16", help="LAMBADA / embed batch (same-length only)")
     p.add_argument("--threads", default=None,
@@ -72,7 +75,7 @@ def config_from_args(args: argparse.Namespace):
         seq_len=_int("seq_len", args.seq_len), max_windows=_int("max_windows", args.max_windows, True),
         limit=_int("limit", args.limit), calib_windows=_int("calib_windows", args.calib_windows),
         rope=args.rope, seed=_int("seed", args.seed), data_dir=args.data_dir,
-        text_file=args.text_file, device=args.device, dtype=args.dtype,
+        text_file=args.text_file, device=args.device, device_map=args.device_map, dtype=args.dtype,
         n_boot=_int("n_boot", args.n_boot),
     )
 
