@@ -23,7 +23,8 @@ HELP = "perplexity / LAMBADA / encoder fidelity of a model under KV compression 
 LAMBADA_CONVENTION = (
     "LAMBADA scoring: target = the last whitespace-separated word with the whitespace before it "
     "(newlines in passages 426, 1053, 2881, 3047, 3977, 4351, else a space), target tokens = "
-    "tok(context + sep + word) minus tok(context), no BOS; accuracy = every target token greedy; "
+    "tok(context + sep + word) minus tok(context), the context starting with BOS only when the "
+    "tokenizer adds one (Gemma; not SmolLM2, Qwen2.5); accuracy = every target token greedy; "
     "target_ppl = exp(mean target NLL per passage). lm-eval's lambada_openai splits on spaces and "
     "differs on those 6 passages only; passages are batched by equal length (no padding).")
 

@@ -32,7 +32,8 @@ gives exact scores.
 **Scoring conventions** of the offline ``lambada_openai`` task (``tasks/lambada_openai.yaml``):
 the harness's own: context = the passage split on single spaces without the last piece,
 target = ``" " +`` the last piece, tokenized as ``tok(context + target)`` minus
-``tok(context)`` (no BOS for SmolLM2, whose tokenizer adds none); accuracy = all target tokens
+``tok(context)`` (a BOS only when the tokenizer adds one, as kvtheory's scorer does; none
+for SmolLM2); accuracy = all target tokens
 greedy; perplexity = exp of the mean target log-likelihood per passage. kvtheory's own scorer
 (:func:`kvtheory.evaluate.lambada`) splits at the last whitespace run instead; the two differ
 on 6 of the 5,153 passages (426, 1053, 2881, 3047, 3977, 4351, where a newline precedes the
