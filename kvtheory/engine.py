@@ -38,7 +38,7 @@ from torch import Tensor
 from ._checks import check_choice
 from .errors import bad_argument
 
-__all__ = ["get_model", "wikitext_ids", "eval_windows", "fitted_plan", "ppl_point",
+__all__ = ["get_model", "set_placement", "wikitext_ids", "eval_windows", "fitted_plan", "ppl_point",
            "target_specs", "storage_bits", "clear_memo", "CALLS", "TARGETS"]
 
 TARGETS = ("k", "v", "kv")
@@ -47,12 +47,34 @@ CALLS: Counter = Counter()
 _MEMO: dict[str, dict] = {}
 
 
+#: how each model name is placed in this process (:func:`set_placement`); default one device
+_PLACEMENT: dict[str, Any] = {}
+
+
+def set_placement(name: str, device_map: str | dict | None) -> None:
+    """Load ``name`` with this accelerate ``device_map`` from now on in this process (None: on
+    one device); a model already loaded with another placement is loaded again."""
+    from .models import parse_device_map
+
+    device_map = parse_device_map(device_map)
+    if _PLACEMENT.get(name) != device_map:
+        _PLACEMENT[name] = device_map
+        _load.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
-def get_model(name: str, device: str = "cpu"):
-    """:func:`kvtheory.models.load_model`, loaded once per (name, device) in this process."""
+def _load(name: str, device: str, placement: str | None):
     from .models import load_model
 
-    return load_model(name, device=device)
+    return load_model(name, device=device, device_map=_PLACEMENT.get(name))
+
+
+def get_model(name: str, device: str = "cpu"):
+    """:func:`kvtheory.models.load_model`, loaded once per (name, device, placement) in this
+    process (placement: :func:`set_placement`)."""
+    import json
+
+    return _load(name, device, json.dumps(_PLACEMENT.get(name), sort_keys=True))
 
 
 @functools.lru_cache(maxsize=8)

@@ -50,7 +50,9 @@ class ReportConfig:
     ``size``: ``"default"`` (the report) or ``"small"`` (tests and notebooks). ``models``: the
     models every applicable stage runs on (a comma-separated string is accepted). ``stages``: a
     subset of the registered stages (default all). ``executor``: ``"local"`` (this process) or
-    ``"ray"`` (``address`` None: a local Ray instance).
+    ``"ray"`` (``address`` None: a local Ray instance). ``device_map``: an accelerate placement
+    (``auto``, or JSON ``{module: device}``) for every model (placement does not enter the
+    result files' config: the numbers are the model's on any placement, to rounding).
     """
 
     size: str = "default"
@@ -65,6 +67,7 @@ class ReportConfig:
     progress: bool = True
     executor: str = "local"
     address: str | None = None
+    device_map: str | None = None
 
     def __post_init__(self):
         check_choice("size", self.size, SIZES)
@@ -77,6 +80,10 @@ class ReportConfig:
         check_choice("executor", self.executor, ("local", "ray"))
         if self.address is not None and self.executor != "ray":
             raise bad_argument("address", self.address, "no address unless executor='ray'")
+        if self.device_map is not None:
+            from .models import parse_device_map
+
+            parse_device_map(self.device_map)
         if not isinstance(self.force, bool):
             raise bad_argument("force", self.force, "True or False")
 
@@ -155,7 +162,10 @@ def run_task(stage_name: str, model: str, cfg: ReportConfig, needs: dict[str, di
     ``needs``: the envelopes of the stages this one reads, same model. Safe to call from
     another process (a Ray worker): the result lands in the same file either way.
     """
+    from .engine import set_placement
+
     stage = get_stage(stage_name)
+    set_placement(model, cfg.device_map)
     scfg, key = _key(stage, model, cfg, needs)
     path = result_path(_task_name(stage, model), key, cfg.results)
     if not (path.exists() and not cfg.force):

@@ -172,3 +172,30 @@ def test_ray_executor_lands_the_same_results_as_in_process(tiny_folder, tmp_path
         assert _strip(a) == _strip(b), stage
         assert Path(a["path"]).name == Path(b["path"]).name
     assert _strip(local.verify) == _strip(ray.verify)
+
+
+def test_report_device_map_loads_models_with_that_placement(count_stage, tiny_folder, tmp_path,
+                                                            monkeypatch):
+    from kvtheory import engine, models
+
+    seen: list = []
+    real = models.load_model
+
+    def spy(name, **kw):
+        seen.append(kw.get("device_map"))
+        return real(name, **kw)
+
+    monkeypatch.setattr(models, "load_model", spy)
+
+    with pytest.raises(KVTheoryError, match="device_map"):
+        ReportConfig(device_map="everywhere")
+    kw = dict(models=(str(tiny_folder),), stages=("count_heads",), progress=False)
+    plain = run_stages(ReportConfig(results=str(tmp_path / "a"), **kw), lambda s: None)
+    try:
+        mapped = run_stages(ReportConfig(results=str(tmp_path / "b"), device_map='{"": "cpu"}', **kw),
+                            lambda s: None)
+        assert engine._PLACEMENT[str(tiny_folder)] == {"": "cpu"} and seen[-1] == {"": "cpu"}
+    finally:
+        engine.set_placement(str(tiny_folder), None)
+    a, b = (r.by_stage["count_heads"][str(tiny_folder)] for r in (plain, mapped))
+    assert a["result"] == b["result"] and a["config_hash"] == b["config_hash"]

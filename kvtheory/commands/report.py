@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="run the (stage, model) tasks in this process or as Ray tasks")
     parser.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    parser.add_argument("--device-map", default=None,
+                        help="place each model's layers with accelerate: auto, balanced, sequential "
+                             "or JSON {module: device}")
     parser.add_argument("--force", action="store_true", help="recompute saved results")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ReportConfig(size=args.size, data_dir=args.data_dir, results=args.results,
                        figures=args.figures, report=args.out, stages=args.stages,
                        models=args.models, force=args.force, progress=not args.no_progress,
-                       executor=args.executor, address=args.address)
+                       executor=args.executor, address=args.address,
+                       device_map=args.device_map)
     report(cfg)
     return 0
