@@ -129,6 +129,26 @@ class AttentionMetrics:
                 out[f"n|{key}"] = float(n[b])
         return out
 
+    def flip_rate_above(self, margin: float) -> float:
+        r"""Flip rate among queries whose top-1 margin :math:`s_{(1)} - s_{(2)}` is at least
+        ``margin`` logits, pooled over heads: :math:`\sum_h F_h / \sum_h N_h` over the strata
+        from ``margin`` up. ``margin`` must be one of :attr:`margin_edges` (the strata are
+        counted, not the margins), so pass ``margin_bins`` to :func:`attention_metrics` to get
+        other thresholds. NaN when no query has such a margin.
+
+        >>> import torch
+        >>> q, k = torch.eye(4).view(1, 2, 2, 4), torch.eye(4)[:2].view(1, 1, 2, 4)
+        >>> attention_metrics(q, k, k.flip(-2), causal=False).flip_rate_above(0.5)
+        1.0
+        """
+        edges = [float(e) for e in self.margin_edges]
+        if not isinstance(margin, (int, float)) or float(margin) not in edges[:-1]:
+            raise bad_argument("margin", margin, f"one of the margin bin edges {edges[:-1]} (pass "
+                               "margin_bins=... to attention_metrics for other thresholds)")
+        b = edges.index(float(margin))
+        n, f = int(self.margin_counts[:, b:].sum()), int(self.margin_flips[:, b:].sum())
+        return f / n if n else math.nan
+
     def per_kv_head(self, group: int | None = None) -> AttentionMetrics:
         """Pool each run of ``group`` consecutive heads (default: the GQA group) into one.
 

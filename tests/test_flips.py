@@ -458,3 +458,19 @@ def test_compiled_softmax_terms_match_the_eager_path(monkeypatch):
     monkeypatch.setenv("KVTHEORY_COMPILE", "sometimes")
     with pytest.raises(KVTheoryError, match="KVTHEORY_COMPILE"):
         attention_metrics(q, k, kh)
+
+
+def test_flip_rate_above_pools_the_strata_and_equals_a_direct_count(gen):
+    """flip_rate_above(m) from the strata equals counting flips among queries with margin >= m
+    in the per-query values."""
+    q, k = torch.randn(1, 4, 24, 8, generator=gen), torch.randn(1, 2, 24, 8, generator=gen)
+    k_hat = k + 0.3 * torch.randn(k.shape, generator=gen)
+    m = attention_metrics(q, k, k_hat, causal=True, return_per_query=True)
+    pq = m.per_query
+    for edge in (0.0, 0.5, 1.0, 2.0):
+        sel = pq.valid[:, None, :] & (pq.margin >= edge)
+        want = float(pq.flip[sel].double().mean()) if bool(sel.any()) else float("nan")
+        got = m.flip_rate_above(edge)
+        assert (math.isnan(got) and math.isnan(want)) or abs(got - want) < 1e-12
+    with pytest.raises(KVTheoryError, match="margin"):
+        m.flip_rate_above(0.7)
