@@ -269,6 +269,20 @@ def _c7(S: Summaries):
     return meas, HOLDS if advantage else FAILS
 
 
+def _e1(S: Summaries):
+    e = S.get("eviction") or {}
+    if "verdict" not in e:
+        return None
+    budgets = sorted({k.split(".")[0] for k in e if k.startswith("int") and k.endswith(".ppl_quant")},
+                     key=lambda a: -int(a[3:]))
+    parts = [f"{a}: quant {e.get(f'{a}.best_quant')} PPL {fmt(e.get(f'{a}.ppl_quant'))} vs eviction "
+             f"{e.get(f'{a}.best_evict')} {fmt(e.get(f'{a}.ppl_evict'))} (decisive flips "
+             f"{pct(e.get(f'{a}.flip_ge1_quant'))} vs {pct(e.get(f'{a}.flip_ge1_evict'))})" for a in budgets]
+    ok = e.get("quant_beats_evict_at") not in (None, "none") and all(
+        e[f"{a}.ppl_quant"] < e[f"{a}.ppl_evict"] for a in budgets)
+    return (f"fp PPL {fmt(e.get('ppl.fp'))}; " + "; ".join(parts), HOLDS if ok else FAILS)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("C1", "At matched storage, quantization beats rank reduction on perplexity",
          "gap 4 to 364 PPL (124M–14B)",
@@ -303,6 +317,12 @@ RULES: tuple[Rule, ...] = (
     Rule("C8", "Joint K+V INT4 gives 75% KV reduction", "+0.18 PPL on Mistral 7B",
          "the Mistral number needs its weights; per model: holds if the reduction with scale "
          "overhead counted is ≥ 70%", ("budget",), per_model=_c8),
+    Rule("E1", "Beyond the paper: quantization also dominates token eviction (kvpress presses) at "
+         "matched storage", "–",
+         "per model (decoders kvpress is tested on): holds if the best quantizer has lower "
+         "continuation PPL than the best eviction press at every matched budget (an fp16 press "
+         "keeping a fraction f of tokens costs 16·f bits per element)", ("eviction",),
+         per_model=_e1),
 )
 
 

@@ -68,3 +68,19 @@ def test_c5_is_five_times_the_flips_at_margin_above_one(rank_gt1, int4_gt1, verd
     f = {"matched_rank_int4": "rank16-pca", "rank16-pca.flip_rate": 0.4, "int4.flip_rate": 0.1,
          "rank16-pca.flip_rate_margin_gt1": rank_gt1, "int4.flip_rate_margin_gt1": int4_gt1}
     assert _c5({"flip_study": f})[1] == verdict
+
+
+def test_e1_holds_only_if_quantization_wins_every_budget():
+    from kvtheory.claims import _e1
+
+    e = {"ppl.fp": 18.9, "verdict": "x", "quant_beats_evict_at": "int8, int4",
+         "int8.best_quant": "int8-kivi/int8", "int8.ppl_quant": 18.9, "int8.best_evict": "expected",
+         "int8.ppl_evict": 20.8, "int8.flip_ge1_quant": 0.0, "int8.flip_ge1_evict": 0.01,
+         "int4.best_quant": "int4-kivi/int4", "int4.ppl_quant": 19.4, "int4.best_evict": "expected",
+         "int4.ppl_evict": 23.5, "int4.flip_ge1_quant": 0.0003, "int4.flip_ge1_evict": 0.0062}
+    text, verdict = _e1({"eviction": e})
+    assert verdict == HOLDS and text.index("int8:") < text.index("int4:")
+    e2 = e | {"int2.best_quant": "int2-kivi/int2", "int2.ppl_quant": 83.3, "int2.best_evict": "expected",
+              "int2.ppl_evict": 25.4, "int2.flip_ge1_quant": 0.14, "int2.flip_ge1_evict": 0.009}
+    assert _e1({"eviction": e2})[1] == FAILS
+    assert _e1({}) is None

@@ -6,4 +6,4 @@ values, saved through :func:`kvtheory.store.cached`), ``summary(result)``, ``plo
 in the order the report runs them (a stage that reads another comes after it).
 """
 
-from . import bound_check, routing, flip_study, budget, ablation, tasks, predictor  # noqa: F401
+from . import bound_check, routing, flip_study, budget, ablation, tasks, predictor, eviction  # noqa: F401

@@ -42,6 +42,7 @@ import torch
 
 from .._checks import check_int
 from ..errors import bad_argument
+from ..stages import Stage, register_stage
 from .common import small
 
 __all__ = ["EvictionConfig", "budgets", "run", "summary", "plot", "MARGIN_CUT"]
@@ -172,10 +173,11 @@ def run(cfg: EvictionConfig, *, data_dir=None, root=None, progress: bool = True)
 
     from ..capture import capture
     from ..compress import make_compressor
-    from ..evaluate import _score, seed_everything, split_windows
+    from ..engine import eval_windows
+    from ..evaluate import _score, seed_everything
     from ..integrations.kvpress import make_press, score_window
     from ..patch import compressed_kv, fit_compressors
-    from .common import get_model, wikitext_ids
+    from .common import get_model
 
     seed_everything(cfg.seed)
     loaded = get_model(cfg.model)
@@ -183,8 +185,7 @@ def run(cfg: EvictionConfig, *, data_dir=None, root=None, progress: bool = True)
         raise bad_argument("model", cfg.model, "a causal LM")
     model, d = loaded.model, loaded.info.d
     L = cfg.n_context + cfg.n_score
-    ids = wikitext_ids(cfg.model, str(data_dir) if data_dir is not None else None)
-    windows, calib = split_windows(ids, L, cfg.n_windows, cfg.calib_windows)
+    windows, calib = eval_windows(cfg.model, L, cfg.n_windows, cfg.calib_windows, data_dir)
     plan_budgets = budgets(cfg, d)
     settings = [("fp", "fp", "fp", None, None)]
     for b in plan_budgets:
@@ -324,3 +325,24 @@ def plot(result: dict, out_dir) -> list:
                      f"({result['n_windows']}×{result['n_context']} context + {result['n_score']} scored tokens)",
                      fontsize=8)
         return save_figure(fig, out_dir, "eviction_vs_quant")
+
+
+def _supported(info) -> bool:
+    from ..integrations.kvpress import supports
+
+    return supports(info)
+
+
+def plot_models(results: dict, out_dir) -> list:
+    """``eviction_vs_quant-<model>`` for each model of ``{model: result}``."""
+    from ..plotstyle import model_stamp, per_model
+
+    return per_model(plot, results, out_dir, lambda m, r: model_stamp(
+        m, f"{r['n_windows']} WikiText-2 windows, {r['n_context']} context + {r['n_score']} scored tokens"))
+
+
+STAGE = register_stage(Stage(
+    name="eviction", title="Eviction (kvpress) against quantization and rank at matched storage",
+    configure=lambda size, model: EvictionConfig.for_size(size == "small", model=model),
+    run=run, summary=summary, plot=plot_models, figures=("eviction_vs_quant",), claims=("E1",),
+    applies=_supported))

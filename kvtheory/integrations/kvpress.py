@@ -55,13 +55,24 @@ from torch import Tensor
 from .._checks import check_group, check_int, check_tensor
 from ..errors import KVTheoryError, bad_argument
 
-__all__ = ["KVPRESS_RANGE", "KVPRESS_TESTED", "require_kvpress", "make_press", "PRESSES",
+__all__ = ["KVPRESS_RANGE", "KVPRESS_TESTED", "ARCHS_TESTED", "supports", "require_kvpress", "make_press", "PRESSES",
            "press_context", "PressRecord", "keep_mask", "eviction_metrics", "EvictionMetrics",
            "eviction_perplexity", "score_window", "compat_kwargs"]
 
 #: the kvpress versions this adapter is tested with (on transformers 5.24)
 KVPRESS_RANGE = ">=0.5.5,<0.6"
 KVPRESS_TESTED = ("0.5.5",)
+#: model architectures (``ModelInfo.arch``) the adapter is tested on (tests/test_kvpress.py)
+ARCHS_TESTED = ("llama",)
+
+
+def supports(info: Any) -> bool:
+    """Whether the adapter is tested on a model of this :class:`kvtheory.models.ModelInfo`
+    (a causal LM of an architecture in :data:`ARCHS_TESTED`) and kvpress is installed."""
+    import importlib.util
+
+    return (bool(getattr(info, "causal", False)) and getattr(info, "arch", None) in ARCHS_TESTED
+            and importlib.util.find_spec("kvpress") is not None)
 #: short names of the eviction presses the analysis uses -> kvpress class names
 PRESSES = {"knorm": "KnormPress", "snapkv": "SnapKVPress", "streaming": "StreamingLLMPress",
            "expected": "ExpectedAttentionPress", "random": "RandomPress", "tova": "TOVAPress"}
