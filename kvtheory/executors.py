@@ -22,38 +22,39 @@ from typing import Any, Callable
 
 from .errors import KVTheoryError
 
-__all__ = ["run_on_ray"]
+__all__ = ["run_on_ray", "absolute"]
 
 
-def _abs(cfg: Any) -> Any:
+def absolute(cfg: Any) -> Any:
+    """``cfg`` with its paths made absolute (workers may start in another folder)."""
     return dataclasses.replace(
         cfg, results=os.path.abspath(cfg.results),
         data_dir=None if cfg.data_dir is None else os.path.abspath(cfg.data_dir),
         figures=os.path.abspath(cfg.figures), report=os.path.abspath(cfg.report))
 
 
-def _task(stage: str, model: str, cfg: Any, data_sha: dict, names: list[str], *needs: Any) -> Any:
-    """One (stage, model) in a Ray worker: :func:`kvtheory.report.run_task` with the envelopes
-    of the stages it reads (tasks that did not apply come back as None)."""
+def _task(run_task: Callable, stage: str, model: str, cfg: Any, data_sha: dict, names: list[str],
+          *needs: Any) -> Any:
+    """One (stage, model) in a Ray worker: ``run_task`` (:func:`kvtheory.report.run_task`,
+    passed by reference) with the envelopes of the stages it reads (tasks that did not apply
+    come back as None)."""
     import torch
-
-    from .report import run_task
 
     torch.set_num_threads(int(os.environ.get("KVTHEORY_TASK_THREADS", "1")))
     got = {n: e for n, e in zip(names, needs) if e is not None}
     return run_task(stage, model, cfg, got, data_sha)
 
 
-def _verify(cfg: Any) -> dict:
-    from .report import run_verify
-
-    return run_verify(cfg)
+def _call(fn: Callable, *args: Any) -> Any:
+    return fn(*args)
 
 
-def run_on_ray(cfg: Any, log: Callable[[str], None] = print, *, num_cpus: int | None = None,
-               num_gpus_per_task: float = 0.0):
-    """Run every (stage, model) task of ``cfg`` as a Ray task and return the
-    :class:`kvtheory.report.Results` (the same files as the in-process run).
+def run_on_ray(cfg: Any, log: Callable[[str], None], *, plan: list[tuple[str, str, tuple[str, ...]]],
+               run_task: Callable, run_verify: Callable, data_sha: dict, how: Callable[[dict], str],
+               results: Any, num_cpus: int | None = None, num_gpus_per_task: float = 0.0) -> Any:
+    """Run every (stage, model, needs) of ``plan`` as a Ray task through ``run_task`` and
+    ``run_verify`` (the report's own functions, so the same files land) and fill ``results``
+    (a :class:`kvtheory.report.Results`).
 
     ``num_cpus`` caps a local Ray instance (None: Ray's default); ``num_gpus_per_task`` is
     requested by each task (the analysis stages run on the CPU today, so 0).
@@ -63,9 +64,6 @@ def run_on_ray(cfg: Any, log: Callable[[str], None] = print, *, num_cpus: int | 
     except ImportError:
         raise KVTheoryError("executor: got 'ray', which is not installed; expected "
                             "`pip install 'kvtheory[ray]'` (or executor='local')") from None
-    from .report import Results, _data_sha, _how, tasks
-
-    cfg = _abs(cfg)
     started = not ray.is_initialized()
     if started:
         kw: dict[str, Any] = {"address": cfg.address, "include_dashboard": False,
@@ -76,23 +74,21 @@ def run_on_ray(cfg: Any, log: Callable[[str], None] = print, *, num_cpus: int | 
     t0 = time.perf_counter()
     try:
         remote = ray.remote(num_cpus=1, num_gpus=num_gpus_per_task)(_task)
-        data_sha = _data_sha(cfg.data_dir)
-        verify_ref = ray.remote(num_cpus=1)(_verify).remote(cfg)
+        verify_ref = ray.remote(num_cpus=1)(_call).remote(run_verify, cfg)
         refs: dict[tuple[str, str], Any] = {}
-        for stage, model in tasks(cfg):
-            names = [d for d in stage.needs if (d, model) in refs]
-            refs[(stage.name, model)] = remote.remote(stage.name, model, cfg, data_sha, names,
-                                                      *(refs[(d, model)] for d in names))
-        out = Results(models=cfg.models)
-        out.verify = ray.get(verify_ref)
-        log(f"[{time.perf_counter() - t0:6.1f}s] verify: {_how(out.verify)}")
+        for stage, model, needs in plan:
+            names = [d for d in needs if (d, model) in refs]
+            refs[(stage, model)] = remote.remote(run_task, stage, model, cfg, data_sha, names,
+                                                 *(refs[(d, model)] for d in names))
+        results.verify = ray.get(verify_ref)
+        log(f"[{time.perf_counter() - t0:6.1f}s] verify: {how(results.verify)}")
         for (stage, model), ref in refs.items():
             env = ray.get(ref)
-            what = "does not apply" if env is None else _how(env)
+            what = "does not apply" if env is None else how(env)
             log(f"[{time.perf_counter() - t0:6.1f}s] {stage} on {model} (ray): {what}")
             if env is not None:
-                out.by_stage.setdefault(stage, {})[model] = env
-        return out
+                results.by_stage.setdefault(stage, {})[model] = env
+        return results
     finally:
         if started:
             ray.shutdown()

@@ -196,9 +196,12 @@ def run_stages(cfg: ReportConfig, log: Callable[[str], None] = print) -> Results
     t0 = time.perf_counter()
     out = Results(models=cfg.models)
     if cfg.executor == "ray":
-        from .executors import run_on_ray
+        from .executors import absolute, run_on_ray
 
-        return run_on_ray(cfg, log)
+        cfg = absolute(cfg)
+        plan = [(s.name, m, s.needs) for s, m in tasks(cfg)]
+        return run_on_ray(cfg, log, plan=plan, run_task=run_task, run_verify=run_verify,
+                          data_sha=_data_sha(cfg.data_dir), how=_how, results=out)
     data_sha = _data_sha(cfg.data_dir)
     out.verify = run_verify(cfg)
     log(f"[{time.perf_counter() - t0:6.1f}s] verify: {_how(out.verify)}")

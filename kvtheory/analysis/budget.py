@@ -34,6 +34,7 @@ from ..errors import bad_argument
 from ..engine import CALLS, eval_windows, ppl_point, storage_bits
 from ..stages import Stage, decoders, register_stage
 from .common import hybrid_specs, rank_specs, small
+from .gqa import at_budget as _at_budget, log_ratio as _log_ratio, plot_gap_vs_gqa
 
 __all__ = ["BudgetConfig", "matched_gaps", "run", "plot", "summary", "TARGETS"]
 
@@ -175,37 +176,6 @@ def run(cfg: BudgetConfig | None = None, *, data_dir=None, root=None, progress: 
             "evaluations": sum(CALLS.values()) - before, "seconds": time.perf_counter() - t0}
 
 
-def _at_budget(result: dict, target: str, b: int) -> dict | None:
-    rows = [m for m in result["matched"].get(target, []) if m.get("quant_bits") == b]
-    return rows[0] if rows else None
-
-
-def _log_ratio(result: dict, target: str, m: dict) -> tuple[float, float, float] | None:
-    r""":math:`\ln(\mathrm{PPL}_{rank}/\mathrm{PPL}_{quant})` of the best rank and quantizer at a
-    matched budget, with a conservative 95% interval from the two PPL intervals
-    (:math:`[\ln r_{lo} - \ln q_{hi},\ \ln r_{hi} - \ln q_{lo}]`); scale-free, so models of
-    different baseline PPL can be compared (C3).
-
-    >>> res = {"points": [{"spec": "int4", "target": "kv", "ppl": 10.0, "ci_low": 9.0, "ci_high": 11.0},
-    ...        {"spec": "rank16-pca", "target": "kv", "ppl": 20.0, "ci_low": 18.0, "ci_high": 22.0}]}
-    >>> m = {"quant": {"spec": "int4"}, "rank": {"spec": "rank16-pca"}}
-    >>> [round(x, 4) for x in _log_ratio(res, "kv", m)]
-    [0.6931, 0.4925, 0.8938]
-    """
-    import math
-
-    if m.get("quant") is None or m.get("rank") is None:
-        return None
-    pts = {p["spec"]: p for p in result["points"] if p["target"] == target}
-    q, r = pts.get(m["quant"]["spec"]), pts.get(m["rank"]["spec"])
-    if q is None or r is None:
-        return None
-    if None in (r["ci_low"], r["ci_high"], q["ci_low"], q["ci_high"]):  # one window: no interval
-        return math.log(r["ppl"] / q["ppl"]), None, None
-    return (math.log(r["ppl"] / q["ppl"]), math.log(r["ci_low"] / q["ci_high"]),
-            math.log(r["ci_high"] / q["ci_low"]))
-
-
 def summary(result: dict) -> dict[str, float | str]:
     """Headline numbers: fp PPL; at the INT4 budget for K+V (else the first target) the best
     quantizer, rank and hybrid with their PPL and the gaps (C1, C2); C8's K+V INT4 reduction and
@@ -301,7 +271,6 @@ def plot(result: dict, out_dir) -> list[Path]:
 def plot_models(results: dict, out_dir) -> list[Path]:
     """``ppl_vs_budget-<model>`` for each model, and ``gap_vs_gqa`` across models (C3)."""
     from ..plotstyle import model_stamp, per_model
-    from .gqa import plot_gap_vs_gqa
 
     paths = per_model(plot, results, out_dir, lambda m, r: model_stamp(
         m, f"WikiText-2 {r['n_windows']}×{r['seq_len']} tokens"))

@@ -11,7 +11,36 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["gap_points", "plot_gap_vs_gqa"]
+__all__ = ["at_budget", "log_ratio", "gap_points", "plot_gap_vs_gqa"]
+
+
+def at_budget(result: dict, target: str, b: int) -> dict | None:
+    rows = [m for m in result["matched"].get(target, []) if m.get("quant_bits") == b]
+    return rows[0] if rows else None
+
+
+def log_ratio(result: dict, target: str, m: dict) -> tuple | None:
+    r""":math:`\ln(\mathrm{PPL}_{rank}/\mathrm{PPL}_{quant})` of the best rank and quantizer at a
+    matched budget, with a conservative 95% interval from the two PPL intervals
+    (:math:`[\ln r_{lo} - \ln q_{hi},\ \ln r_{hi} - \ln q_{lo}]`); scale-free, so models of
+    different baseline PPL can be compared (C3).
+
+    >>> res = {"points": [{"spec": "int4", "target": "kv", "ppl": 10.0, "ci_low": 9.0, "ci_high": 11.0},
+    ...        {"spec": "rank16-pca", "target": "kv", "ppl": 20.0, "ci_low": 18.0, "ci_high": 22.0}]}
+    >>> m = {"quant": {"spec": "int4"}, "rank": {"spec": "rank16-pca"}}
+    >>> [round(x, 4) for x in log_ratio(res, "kv", m)]
+    [0.6931, 0.4925, 0.8938]
+    """
+    if m.get("quant") is None or m.get("rank") is None:
+        return None
+    pts = {p["spec"]: p for p in result["points"] if p["target"] == target}
+    q, r = pts.get(m["quant"]["spec"]), pts.get(m["rank"]["spec"])
+    if q is None or r is None:
+        return None
+    if None in (r["ci_low"], r["ci_high"], q["ci_low"], q["ci_high"]):  # one window: no interval
+        return math.log(r["ppl"] / q["ppl"]), None, None
+    return (math.log(r["ppl"] / q["ppl"]), math.log(r["ci_low"] / q["ci_high"]),
+            math.log(r["ci_high"] / q["ci_low"]))
 
 
 def gap_points(results: dict[str, dict]) -> list[dict]:
@@ -26,15 +55,13 @@ def gap_points(results: dict[str, dict]) -> list[dict]:
     >>> p = gap_points({"m": r})[0]; p["group"], p["ratio"], round(p["lo"], 4), p["gap"]
     (3, 2.0, 1.6364, 10.0)
     """
-    from .budget import _at_budget, _log_ratio
-
     out = []
     for model, res in results.items():
         if "kv_heads" not in res:
             continue
         target = "kv" if "kv" in res["matched"] else next(iter(res["matched"]))
-        m = _at_budget(res, target, 4)
-        lr = None if m is None else _log_ratio(res, target, m)
+        m = at_budget(res, target, 4)
+        lr = None if m is None else log_ratio(res, target, m)
         if lr is None or lr[1] is None:
             continue
         out.append({"model": model, "group": res["q_heads"] // res["kv_heads"],

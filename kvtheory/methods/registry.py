@@ -34,6 +34,20 @@ __all__ = ["Family", "Method", "RegisteredSpec", "RegisteredFamily", "FAMILIES",
            "grammar", "load_plugins", "check_methods", "ENTRY_POINT_GROUP", "ROLES"]
 
 ENTRY_POINT_GROUP = "kvtheory.methods"
+#: the parser of the built-in grammar, installed by :mod:`.spec` when it is imported (spec
+#: builds on this module's types, so this module does not import it)
+_BUILTIN_PARSER: list[Callable[[str], Any]] = []
+
+
+def install_builtin_parser(parse: Callable[[str], Any]) -> None:
+    """Set the parser of the built-in grammar (``str -> Method | None``)."""
+    _BUILTIN_PARSER[:] = [parse]
+    _parse_str.cache_clear()
+
+
+def _parse_builtin(text: str) -> Any:
+    # importing any kvtheory.methods module runs the package __init__, which imports spec
+    return _BUILTIN_PARSER[0](text)
 ROLES = ("k", "v")
 #: registry key -> family (built-in families first, in grammar order)
 FAMILIES: dict[str, "Family"] = {}
@@ -266,10 +280,8 @@ def register_method(
         raise bad_argument("name", name, "a non-empty family name")
     fam = RegisteredFamily(pattern, factory, key, label or key, plot_family, validate, sweep)
     example = re.sub(r"\{\w+\}", "1", pattern)
-    from .spec import parse_builtin
-
     try:
-        clash = parse_builtin(example) is not None
+        clash = _parse_builtin(example) is not None
     except KVTheoryError:
         clash = True
     if clash or key in {f.key for f in FAMILIES.values() if f.builtin}:
@@ -338,9 +350,7 @@ def grammar() -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _parse_str(text: str) -> Method:
-    from .spec import parse_builtin
-
-    spec = parse_builtin(text)
+    spec = _parse_builtin(text)
     if spec is not None:
         return spec
     for _ in range(2):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .._checks import check_choice, check_int
 from ..bases import basis_from_name
 from ..errors import bad_argument
-from .registry import FAMILIES, Method, grammar
+from .registry import FAMILIES, Method, grammar, install_builtin_parser
 
 __all__ = ["MethodSpec", "parse_builtin", "KINDS", "check_options"]
 
@@ -131,3 +131,6 @@ def parse_builtin(text: str) -> MethodSpec | None:
     return MethodSpec(chosen[0].kind, bits=None if bits is None else int(bits),
                       rank=None if rank is None else int(rank), basis=found.get("basis"),
                       group=found.get("group"), symmetric="sym" in found)
+
+
+install_builtin_parser(parse_builtin)
