@@ -12,6 +12,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -243,7 +244,8 @@ def test_more_hostile_inputs_named_before_any_work(tiny, tmp_path, monkeypatch):
     fifo = tmp_path / "fifo.txt"
     os.mkfifo(fifo)
     for text in ("/dev/zero", str(fifo)):  # would never end / block forever
-        with pytest.raises(KVTheoryError, match=f"text_file: got '{text}'; expected a regular"):
+        # the message shortens long values ('...'): match the start of the path
+        with pytest.raises(KVTheoryError, match=f"text_file: got '{re.escape(text[:40])}.*; expected a regular"):
             run(tiny, tmp_path / "t.json", text_file=text)
     binary = tmp_path / "bin.json"
     binary.write_bytes(b"\xff\xfe\x00 not text")
