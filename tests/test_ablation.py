@@ -137,3 +137,17 @@ def test_config_validation():
     with pytest.raises(KVTheoryError):
         ablation.AblationConfig(quant_bits=(1,))
     assert ablation.AblationConfig.for_size("small").seq_len == 128
+
+
+def test_apply_rope_uses_each_layers_rope_on_gemma3():
+    """Gemma 3's sliding layers and its global layer use different RoPE bases: the per-layer
+    RoPE reproduces every layer's post-RoPE keys, and the wrong layer's RoPE does not."""
+    model = tiny_model("gemma3", max_position_embeddings=64)
+    ids = tiny_ids(1, 20)
+    pre, post = capture(model, ids, rope="pre"), capture(model, ids, rope="post")
+    for layer in pre.meta.layers:
+        assert_close(ablation.apply_rope(model, pre[layer]["k"], layer), post[layer]["k"], "float32")
+    wrong = ablation.apply_rope(model, pre[2]["k"], 0)      # global keys with a sliding layer's RoPE
+    assert not torch.allclose(wrong, post[2]["k"], atol=1e-4)
+    with pytest.raises(KVTheoryError, match="layer"):
+        ablation.apply_rope(model, pre[2]["k"])

@@ -71,30 +71,43 @@ def spread(values: dict[str, float]) -> dict:
 
 
 def rope_fn(model):
-    """A function ``k_pre -> k_post`` applying the model's RoPE (see :func:`apply_rope`),
-    looked up once; the identity for models without a rotary embedding."""
+    """A function ``(k_pre, layer=None) -> k_post`` applying the model's RoPE (see
+    :func:`apply_rope`), looked up once; the identity for models without a rotary embedding.
+    Models whose rotary module takes the layer's type (Gemma 3: local layers use one RoPE base,
+    global layers another) get the type of ``layer`` from the config's ``layer_types``."""
+    import inspect
+
     from ..patch import attention_modules
 
     inner = model.model if hasattr(model, "info") else model
     rot = next((m for name, m in inner.named_modules() if name.endswith("rotary_emb")), None)
     if rot is None:
-        return lambda k: k
+        return lambda k, layer=None: k
     fn = getattr(sys.modules[type(attention_modules(inner)[0]).__module__], "apply_rotary_pos_emb")
+    typed = "layer_type" in inspect.signature(rot.forward).parameters
+    cfg = getattr(inner, "config", None)
+    types = getattr(getattr(cfg, "text_config", cfg), "layer_types", None)
 
     @torch.no_grad()
-    def apply(k_pre: torch.Tensor) -> torch.Tensor:
+    def apply(k_pre: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         pos = torch.arange(k_pre.shape[2])[None].expand(k_pre.shape[0], -1)
-        cos, sin = rot(k_pre, pos)
+        if typed:
+            if layer is None or types is None:
+                raise bad_argument("layer", layer, "the layer index (this model's RoPE depends "
+                                   "on the layer's type)")
+            cos, sin = rot(k_pre, pos, types[layer])
+        else:
+            cos, sin = rot(k_pre, pos)
         return fn(k_pre, k_pre, cos.to(k_pre.dtype), sin.to(k_pre.dtype))[1]
 
     return apply
 
 
-def apply_rope(model, k_pre: torch.Tensor) -> torch.Tensor:
+def apply_rope(model, k_pre: torch.Tensor, layer: int | None = None) -> torch.Tensor:
     r"""RoPE of the model applied to pre-RoPE keys (batch, kv_head, token, d) at positions
     0..T−1: :math:`k\cos\theta_t + \mathrm{rot}(k)\sin\theta_t` (the model's own rotary module
     and ``apply_rotary_pos_emb``). Models without RoPE return ``k_pre``."""
-    return rope_fn(model)(k_pre)
+    return rope_fn(model)(k_pre, layer)
 
 
 @dataclass(frozen=True)
@@ -163,7 +176,7 @@ def _flip_metrics(model, cap_post, cap_side, plan, rope: str, causal: bool) -> d
         ck = plan[layer][0]
         k_hat = ck(cap_side[layer]["k"])
         if rope_of is not None:
-            k_hat = rope_of(k_hat)
+            k_hat = rope_of(k_hat, layer)
         m = attention_metrics(q, k, k_hat.to(k.dtype), causal=causal, margin_bins=edges,
                               window=cap_post.meta.window(layer))
         for f in acc:
@@ -203,7 +216,7 @@ def run(cfg: AblationConfig | None = None, *, data_dir=None, root=None, progress
     if "pre" in caps and lm.info.rope:
         rope_of = rope_fn(lm)
         for layer in caps["post"].meta.layers:
-            a, b = rope_of(caps["pre"][layer]["k"]), caps["post"][layer]["k"]
+            a, b = rope_of(caps["pre"][layer]["k"], layer), caps["post"][layer]["k"]
             rope_err = max(rope_err, float((a - b).norm() / b.norm()))
         if rope_err > 1e-3:
             raise KVTheoryError(f"rope: RoPE of the pre-RoPE keys differs from the post-RoPE keys "
