@@ -63,10 +63,13 @@ def test_c1_needs_every_matched_gap_positive():
     assert _c1({"budget": {}}) is None          # not run on this model: no verdict
 
 
-@pytest.mark.parametrize("rank_gt1, int4_gt1, verdict", [(0.2, 0.03, HOLDS), (0.2, 0.05, FAILS)])
-def test_c5_is_five_times_the_flips_at_margin_above_one(rank_gt1, int4_gt1, verdict):
+@pytest.mark.parametrize("rank_gt1, int4_gt1, kivi_gt1, verdict", [
+    (0.2, 0.03, None, HOLDS), (0.2, 0.05, None, FAILS), (0.2, 0.05, 0.01, HOLDS), (0.2, 0.05, 0.3, FAILS)])
+def test_c5_is_five_times_the_better_int4_at_margin_above_one(rank_gt1, int4_gt1, kivi_gt1, verdict):
     f = {"matched_rank_int4": "rank16-pca", "rank16-pca.flip_rate": 0.4, "int4.flip_rate": 0.1,
          "rank16-pca.flip_rate_margin_gt1": rank_gt1, "int4.flip_rate_margin_gt1": int4_gt1}
+    if kivi_gt1 is not None:
+        f["int4-kivi.flip_rate_margin_gt1"] = kivi_gt1
     assert _c5({"flip_study": f})[1] == verdict
 
 
