@@ -782,7 +782,23 @@ FIGURES = [
             .set_index(["stage", "model"]))
     """),
     code(r"""
+    import io
+
+    from PIL import Image as PILImage
+
+    from kvtheory.stages import model_slug
+
     SUMMARIES = {}
+
+
+    def small_png(path, width=900):
+        # the figure downscaled for the notebook (the full-resolution files are in figures/)
+        img = PILImage.open(path)
+        if img.width > width:
+            img = img.resize((width, round(img.height * width / img.width)))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
 
 
     def show_stage(name):
@@ -794,9 +810,16 @@ FIGURES = [
                              + (" (the small size skips this stage)*" if SMALL and name not in SMALL_STAGES else "*")))
             return None
         paths = [Path(p) for p in stage.plot(results, FIGURES / name)]
-        for p in paths:
-            if p.suffix == ".png":
-                display(Markdown(f"**`{p.stem}`**"), Image(filename=str(p)))
+        first = model_slug(next(iter(results)))
+        shown, other = [], []
+        for p in (p for p in paths if p.suffix == ".png"):
+            # figures over all models, and the per-model ones of the first model; the rest are listed
+            per_model = any(p.stem.endswith("-" + model_slug(m)) for m in results)
+            (shown if not per_model or p.stem.endswith("-" + first) else other).append(p)
+        for p in shown:
+            display(Markdown(f"**`{p.stem}`**"), Image(data=small_png(p)))
+        if other:
+            display(Markdown("Also drawn (see REPORT.md): " + ", ".join(f"`{p.stem}`" for p in other)))
         summ = {model: stage.summary(res) for model, res in results.items()}
         SUMMARIES[name] = summ
         display(pd.DataFrame(summ, dtype=object))
