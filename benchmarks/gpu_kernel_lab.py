@@ -1,0 +1,116 @@
+"""Where the fused metrics kernel's time goes, on the GPU machine: variants of its constexpr
+switches (:mod:`kvtheory._triton_kernel`) and block shapes timed one after another with
+``triton.testing.do_bench`` (medians) at a Mistral-7B layer's shape (32 query / 8 KV heads,
+d=128, bf16, non-causal), beside the two bare bf16 matmuls. Each row also gives the fraction
+of queries sent to the exact second pass. Writes JSON after every variant.
+
+    PYTHONPATH=. python3 benchmarks/gpu_kernel_lab.py --out $OUT/lab.json --tokens 16384 \
+        --variants default,loop,nosums
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from kvtheory import _triton_metrics as tm  # noqa: E402
+from kvtheory import bench  # noqa: E402
+from kvtheory.io import write_json  # noqa: E402
+
+#: name -> (kernel kind, TUNE switches, block config or None for the default)
+VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
+    "flip": ("flip", {}, None),
+    "default": ("full", {}, None),
+    "loop": ("full", {"TOPK_MODE": 1}, None),
+    "loop_phi0": ("full", {"TOPK_MODE": 1, "PHI_MODE": 0}, None),
+    "phi_exp": ("full", {"PHI_MODE": 4}, None),
+    "phi_none": ("full", {"PHI_MODE": 5}, None),
+    "notopk": ("full", {"TOPK_MODE": 0}, None),
+    "nosums": ("full", {"SUMS": False}, None),
+    "bare": ("full", {"SUMS": False, "TOPK_MODE": 0}, None),
+    "cfg64x64w4s2": ("full", {}, (64, 64, 4, 2)),
+    "cfg128x64w8s3": ("full", {}, (128, 64, 8, 3)),
+    "cfg64x32w4s3": ("full", {}, (64, 32, 4, 3)),
+    "cfg64x128w4s2": ("full", {}, (64, 128, 4, 2)),
+    "cfg128x32w8s3": ("full", {}, (128, 32, 8, 3)),
+    "cfg128x128w8s2": ("full", {}, (128, 128, 8, 2)),
+    "cfg64x64w8s3": ("full", {}, (64, 64, 8, 3)),
+    "cfg64x64w8s2": ("full", {}, (64, 64, 8, 2)),
+    "cfg64x64w4s4": ("full", {}, (64, 64, 4, 4)),
+    "cfg64x128w8s2": ("full", {}, (64, 128, 8, 2)),
+    "cfg128x128w8s3": ("full", {}, (128, 128, 8, 3)),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="lab.json")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rep-ms", type=int, default=200)
+    p.add_argument("--base-tune", default="{}", help="JSON switches added to every variant")
+    a = p.parse_args()
+    import triton.testing
+
+    T, hq, hkv, d = a.tokens, 32, 8, 128
+    q, k, kh = bench.flip_inputs(T, q_heads=hq, kv_heads=hkv, d=d, device="cuda",
+                                 dtype=torch.bfloat16)
+    qg = q.reshape(1, hkv, hq // hkv * T, d)
+    doc: dict = {"machine": bench.machine(), "tokens": T, "shape": [hq, hkv, d], "rows": {}}
+    doc["matmul_ms"] = triton.testing.do_bench(
+        lambda: (torch.matmul(qg, k.mT), torch.matmul(qg, kh.mT)), warmup=25, rep=a.rep_ms,
+        return_mode="median")
+    flops = bench.flip_flops(1, hq, T, T, d)
+    print(f"T={T}: 2 bare bf16 matmuls {doc['matmul_ms']:.2f} ms", flush=True)
+    base_cfg = dict(tm.CONFIG)
+    for name in a.variants.split(","):
+        kind, tune, cfg = VARIANTS[name]
+        tm.TUNE.clear()
+        tune = {**json.loads(a.base_tune), **tune}
+        tm.TUNE.update(tune)
+        tm.CONFIG.update(base_cfg)
+        if cfg:
+            tm.CONFIG[kind] = cfg
+        fn = (lambda: tm.fused_metrics(q, k, kh, None, None, None, causal=False, window=None,
+                                       scale=d ** -0.5, topk=5, full=kind == "full"))
+        try:
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            comp = time.perf_counter() - t0
+            ms = triton.testing.do_bench(fn, warmup=25, rep=a.rep_ms, return_mode="median")
+        except Exception as exc:  # noqa: BLE001 - a variant may not compile (resources)
+            doc["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"  {name}: {doc['rows'][name]['error']}", flush=True)
+            traceback.print_exc()
+            continue
+        kern = tm.LAST[0]
+        row = {"kind": kind, "tune": tune, "config": list(tm.CONFIG[kind]), "ms": ms,
+               "ratio": ms / doc["matmul_ms"], "tflops": flops / ms / 1e9,
+               "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
+               "n_spills": getattr(kern, "n_spills", None),
+               "second_pass": list(tm.SECOND_PASS) if kind == "full" else None}
+        doc["rows"][name] = row
+        sp = tm.SECOND_PASS
+        print(f"  {name:16s} {ms:7.2f} ms  {row['ratio']:5.2f}x  {row['tflops']:5.0f} TFLOP/s  "
+              f"regs {row['n_regs']} spills {row['n_spills']}  compile {comp:4.1f} s  "
+              f"second pass {sp[0]}/{sp[1]}", flush=True)
+        write_json(a.out, doc, arg="--out")
+        tm.SECOND_PASS[:] = [0, 0]
+    tm.TUNE.clear()
+    tm.CONFIG.update(base_cfg)
+    write_json(a.out, doc, arg="--out")
+    print(json.dumps({n: round(r.get("ms", -1), 2) for n, r in doc["rows"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

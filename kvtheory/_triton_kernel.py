@@ -1,0 +1,337 @@
+r"""Triton source of the fused attention-metrics kernel (:mod:`kvtheory._triton_metrics` imports
+it only where Triton is importable; the docstring there states what it computes).
+
+Per key block of ``BLOCK_N`` tokens and ``BLOCK_M`` queries the kernel multiplies both logit
+tiles on tensor cores and, per query row, updates:
+
+* the running first argmax of :math:`s` and :math:`\hat s` there (flip), the running second
+  largest :math:`s` (margin: the larger of the second of the block maxima and each block's own
+  second);
+* the softmax sums about the reference :math:`c` (``SUMS``), with
+  :math:`\Phi = \sum_j w_j\varphi(u_j)` per block by ``PHI_MODE``: ``3`` (default) chooses per
+  block from :math:`U = \max|u|`: the series :math:`u^2\sum_{n\le 3} u^n/(n+2)!` when
+  :math:`U < 1/16`, to :math:`n = 6` when :math:`U < 1/2` (both within float32 rounding of
+  :math:`\varphi`: the first term left out is under :math:`5\cdot 10^{-8}` relative), else
+  :math:`\sum_j w_j e^{u_j} - \sum_j w_j - \sum_j w_j u_j` (one ``exp2`` a logit; absolute
+  error a few float32 units of :math:`\sum_j w_j`, relative error
+  :math:`\lesssim 10^{-6}/\mathrm{Var}_p(u)`, and :math:`\mathrm{Var}_p(u)` is not small
+  when some :math:`|u| \ge 1/2`); ``0``: the series to :math:`n = 8` where :math:`|u| < 1`
+  (the kernel before); ``4``: always the exponential form; ``5``: none (timing only);
+* the top-k (``TOPK_MODE``): ``2`` (default) inserts each block's maximum of :math:`s` and of
+  :math:`\hat s` (with its first index) into running top-k lists and keeps the largest
+  *second* entry of any block; the lists are the exact top-k unless that second entry reaches
+  the k-th kept value, which the kernel flags per query (``FLAG``) for an exact second pass;
+  ``1``: exact in one pass, each block inserting entries while some row's next largest beats
+  its k-th (a data-dependent loop; the kernel before, and the second pass); ``0``: none.
+
+``FIX`` runs the kernel on listed query rows (``ROWS``, one (batch, head) per program from
+``PROGBH``) and writes only the top-k overlap: the second pass.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _series(u, DEG: tl.constexpr):
+    r""":math:`\sum_{n=0}^{DEG} u^n/(n+2)!` (Horner, one FMA a term), so that
+    :math:`\varphi(u) = e^u - 1 - u \approx u^2` times it."""
+    if DEG == 3:
+        p = 1.0 / 120.0
+        p = 1.0 / 24.0 + u * p
+        p = 1.0 / 6.0 + u * p
+        p = 0.5 + u * p
+    elif DEG == 6:
+        p = 1.0 / 40320.0
+        p = 1.0 / 5040.0 + u * p
+        p = 1.0 / 720.0 + u * p
+        p = 1.0 / 120.0 + u * p
+        p = 1.0 / 24.0 + u * p
+        p = 1.0 / 6.0 + u * p
+        p = 0.5 + u * p
+    else:
+        p = 1.0 / 3628800.0
+        p = 1.0 / 362880.0 + u * p
+        p = 1.0 / 40320.0 + u * p
+        p = 1.0 / 5040.0 + u * p
+        p = 1.0 / 720.0 + u * p
+        p = 1.0 / 120.0 + u * p
+        p = 1.0 / 24.0 + u * p
+        p = 1.0 / 6.0 + u * p
+        p = 0.5 + u * p
+    return p
+
+
+@triton.jit
+def _phi(u):
+    """e^u - 1 - u (per row, for the re-referencing)."""
+    return tl.where(tl.abs(u) < 1.0, u * u * _series(u, 8), tl.exp(u) - 1.0 - u)
+
+
+@triton.jit
+def _psi(h):
+    """e^h (1 - h) - 1 (<= 0), accurate near 0 (series for |h| < 1/2)."""
+    p = -1.0 / 5760.0
+    p = -1.0 / 840.0 + h * p
+    p = -1.0 / 144.0 + h * p
+    p = -1.0 / 30.0 + h * p
+    p = -0.125 + h * p
+    p = -1.0 / 3.0 + h * p
+    p = -0.5 + h * p
+    return tl.where(tl.abs(h) < 0.5, h * h * p, tl.exp(h) * (1.0 - h) - 1.0)
+
+
+@triton.jit
+def _log1p(x):
+    return tl.where(x < 1e-3, x * (1.0 - x * (0.5 - x * (1.0 / 3.0))), tl.log(1.0 + x))
+
+
+@triton.jit
+def _insert(ts, ti, kc, cur, cidx):
+    """Each row's candidate ``cur`` (at ``cidx``) replaces the row's smallest kept entry
+    (its first slot if several) when strictly larger."""
+    kth = tl.min(ts, 1)
+    mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
+    rep = (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
+    return tl.where(rep, cur[:, None], ts), tl.where(rep, cidx[:, None], ti)
+
+
+@triton.jit
+def _topk_rest2(ts, ti, tsh, tih, kc, work, cur, workh, curh, cols):
+    """Further rounds of the two running top-k while some row's largest remaining entry
+    (``cur`` of ``work``, ``curh`` of ``workh``) beats its smallest kept one."""
+    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
+    while go > 0:
+        cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
+        ts, ti = _insert(ts, ti, kc, cur, cidx)
+        work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
+        cur = tl.max(work, 1)
+        cidh = tl.min(tl.where(workh == curh[:, None], cols[None, :], 1 << 30), 1)
+        tsh, tih = _insert(tsh, tih, kc, curh, cidh)
+        workh = tl.where(cols[None, :] == cidh[:, None], -3.0e38, workh)
+        curh = tl.max(workh, 1)
+        go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
+    return ts, ti, tsh, tih
+
+
+@triton.jit
+def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
+    """:math:`\\sum_j w_j\\varphi(u_j)` of one block per row (``t`` = w u, ``tu`` = w u²; see
+    the module)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    if PHI_MODE == 3:
+        big = tl.max(tl.max(tl.abs(u), 1), 0)
+        if big < 0.0625:
+            PHb = tl.sum(tu * _series(u, 3), 1)
+        elif big < 0.5:
+            PHb = tl.sum(tu * _series(u, 6), 1)
+        elif big < 1.0:
+            PHb = tl.sum(tu * _series(u, 8), 1)
+        else:   # w e^u = 2^((s^ - m) a2 - c log2 e): no inf * 0
+            ew = tl.exp2(sh * a2 - (bma + c * LOG2E)[:, None])
+            PHb = tl.sum(tl.where(tl.abs(u) < 1.0, tu * _series(u, 8), ew - w - t), 1)
+    elif PHI_MODE == 4:
+        ew = tl.exp2(sh * a2 - (bma + c * LOG2E)[:, None])
+        PHb = tl.sum(ew, 1) - Wb - S1b
+    elif PHI_MODE == 5:
+        PHb = Wb * 0.0
+    else:   # the kernel before: the long series, the exponential form where |u| >= 1
+        if tl.max(tl.max(tl.abs(u), 1), 0) < 1.0:
+            PHb = tl.sum(tu * _series(u, 8), 1)
+        else:
+            ew = tl.exp2(sh * a2 - (bma + c * LOG2E)[:, None])
+            PHb = tl.sum(tl.where(tl.abs(u) < 1.0, tu * _series(u, 8), ew - w - t), 1)
+    return PHb
+
+
+@triton.jit
+def metrics_kernel(
+    Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, PROGBH,
+    NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
+    HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
+    SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 2, PHI_MODE: tl.constexpr = 3,
+):
+    # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e
+    NEG: tl.constexpr = -1.0e30
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_m = tl.program_id(0)
+    ar = tl.arange(0, BLOCK_M)
+    if FIX:     # listed rows of one (batch, head); -1 pads a program's list
+        bh = tl.load(PROGBH + pid_m)
+        ridx = tl.load(ROWS + pid_m * BLOCK_M + ar)
+        rmask = ridx >= 0
+        rows = tl.where(rmask, ridx, 0)
+        pos = rows + OFF
+        pos_lo = tl.min(tl.where(rmask, pos, 1 << 30), 0)
+        pos_hi = tl.max(tl.where(rmask, pos, 0), 0)
+    else:
+        bh = tl.program_id(1)
+        rows = pid_m * BLOCK_M + ar
+        rmask = rows < NQ
+        pos = rows + OFF
+        pos_lo = pid_m * BLOCK_M + OFF
+        pos_hi = pid_m * BLOCK_M + BLOCK_M - 1 + OFF    # may pass the last query: then > T - 1
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // G
+    dd = tl.arange(0, BD)
+    q = tl.load(Q + (bh * NQ + rows[:, None]).to(tl.int64) * D + dd[None, :],
+                mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
+    kbase = (b * HKV + hk).to(tl.int64) * T
+    lo = 0
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(pos_hi + 1, T)
+    if HAS_WINDOW:
+        lo = tl.maximum((pos_lo - WINDOW + 1) // BLOCK_N * BLOCK_N, 0)
+    a2 = scale * LOG2E
+    m1 = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s
+    m2 = tl.full([BLOCK_M], NEG, tl.float32)       # running second of s
+    sh_at = tl.full([BLOCK_M], NEG, tl.float32)    # s^ at the first argmax of s
+    mh = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s^
+    sec_s = tl.full([BLOCK_M], -3.0e38, tl.float32)   # largest second entry of a block (s)
+    sec_h = tl.full([BLOCK_M], -3.0e38, tl.float32)   # ... of s^
+    c = tl.zeros([BLOCK_M], tl.float32)            # reference delta (scaled)
+    W = tl.zeros([BLOCK_M], tl.float32)
+    S1 = tl.zeros([BLOCK_M], tl.float32)
+    S2 = tl.zeros([BLOCK_M], tl.float32)
+    PH = tl.zeros([BLOCK_M], tl.float32)
+    ZH = tl.zeros([BLOCK_M], tl.float32)
+    kc = tl.arange(0, KP)
+    pad = tl.where(kc < TOPK, NEG, 3.0e38)          # padding slots are never the minimum
+    ts = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
+    tsh = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
+    ti = tl.full([BLOCK_M, KP], -1, tl.int32)
+    tih = tl.full([BLOCK_M, KP], -2, tl.int32)
+    dv = tl.arange(0, BDV)
+    o = tl.zeros([BLOCK_M, BDV], tl.float32)
+    oh = tl.zeros([BLOCK_M, BDV], tl.float32)
+    if HAS_KM:
+        hm = h // KM_DIV
+        kmbase = (b * HM + hm).to(tl.int64) * T
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = (cols < T) & (cols >= 0)
+        kp = (kbase + cols[:, None]) * D + dd[None, :]
+        kmk = cmask[:, None] & (dd[None, :] < D)
+        k = tl.load(K + kp, mask=kmk, other=0.0)
+        kh = tl.load(KH + kp, mask=kmk, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        sh = tl.dot(q, tl.trans(kh))
+        need = (start + BLOCK_N > T) | (start < 0)
+        if CAUSAL:
+            need = need | (start + BLOCK_N - 1 > pos_lo)
+        if HAS_WINDOW:
+            need = need | (start <= pos_hi - WINDOW)
+        if HAS_KM or FIX:
+            need = True
+        if need:
+            vis = cmask[None, :] & rmask[:, None]
+            if CAUSAL:
+                vis = vis & (cols[None, :] <= pos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (cols[None, :] > pos[:, None] - WINDOW)
+            if HAS_KM:
+                km = tl.load(KM + kmbase + cols, mask=cmask, other=0)
+                vis = vis & (km[None, :] != 0)
+            s = tl.where(vis, s, NEG)
+            sh = tl.where(vis, sh, NEG)
+        bm = tl.max(s, 1)
+        bmh = tl.max(sh, 1)
+        bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
+        at_bi = cols[None, :] == bi[:, None]
+        sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
+        sh_at = tl.where(bm > m1, sh_b, sh_at)
+        if FULL:
+            work = tl.where(at_bi, -3.0e38, s)
+            sec = tl.max(work, 1)                       # the block's second largest s
+            m2 = tl.maximum(tl.maximum(m2, sec), tl.minimum(m1, bm))
+            if SUMS:
+                # sums are about a reference delta c: the delta at the running top token
+                # (moved with it, so c stays near the mean where p is concentrated)
+                cn = tl.where(bm > m1, (sh_b - bm) * scale, c)
+                e = c - cn
+                c = cn
+                m1n = tl.maximum(m1, bm)
+                bma = bm * a2
+                w = tl.exp2(s * a2 - bma[:, None])      # block-local weights, 1 at the top
+                u = (sh - s) * scale - c[:, None]
+                Wb = tl.sum(w, 1)
+                t = w * u
+                S1b = tl.sum(t, 1)
+                tu = t * u
+                S2b = tl.sum(tu, 1)
+                PHb = _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE)
+                alpha = tl.exp2((m1 - m1n) * a2)
+                beta = tl.exp2(bma - m1n * a2)
+                Wa = W * alpha
+                S1a = S1 * alpha
+                # the old sums about the new reference: u -> u + e
+                ee = tl.exp(e)
+                PHa = tl.where(Wa > 0, ee * (PH * alpha) + Wa * _phi(e) + S1a * (ee - 1.0), 0.0)
+                S2 = S2 * alpha + e * (2.0 * S1a + Wa * e) + S2b * beta
+                S1 = S1a + Wa * e + S1b * beta
+                PH = PHa + PHb * beta
+                W = Wa + Wb * beta
+                if WITH_ZH:
+                    mhn = tl.maximum(mh, bmh)
+                    ah = tl.exp2((mh - mhn) * a2)
+                    wh = tl.exp2(sh * a2 - (mhn * a2)[:, None])
+                    ZH = ZH * ah + tl.sum(wh, 1)
+                    if HAS_V:
+                        vp = (kbase + cols[:, None]) * DV + dv[None, :]
+                        vmk = cmask[:, None] & (dv[None, :] < DV)
+                        vt = tl.load(V + vp, mask=vmk, other=0.0).to(tl.float32)
+                        vht = tl.load(VH + vp, mask=vmk, other=0.0).to(tl.float32)
+                        o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
+                                                        input_precision="tf32x3")
+                        oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
+            if TOPK_MODE > 0:
+                # the block maximum of s (its first index) and of s^ enter the running top-k
+                ts, ti = _insert(ts, ti, kc, bm, bi)
+                bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
+                tsh, tih = _insert(tsh, tih, kc, bmh, bih)
+                workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
+                if TOPK_MODE == 1:
+                    ts, ti, tsh, tih = _topk_rest2(ts, ti, tsh, tih, kc, work, sec, workh,
+                                                   tl.max(workh, 1), cols)
+                else:
+                    sec_s = tl.maximum(sec_s, sec)
+                    sec_h = tl.maximum(sec_h, tl.max(workh, 1))
+        m1 = tl.maximum(m1, bm)
+        mh = tl.maximum(mh, bmh)
+    base = OUT + bh.to(tl.int64) * NQ + rows
+    overlap = tl.sum(tl.sum((ti[:, :, None] == tih[:, None, :]).to(tl.float32), 2), 1)
+    if FIX:
+        tl.store(base + 3 * N_OUT, overlap, mask=rmask)
+    else:
+        tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
+        if FULL:
+            d1 = S1 / W                                  # mu - c
+            fisher = tl.maximum(0.5 * (S2 / W - d1 * d1), 0.0)
+            hh = -d1
+            php = tl.maximum(tl.exp(hh) * PH + W * _psi(hh), 0.0)   # sum_j w_j phi(delta_j - mu)
+            kl = _log1p(php / W)
+            if WITH_ZH:   # lse(s^) - lse(s) - mu where the series sum is not finite
+                big = (mh - m1) * scale - (c + d1) + tl.log(ZH / W)
+                kl = tl.where(kl < float("inf"), kl, tl.maximum(big, 0.0))
+            tl.store(base + N_OUT, (m1 - m2) * scale, mask=rmask)
+            tl.store(base + 2 * N_OUT, 1.0 / W, mask=rmask)
+            tl.store(base + 3 * N_OUT, overlap, mask=rmask)
+            tl.store(base + 4 * N_OUT, kl, mask=rmask)
+            tl.store(base + 5 * N_OUT, fisher, mask=rmask)
+            if TOPK_MODE == 2 and TOPK > 1:
+                # exact unless a block's second entry reaches the k-th kept value
+                spill = (sec_s >= tl.min(ts, 1)) | (sec_h >= tl.min(tsh, 1))
+                tl.store(FLAG + bh.to(tl.int64) * NQ + rows, spill.to(tl.int8), mask=rmask)
+            if HAS_V:
+                ov = o / W[:, None]
+                ohv = oh / ZH[:, None]
+                num = tl.sqrt(tl.sum((ov - ohv) * (ov - ohv), 1))
+                den = tl.sqrt(tl.sum(ov * ov, 1))
+                tl.store(base + 6 * N_OUT, tl.where(num == 0, 0.0, num / den), mask=rmask)

@@ -1,0 +1,119 @@
+"""The fused Triton metrics kernel (kvtheory/_triton_kernel.py) run by Triton's interpreter on the
+CPU, against the dense float64 reference (tests/_dense_flips.py): a subprocess of
+``tests/test_triton_interpreter.py`` (``TRITON_INTERPRET`` must be set before Triton decorates
+the kernel). Prints one JSON object: per case, the largest error of each metric over its
+tolerance, the flips and top-k overlaps that differ, and the queries the kernel sent to its
+exact second pass.
+
+fp16 inputs (the interpreter has no bf16); small blocks so that a few tokens span many key blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as _interp  # noqa: E402
+
+_patch = _interp._patch_lang_tensor
+
+
+def _patched(tensor, scope):  # Triton 3.6's interpreter: int() of a 1-element array (NumPy 2)
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+
+_interp._patch_lang_tensor = _patched
+
+from _dense_flips import dense_metrics, dense_visibility  # noqa: E402
+from tol import tol  # noqa: E402
+
+from kvtheory import _triton_metrics as tm  # noqa: E402
+
+NAMES = ("margin", "top1_prob", "kl", "fisher", "output_rel_err")
+
+#: label -> options (eps: size of the key perturbation; local: neighbouring keys alike, so the
+#: top keys of a query come in runs inside one key block, as in real attention)
+CASES = {
+    "causal, int4-like delta": dict(eps=0.05),
+    "tiny delta (short series)": dict(eps=0.002),
+    "large delta (exponential form)": dict(eps=0.8),
+    "huge delta (log-sum-exp fallback)": dict(eps=40.0),
+    "local keys (second pass)": dict(local=True),
+    "non-causal, values": dict(causal=False, values=True),
+    "window + per-KV-head mask": dict(window=40, mask="kv"),
+    "shared mask, topk 1": dict(mask="shared", topk=1),
+    "topk 10 > block maxima": dict(topk=10),
+    "one-pass exact top-k (TOPK_MODE 1)": dict(local=True, tune={"TOPK_MODE": 1}),
+    "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
+}
+
+
+def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5, local=False,
+             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, hq, T, d, generator=g)
+    k = torch.randn(B, hkv, T, d, generator=g)
+    if local:
+        k = torch.cumsum(k, 2) / torch.arange(1, T + 1).view(1, 1, T, 1).sqrt()
+        q = q + 2 * k.repeat_interleave(hq // hkv, 1)
+    kh = k + eps * torch.randn(k.shape, generator=g)
+    v = vh = None
+    if values:
+        v = torch.randn(B, hkv, T, d, generator=g)
+        vh = v + 0.1 * torch.randn(v.shape, generator=g)
+    km = None
+    if mask == "shared":
+        km = torch.rand(B, 1, T, generator=g) > 0.2
+    elif mask == "kv":
+        km = torch.rand(B, hkv, T, generator=g) > 0.4
+    x16 = [None if x is None else x.half() for x in (q, k, kh, v, vh)]
+    tm.TUNE.clear()
+    tm.TUNE.update(tune or {})
+    res = tm.fused_metrics(*x16, km, causal=causal, window=window, scale=d ** -0.5, topk=topk,
+                           full=True)
+    tm.TUNE.clear()
+    ref = dense_metrics(*[None if x is None else x.double() for x in x16], causal=causal,
+                        window=window, key_mask=km, topk=topk)
+    valid = ref["valid"]
+    smax = float(q.half().double().norm(dim=-1).max() * k.half().double().norm(dim=-1).max()
+                 / math.sqrt(d))
+    rtol, atol = tol("fused_kernel")
+    atol *= max(1.0, smax)
+    out = {"second_pass": list(tm.SECOND_PASS), "errors": {}}
+    for n in NAMES:
+        if n not in res:
+            continue
+        a, b = res[n].double(), ref[n]
+        sel = valid & torch.isfinite(b) & ((b < 1e20) if n == "margin" else True)
+        excess = ((a - b).abs() - (rtol * b.abs() + atol))[sel]
+        out["errors"][n] = float(excess.max())    # <= 0: within tolerance
+    vis, _ = dense_visibility(B, hq, hkv, T, T, causal, window, km, "cpu")
+    keff = vis.sum(-1).clamp(1, topk)
+    hits = (ref["topk_overlap"] * keff).round()       # shared indices, as the kernel counts
+    out["overlap_differ"] = int((res["topk_overlap"].double() != hits)[valid].sum())
+    tie = 1e-5 * max(1.0, smax)
+    near = (ref["gap_s"] <= tie) | (ref["gap_flip"] <= tie)
+    out["flips_differ_not_near_tie"] = int(((res["flip"] != ref["flip"]) & valid & ~near).sum())
+    out["queries"] = int(valid.sum())
+    return out
+
+
+def main() -> int:
+    for name in ("full", "values", "fix", "flip"):
+        tm.CONFIG[name] = (32, 16, 4, 1)
+    only = set(sys.argv[1:])
+    print(json.dumps({label: run_case(**kw) for label, kw in CASES.items()
+                      if not only or label in only}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
