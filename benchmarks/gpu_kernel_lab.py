@@ -57,6 +57,8 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--base-tune", default="{}", help="JSON switches added to every variant")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the kernel alone, flips._run and attention_metrics")
     a = p.parse_args()
     import triton.testing
 
@@ -107,6 +109,22 @@ def main() -> int:
         tm.SECOND_PASS[:] = [0, 0]
     tm.TUNE.clear()
     tm.CONFIG.update(base_cfg)
+    if a.breakdown:   # where attention_metrics spends its time beyond the kernel
+        from kvtheory import flips
+
+        opts = (False, None, d ** -0.5, None)
+        fns = {"kernel (fused_metrics, with the second pass)": lambda: tm.fused_metrics(
+                   q, k, kh, None, None, None, causal=False, window=None, scale=d ** -0.5,
+                   topk=5, full=True),
+               "flips._run (+ visibility, clipping)": lambda: flips._run(
+                   q, k, kh, None, opts, full=True, topk=5),
+               "attention_metrics (+ validation, aggregation)": lambda: flips.attention_metrics(
+                   q, k, kh, causal=False)}
+        doc["breakdown_ms"] = {n: triton.testing.do_bench(f, warmup=25, rep=a.rep_ms,
+                                                         return_mode="median")
+                               for n, f in fns.items()}
+        for n, ms in doc["breakdown_ms"].items():
+            print(f"  {n:48s} {ms:7.2f} ms", flush=True)
     write_json(a.out, doc, arg="--out")
     print(json.dumps({n: round(r.get("ms", -1), 2) for n, r in doc["rows"].items()}))
     return 0

@@ -156,8 +156,11 @@ def metrics_kernel(
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 2, PHI_MODE: tl.constexpr = 3,
 ):
-    # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e
-    NEG: tl.constexpr = -1.0e30
+    # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
+    # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
+    # nothing in a block gets exp2(NEG a2 - NEG a2) = 1 from the fused multiply-add (weights
+    # its later blocks multiply by 0), never exp2 of a rounding error of 10^22
+    NEG: tl.constexpr = -1.2676506002282294e30
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     ar = tl.arange(0, BLOCK_M)

@@ -50,7 +50,6 @@ __all__ = ["available", "fused_metrics", "ENV"]
 #: environment switch: ``auto`` (default: fused kernel on CUDA for bf16/fp16 when Triton is
 #: importable) or ``never`` (always the torch path)
 ENV = "KVTHEORY_FUSED"
-_NEG = -1.0e30          # hidden logits: exp(_NEG - m) == 0, and hidden deltas are exactly 0
 #: calls served by the kernel (tests and benchmarks check that it ran)
 CALLS = [0]
 #: the last compiled kernel launched (its ``n_regs``, ``n_spills`` for the benchmarks)
