@@ -338,9 +338,11 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
                            f"{bound:.3g}; rescale them)")
     wide = bound > _RANGE[torch.float32]
     dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
-    conv = [None if x is None else x.to(dtype) for x in (k, k_hat, v, v_hat)]
-    if (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
-            and (_half_matmul(q.device.type) or _fused_available(q.device, q.dtype))):
+    half = (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
+            and (_half_matmul(q.device.type) or _fused_available(q.device, q.dtype)))
+    conv = [None if x is None else x.to(dtype) for x in ((None, None) if half else (k, k_hat))
+            + (v, v_hat)]
+    if half:
         conv[:2] = k, k_hat          # logits on tensor cores, float32 accumulation and output
     else:
         q, scale = q.to(dtype) * scale, 1.0
@@ -393,29 +395,30 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     per = {name: x.reshape(B, H, Q) for name, x in per.items()}
     vmask = valid.unsqueeze(1) & (nv.reshape(B, H, Q) > 0)
     n = int(valid.sum())
-    w = vmask.to(torch.float64)
-
-    def head_mean(x: Tensor) -> Tensor:
-        return (torch.where(vmask, x.to(torch.float64), 0).sum((0, 2)) / w.sum((0, 2))).cpu()
+    # one pass for the means of all metrics (per head) and one for the strata: few launches
+    # and no host syncs on an accelerator (no boolean indexing, no bincount)
+    names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
+    stack = torch.stack([per[m].to(torch.float64) for m in names])
+    sums = torch.where(vmask, stack, 0).sum((1, 3)) / vmask.sum((0, 2))
+    means = dict(zip(names, sums.cpu()))
 
     head = torch.arange(H, device=valid.device).view(1, H, 1)
     strata = {}
     for name, key, edges in (("margin", "margin", m_edges), ("prob", "top1_prob", p_edges)):
         inner = torch.tensor(edges[1:-1], dtype=per[key].dtype, device=valid.device)
         nb = len(edges) - 1
-        flat = head * nb + torch.bucketize(per[key], inner, right=True)  # inf, 1 -> last bin
+        flat = (head * nb + torch.bucketize(per[key], inner, right=True)).flatten()  # inf, 1: last
         for what, sel in (("counts", vmask), ("flips", vmask & per["flip"])):
-            counts = torch.bincount(flat[sel], minlength=H * nb)
+            counts = torch.zeros(H * nb, dtype=torch.int64, device=valid.device)
+            counts.index_add_(0, flat, sel.flatten().to(torch.int64))
             strata[f"{name}_{what}"] = counts.view(H, nb).cpu()
     per_query = None
     if keep:
         nan = {k: torch.where(vmask, x, math.nan) for k, x in per.items() if k != "flip"}
         per_query = PerQuery(valid=valid, flip=per["flip"] & vmask,
                              output_rel_err=nan.pop("output_rel_err", None), **nan)
-    err = per.get("output_rel_err")
     return AttentionMetrics(
-        flip_rate=head_mean(per["flip"]), topk_overlap=head_mean(per["topk_overlap"]),
-        kl=head_mean(per["kl"]), fisher=head_mean(per["fisher"]),
-        output_rel_err=None if err is None else head_mean(err),
+        flip_rate=means["flip"], topk_overlap=means["topk_overlap"], kl=means["kl"],
+        fisher=means["fisher"], output_rel_err=means.get("output_rel_err"),
         margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
         per_query=per_query, **strata)
