@@ -9,14 +9,15 @@ tiles on tensor cores and, per query row, updates:
   second);
 * the softmax sums about the reference :math:`c` (``SUMS``), with
   :math:`\Phi = \sum_j w_j\varphi(u_j)` per block by ``PHI_MODE``: ``3`` (default) chooses per
-  block from :math:`U = \max|u|`: the series :math:`u^2\sum_{n\le 3} u^n/(n+2)!` when
-  :math:`U < 1/16`, to :math:`n = 6` when :math:`U < 1/2` (both within float32 rounding of
-  :math:`\varphi`: the first term left out is under :math:`5\cdot 10^{-8}` relative), else
-  :math:`\sum_j w_j e^{u_j} - \sum_j w_j - \sum_j w_j u_j` (one ``exp2`` a logit; absolute
-  error a few float32 units of :math:`\sum_j w_j`, relative error
-  :math:`\lesssim 10^{-6}/\mathrm{Var}_p(u)`, and :math:`\mathrm{Var}_p(u)` is not small
-  when some :math:`|u| \ge 1/2`); ``0``: the series to :math:`n = 8` where :math:`|u| < 1`
-  (the kernel before); ``4``: always the exponential form; ``5``: none (timing only);
+  block from :math:`U = \max|u|` the series :math:`u^2\sum_{n\le N} u^n/(n+2)!` (Horner, one
+  FMA a term) with :math:`N = 3, 6, 8` for :math:`U < 1/16, 1/2, 1` (the first term left out is
+  under :math:`5\cdot 10^{-8}` of :math:`\varphi`: float32 rounding), and beyond that, per
+  logit, the series where :math:`|u| < 1` and :math:`w e^u - w - wu` elsewhere; ``0``: the
+  kernel before (the series to :math:`N = 8` whenever :math:`U < 1`); ``4``: always
+  :math:`\sum_j w_j e^{u_j} - \sum_j w_j - \sum_j w_j u_j` (one more ``exp2`` a logit and no
+  series, but absolute error a few float32 units of :math:`\sum_j w_j`: relative error
+  :math:`\sim 10^{-7}/\mathrm{Var}_p(u)`, large for small deltas; timing only); ``5``: none
+  (timing only);
 * the top-k (``TOPK_MODE``): ``2`` (default) inserts each block's maximum of :math:`s` and of
   :math:`\hat s` (with its first index) into running top-k lists and keeps the largest
   *second* entry of any block; the lists are the exact top-k unless that second entry reaches
@@ -36,31 +37,23 @@ import triton.language as tl
 
 @triton.jit
 def _series(u, DEG: tl.constexpr):
-    r""":math:`\sum_{n=0}^{DEG} u^n/(n+2)!` (Horner, one FMA a term), so that
-    :math:`\varphi(u) = e^u - 1 - u \approx u^2` times it."""
+    r""":math:`\sum_{n=0}^{DEG} u^n/(n+2)!` for ``DEG`` 3, 6 or 8 (Horner, one FMA a term), so
+    that :math:`\varphi(u) = e^u - 1 - u \approx u^2` times it."""
     if DEG == 3:
         p = 1.0 / 120.0
-        p = 1.0 / 24.0 + u * p
-        p = 1.0 / 6.0 + u * p
-        p = 0.5 + u * p
-    elif DEG == 6:
-        p = 1.0 / 40320.0
-        p = 1.0 / 5040.0 + u * p
-        p = 1.0 / 720.0 + u * p
-        p = 1.0 / 120.0 + u * p
-        p = 1.0 / 24.0 + u * p
-        p = 1.0 / 6.0 + u * p
-        p = 0.5 + u * p
     else:
-        p = 1.0 / 3628800.0
-        p = 1.0 / 362880.0 + u * p
-        p = 1.0 / 40320.0 + u * p
+        if DEG == 8:
+            p = 1.0 / 3628800.0
+            p = 1.0 / 362880.0 + u * p
+            p = 1.0 / 40320.0 + u * p
+        else:
+            p = 1.0 / 40320.0
         p = 1.0 / 5040.0 + u * p
         p = 1.0 / 720.0 + u * p
         p = 1.0 / 120.0 + u * p
-        p = 1.0 / 24.0 + u * p
-        p = 1.0 / 6.0 + u * p
-        p = 0.5 + u * p
+    p = 1.0 / 24.0 + u * p
+    p = 1.0 / 6.0 + u * p
+    p = 0.5 + u * p
     return p
 
 
