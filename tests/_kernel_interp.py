@@ -48,7 +48,7 @@ CASES = {
     "huge delta (log-sum-exp fallback)": dict(eps=40.0),
     "local keys (second pass)": dict(local=True),
     "non-causal, values": dict(causal=False, values=True),
-    "window + per-KV-head mask": dict(window=40, mask="kv"),
+    "window + per-KV-head mask, batch 2": dict(window=40, mask="kv", B=2),
     "shared mask, topk 1": dict(mask="shared", topk=1),
     "topk 10 > block maxima": dict(topk=10),
     "one-pass exact top-k (TOPK_MODE 1)": dict(local=True, tune={"TOPK_MODE": 1}),
