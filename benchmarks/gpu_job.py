@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated steps: peak, eval, flips, memory, flips7b")
     p.add_argument("--kernel-config", default=None, metavar="PATH",
                    help="JSON {full: [BLOCK_M, BLOCK_N, warps, stages], tune: {...}} for the "
-                        "fused kernel (written by gpu_flips_check.py --best-out)")
+                        "fused kernel (block shapes and switches as in gpu_kernel_lab.py)")
     p.add_argument("--merge", default=None, metavar="PATH",
                    help="an earlier result file whose rows of the cases not re-run are kept")
     args = p.parse_args(argv)
