@@ -10,9 +10,10 @@ tiles on tensor cores and, per query row, updates:
 * the softmax sums about the reference :math:`c` (``SUMS``), with
   :math:`\Phi = \sum_j w_j\varphi(u_j)` per block by ``PHI_MODE``: ``3`` (default) chooses per
   block from :math:`U = \max|u|` the series :math:`u^2\sum_{n\le N} u^n/(n+2)!` (Horner, one
-  FMA a term) with :math:`N = 3, 6, 8` for :math:`U < 1/16, 1/2, 1` (the first term left out is
-  under :math:`5\cdot 10^{-8}` of :math:`\varphi`: float32 rounding), and beyond that, per
-  logit, the series where :math:`|u| < 1` and :math:`w e^u - w - wu` elsewhere; ``0``: the
+  FMA a term) with :math:`N = 3, 6, 8` for :math:`U < 1/16, 1/2, 1` (relative error in
+  :math:`\varphi` under :math:`6.3\cdot 10^{-8}`, about half a float32 unit), and beyond
+  that, per logit, the series where :math:`|u| < 1` and :math:`w e^u - w - wu` elsewhere;
+  ``0``: the
   kernel before (the series to :math:`N = 8` whenever :math:`U < 1`); ``4``: always
   :math:`\sum_j w_j e^{u_j} - \sum_j w_j - \sum_j w_j u_j` (one more ``exp2`` a logit and no
   series, but absolute error a few float32 units of :math:`\sum_j w_j`: relative error

@@ -340,14 +340,13 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
     dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
     half = (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
             and (_half_matmul(q.device.type) or _fused_available(q.device, q.dtype)))
-    conv = [None if x is None else x.to(dtype) for x in ((None, None) if half else (k, k_hat))
-            + (v, v_hat)]
-    if half:
-        conv[:2] = k, k_hat          # logits on tensor cores, float32 accumulation and output
+    if half:   # logits on tensor cores, float32 accumulation and output
+        keys = (k, k_hat)
     else:
+        keys = (k.to(dtype), k_hat.to(dtype))
         q, scale = q.to(dtype) * scale, 1.0
-    return (q, *conv[:2], key_mask, (bool(causal), block, scale, window), *conv[2:], m_edges,
-            p_edges)
+    values = [None if x is None else x.to(dtype) for x in (v, v_hat)]
+    return (q, *keys, key_mask, (bool(causal), block, scale, window), *values, m_edges, p_edges)
 
 
 #: logit bound (Cauchy–Schwarz) up to which a dtype is used: squared deltas summed over

@@ -44,8 +44,10 @@ def test_metrics_within_float32_rounding_of_the_dense_reference(interp):
 
 
 def test_flips_and_topk_overlap_identical(interp):
+    # near-ties may differ by the engine's contract; these seeded inputs have none that do
     for label, r in interp.items():
         assert r["flips_differ_not_near_tie"] == 0, label
+        assert r["flips_differ"] == 0, label
         assert r["overlap_differ"] == 0, label
 
 
