@@ -47,6 +47,10 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "cfg64x64w4s4": ("full", {}, (64, 64, 4, 4)),
     "cfg64x128w8s2": ("full", {}, (64, 128, 8, 2)),
     "cfg128x128w8s3": ("full", {}, (128, 128, 8, 3)),
+    "notma": ("full", {"TMA": False}, None),
+    "cfg64x32w4s3r168": ("full", {"maxnreg": 168}, (64, 32, 4, 3)),
+    "cfg64x32w4s2r128": ("full", {"maxnreg": 128}, (64, 32, 4, 2)),
+    "cfg64x64w4s2r168": ("full", {"maxnreg": 168}, (64, 64, 4, 2)),
 }
 
 
@@ -95,7 +99,7 @@ def main() -> int:
             traceback.print_exc()
             continue
         kern = tm.LAST[0]
-        row = {"kind": kind, "tune": tune, "config": list(tm.CONFIG[kind]), "ms": ms,
+        row = {"loads": tm.LOADS[0], "kind": kind, "tune": tune, "config": list(tm.CONFIG[kind]), "ms": ms,
                "ratio": ms / doc["matmul_ms"], "tflops": flops / ms / 1e9,
                "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None),

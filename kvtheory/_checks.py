@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -11,6 +12,7 @@ from .errors import KVTheoryError, bad_argument
 
 __all__ = [
     "check_tensor",
+    "finite_absmax",
     "check_int",
     "check_bits",
     "check_rank",
@@ -54,13 +56,31 @@ def check_tensor(
     if floating and not x.is_floating_point():
         raise KVTheoryError(f"{name}: got dtype {x.dtype}; expected a real floating-point tensor")
     if finite and x.is_floating_point() and x.numel() and not _all_finite(x):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise KVTheoryError(
-            f"{name}: got {n_nan} NaN and {n_inf} Inf values in a tensor of shape "
-            f"{tuple(x.shape)}; expected finite values"
-        )
+        raise _not_finite(name, x)
     return x
+
+
+def _not_finite(name: str, x: Tensor) -> KVTheoryError:
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    return KVTheoryError(f"{name}: got {n_nan} NaN and {n_inf} Inf values in a tensor of shape "
+                         f"{tuple(x.shape)}; expected finite values")
+
+
+def finite_absmax(name: str, x: Tensor) -> float:
+    r""":math:`\max_i |x_i|` of a floating tensor (0 if empty), from the same one pass that
+    checks its values are finite (else the error of :func:`check_tensor`): one read of ``x``
+    and one device sync where a finite check and a maximum would take two of each.
+
+    >>> finite_absmax("x", torch.tensor([1.0, -3.0]))
+    3.0
+    """
+    if not x.numel():
+        return 0.0
+    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise _not_finite(name, x)
+    return max(-lo, hi)
 
 
 def _all_finite(x: Tensor) -> bool:

@@ -151,13 +151,14 @@ def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
 
 @triton.jit
 def metrics_kernel(
-    Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, PROGBH,
+    Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, PROGBH, KD, KHD,
     NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 2, PHI_MODE: tl.constexpr = 3,
+    TMA: tl.constexpr = False,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
@@ -223,10 +224,14 @@ def metrics_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = (cols < T) & (cols >= 0)
-        kp = (kbase + cols[:, None]) * D + dd[None, :]
-        kmk = cmask[:, None] & (dd[None, :] < D)
-        k = tl.load(K + kp, mask=kmk, other=0.0)
-        kh = tl.load(KH + kp, mask=kmk, other=0.0)
+        if TMA:     # descriptors over (batch kv_head token, d): a tile of BLOCK_N rows
+            k = KD.load([(kbase + start).to(tl.int32), 0])
+            kh = KHD.load([(kbase + start).to(tl.int32), 0])
+        else:
+            kp = (kbase + cols[:, None]) * D + dd[None, :]
+            kmk = cmask[:, None] & (dd[None, :] < D)
+            k = tl.load(K + kp, mask=kmk, other=0.0)
+            kh = tl.load(KH + kp, mask=kmk, other=0.0)
         s = tl.dot(q, tl.trans(k))
         sh = tl.dot(q, tl.trans(kh))
         need = (start + BLOCK_N > T) | (start < 0)

@@ -68,6 +68,8 @@ LAST: list = [None]
 #: extra constexpr switches of the kernel (``SUMS``, ``TOPK_MODE``, ``PHI_MODE``: timing and
 #: accuracy variants, see :mod:`kvtheory._triton_kernel`)
 TUNE: dict = {}
+#: how the last call loaded its key tiles: ``"tma"`` (tensor descriptors) or ``"pointers"``
+LOADS = ["pointers"]
 #: queries of the last call sent to the exact second pass, and all its queries (benchmarks)
 SECOND_PASS = [0, 0]
 
@@ -78,6 +80,10 @@ try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter)
 except Exception:  # noqa: BLE001 - any import failure means: no kernel here
     triton = None
     metrics_kernel = None
+try:  # pragma: no cover - Triton >= 3.3: tiles of K and K^ by the tensor memory accelerator
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # noqa: BLE001
+    TensorDescriptor = None
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -146,10 +152,15 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
                   num_warps=warps, num_stages=stages)
     args = (Q, T, T - Q, Hq, Hkv, g, hm, km_div, int(window or 0), float(scale), B * Hq * Q)
 
+    descs = _descriptors(k, k_hat, bn, common["BD"], tune)
+    tune["TMA"] = descs[0] is not None
+    LOADS[0] = "tma" if tune["TMA"] else "pointers"
+
     def launch(with_zh: bool) -> None:
         LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
-            q, k, k_hat, v, v_hat, km, out, flag, out, out, *args, BLOCK_M=bm, HAS_V=has_v,
-            FULL=bool(full), WITH_ZH=bool(with_zh), FIX=False, **{**common, **tune})
+            q, k, k_hat, v, v_hat, km, out, flag, out, out, *descs, *args, BLOCK_M=bm,
+            HAS_V=has_v, FULL=bool(full), WITH_ZH=bool(with_zh), FIX=False,
+            **{**common, **tune})
 
     launch(has_v)
     if full and not has_v and bool((~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()):
@@ -165,6 +176,22 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
         if has_v:
             res["output_rel_err"] = out[6]
     return res
+
+
+def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tuple:
+    """Tensor descriptors of ``k`` and ``k_hat`` as (batch·kv_head·token, d) matrices with
+    (``bn``, ``bd``) tiles, for loads by the tensor memory accelerator (Hopper on; the
+    interpreter emulates them), or ``(None, None)`` where they do not apply: no descriptor
+    class in this Triton, ``TUNE["TMA"]`` false, rows not 16-byte multiples, a base not
+    16-byte aligned, a pre-Hopper GPU."""
+    if TensorDescriptor is None or not tune.get("TMA", True):
+        return None, None
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None, None
+    d = k.shape[-1]
+    if (d * k.element_size()) % 16 or k.data_ptr() % 16 or k_hat.data_ptr() % 16:
+        return None, None
+    return tuple(TensorDescriptor(x, [x.numel() // d, d], [d, 1], [bn, bd]) for x in (k, k_hat))
 
 
 def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: int,
@@ -191,6 +218,7 @@ def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: 
     prog_bh = torch.repeat_interleave(torch.arange(n_bh, device=dev, dtype=torch.int32), progs)
     _, bn, warps, stages = CONFIG["fix"]
     metrics_kernel[(n_prog,)](
-        q, k, k_hat, q, q, km, out, flag, rows, prog_bh, *args, BLOCK_M=bm, HAS_V=False,
-        FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
+        q, k, k_hat, q, q, km, out, flag, rows, prog_bh, None, None, *args, BLOCK_M=bm,
+        HAS_V=False,
+        FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1, TMA=False,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages})

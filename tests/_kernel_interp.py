@@ -53,6 +53,7 @@ CASES = {
     "topk 10 > block maxima": dict(topk=10),
     "one-pass exact top-k (TOPK_MODE 1)": dict(local=True, tune={"TOPK_MODE": 1}),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
+    "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
 }
 
 
@@ -87,7 +88,7 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
                  / math.sqrt(d))
     rtol, atol = tol("fused_kernel")
     atol *= max(1.0, smax)
-    out = {"second_pass": list(tm.SECOND_PASS), "errors": {}}
+    out = {"second_pass": list(tm.SECOND_PASS), "errors": {}, "loads": tm.LOADS[0]}
     for n in NAMES:
         if n not in res:
             continue

@@ -51,6 +51,14 @@ def test_flips_and_topk_overlap_identical(interp):
         assert r["overlap_differ"] == 0, label
 
 
+def test_key_tiles_come_by_descriptor_unless_switched_off(interp):
+    from kvtheory._triton_metrics import TensorDescriptor
+
+    want = "tma" if TensorDescriptor is not None else "pointers"
+    for label, r in interp.items():
+        assert r["loads"] == ("pointers" if label.startswith("pointer loads") else want), label
+
+
 def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     # topk 1 is always a block maximum: never flagged; the one-pass loop never flags either;
     # keys alike in runs put several of a query's top 5 in one block: all flagged, and the
