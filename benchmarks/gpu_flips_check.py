@@ -49,7 +49,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
             hkv: int = 2, d: int = 128, causal: bool = True, window: int | None = None,
             mask: str | None = None, values: bool = False, topk: int = 5, cpu_ref: bool = True,
             seed: int = 0, dtype: torch.dtype = torch.bfloat16, local: bool = False,
-            tune: dict | None = None) -> dict:
+            tune: dict | None = None, pairs: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     Q = T if Q is None else Q
     q = torch.randn(B, hq, Q, d, generator=g)
@@ -60,7 +60,11 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     q = q.to(dtype)
     from kvtheory.quantize import quantize
 
-    kh = quantize(k, 4).to(dtype)
+    if pairs:   # tokens 2i and 2i+1 share a key (every block's top s is tied), not K^
+        k = k[:, :, : (T + 1) // 2].repeat_interleave(2, dim=2)[:, :, :T]
+        kh = (quantize(k, 4) + 0.01 * torch.randn(k.shape, generator=g)).to(dtype)
+    else:
+        kh = quantize(k, 4).to(dtype)
     k = k.to(dtype)
     v = vh = None
     if values:
@@ -245,6 +249,9 @@ def main() -> int:
             dict(label="local keys, one-pass loop (TOPK_MODE 1)", local=True,
                  tune={"TOPK_MODE": 1}),
             dict(label="kernel before: PHI_MODE 0", tune={"PHI_MODE": 0}),
+            dict(label="index lists: TOPK_MODE 2", tune={"TOPK_MODE": 2}),
+            dict(label="keys in equal pairs (tied top of s), topk 4", pairs=True, topk=4,
+                 causal=False),
         ]
         for c in cases:
             if args.no_cpu_ref:

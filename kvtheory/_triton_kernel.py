@@ -19,15 +19,24 @@ tiles on tensor cores and, per query row, updates:
   series, but absolute error a few float32 units of :math:`\sum_j w_j`: relative error
   :math:`\sim 10^{-7}/\mathrm{Var}_p(u)`, large for small deltas; timing only); ``5``: none
   (timing only);
-* the top-k (``TOPK_MODE``): ``2`` (default) inserts each block's maximum of :math:`s` and of
-  :math:`\hat s` (with its first index) into running top-k lists and keeps the largest
-  *second* entry of any block; the lists are the exact top-k unless that second entry reaches
-  the k-th kept value, which the kernel flags per query (``FLAG``) for an exact second pass;
-  ``1``: exact in one pass, each block inserting entries while some row's next largest beats
-  its k-th (a data-dependent loop; the kernel before, and the second pass); ``0``: none.
+* the top-k (``TOPK_MODE``): ``3`` (default) takes each block's largest and second largest
+  of :math:`s` and of :math:`\hat s` in one reduction (ties counted; three max/min an
+  element), inserts the block maximum of :math:`s` with :math:`\hat s` there into a running
+  top-k list of :math:`s` and the block maximum of :math:`\hat s` into a value list of
+  :math:`\hat s`, and keeps the largest *second* entry of any block; the overlap is the
+  number of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest
+  :math:`\hat s` (the shared indices when that value is not tied). The lists are exact unless
+  a block's second entry reaches the k-th kept value, and :math:`\hat s` at the running top
+  of :math:`s` is at its first index unless that top is tied within its block: the kernel
+  flags such queries (``FLAG``) for an exact second pass. ``2``: the block maxima with their
+  first indices in both lists (an index search a block for each; the kernel before);
+  ``1``: exact in one pass, each block inserting entries while some row's next largest
+  beats its k-th (a data-dependent loop; the second pass); ``0``: none.
+* loads of the key tiles by tensor descriptors (``TMA``, Hopper's tensor memory accelerator)
+  or by pointers.
 
 ``FIX`` runs the kernel on listed query rows (``ROWS``, one (batch, head) per program from
-``PROGBH``) and writes only the top-k overlap: the second pass.
+``PROGBH``) and writes only the flip and the top-k overlap: the second pass.
 """
 
 from __future__ import annotations
@@ -102,6 +111,32 @@ def _insert(ts, ti, kc, cur, cidx):
 
 
 @triton.jit
+def _top2(a1, a2, b1, b2):
+    """Combine of (largest, second largest) pairs, counting ties (``tl.reduce``). NaN-
+    propagating max/min, so that a leaf's second of -inf folds away: three ops an element."""
+    nan: tl.constexpr = tl.PropagateNan.ALL
+    return (tl.maximum(a1, b1, propagate_nan=nan),
+            tl.maximum(tl.maximum(a2, b2, propagate_nan=nan), tl.minimum(a1, b1, propagate_nan=nan),
+                       propagate_nan=nan))
+
+
+@triton.jit
+def _slot(ts, kc, cur):
+    """Where each row's candidate ``cur`` goes: its smallest kept entry (the first slot if
+    several), if ``cur`` is strictly larger (else no slot)."""
+    kth = tl.min(ts, 1)
+    mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
+    return (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
+
+
+@triton.jit
+def _insert_v(ts, tv, kc, cur, cval):
+    """:func:`_insert` carrying a float ``cval`` (the other logit there) instead of an index."""
+    rep = _slot(ts, kc, cur)
+    return tl.where(rep, cur[:, None], ts), tl.where(rep, cval[:, None], tv)
+
+
+@triton.jit
 def _topk_rest2(ts, ti, tsh, tih, kc, work, cur, workh, curh, cols):
     """Further rounds of the two running top-k while some row's largest remaining entry
     (``cur`` of ``work``, ``curh`` of ``workh``) beats its smallest kept one."""
@@ -157,7 +192,7 @@ def metrics_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
-    SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 2, PHI_MODE: tl.constexpr = 3,
+    SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
     TMA: tl.constexpr = False,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
@@ -203,6 +238,7 @@ def metrics_kernel(
     mh = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s^
     sec_s = tl.full([BLOCK_M], -3.0e38, tl.float32)   # largest second entry of a block (s)
     sec_h = tl.full([BLOCK_M], -3.0e38, tl.float32)   # ... of s^
+    tie_top = tl.zeros([BLOCK_M], tl.int1)            # the running top of s is tied (mode 3)
     c = tl.zeros([BLOCK_M], tl.float32)            # reference delta (scaled)
     W = tl.zeros([BLOCK_M], tl.float32)
     S1 = tl.zeros([BLOCK_M], tl.float32)
@@ -215,6 +251,7 @@ def metrics_kernel(
     tsh = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
     ti = tl.full([BLOCK_M, KP], -1, tl.int32)
     tih = tl.full([BLOCK_M, KP], -2, tl.int32)
+    tsa = tl.full([BLOCK_M, KP], -3.0e38, tl.float32)   # s^ at the kept s entries (mode 3)
     dv = tl.arange(0, BDV)
     o = tl.zeros([BLOCK_M, BDV], tl.float32)
     oh = tl.zeros([BLOCK_M, BDV], tl.float32)
@@ -252,15 +289,26 @@ def metrics_kernel(
                 vis = vis & (km[None, :] != 0)
             s = tl.where(vis, s, NEG)
             sh = tl.where(vis, sh, NEG)
-        bm = tl.max(s, 1)
-        bmh = tl.max(sh, 1)
-        bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
-        at_bi = cols[None, :] == bi[:, None]
-        sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
+        if TOPK_MODE == 3 and FULL:
+            # each block's largest and second largest at once (ties counted), and s^ where s
+            # is largest: at its first index unless the largest is tied, which the row's
+            # flag sends to the exact second pass if it is the running top
+            ninf = tl.full(sh.shape, float("-inf"), tl.float32)
+            bm, sec = tl.reduce((s, ninf), 1, _top2)
+            bmh, sech = tl.reduce((sh, ninf), 1, _top2)
+            sh_b = tl.max(tl.where(s == bm[:, None], sh, NEG), 1)
+            tie_top = tl.where(bm > m1, sec == bm, tie_top)
+        else:
+            bm = tl.max(s, 1)
+            bmh = tl.max(sh, 1)
+            bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
+            at_bi = cols[None, :] == bi[:, None]
+            sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
         sh_at = tl.where(bm > m1, sh_b, sh_at)
         if FULL:
-            work = tl.where(at_bi, -3.0e38, s)
-            sec = tl.max(work, 1)                       # the block's second largest s
+            if TOPK_MODE != 3:
+                work = tl.where(at_bi, -3.0e38, s)
+                sec = tl.max(work, 1)                   # the block's second largest s
             m2 = tl.maximum(tl.maximum(m2, sec), tl.minimum(m1, bm))
             if SUMS:
                 # sums are about a reference delta c: the delta at the running top token
@@ -302,7 +350,16 @@ def metrics_kernel(
                         o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
                                                         input_precision="tf32x3")
                         oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
-            if TOPK_MODE > 0:
+            if TOPK_MODE == 3:
+                # the s list keeps s^ at its entries, the s^ list values only: the overlap is
+                # the number of kept s entries whose s^ reaches the k-th largest s^, and the
+                # s^ list needs no index search, only the block's second largest s^ (exact
+                # while no block holds two of the top k, as for s)
+                ts, tsa = _insert_v(ts, tsa, kc, bm, sh_b)
+                tsh = tl.where(_slot(tsh, kc, bmh), bmh[:, None], tsh)
+                sec_s = tl.maximum(sec_s, sec)
+                sec_h = tl.maximum(sec_h, sech)
+            elif TOPK_MODE > 0:
                 # the block maximum of s (its first index) and of s^ enter the running top-k
                 ts, ti = _insert(ts, ti, kc, bm, bi)
                 bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
@@ -317,8 +374,13 @@ def metrics_kernel(
         m1 = tl.maximum(m1, bm)
         mh = tl.maximum(mh, bmh)
     base = OUT + bh.to(tl.int64) * NQ + rows
-    overlap = tl.sum(tl.sum((ti[:, :, None] == tih[:, None, :]).to(tl.float32), 2), 1)
+    if TOPK_MODE == 3 and not FIX:
+        tau = tl.min(tsh, 1)                     # the k-th largest s^ (NEG if fewer seen)
+        overlap = tl.sum(((tsa >= tau[:, None]) & (kc[None, :] < TOPK)).to(tl.float32), 1)
+    else:
+        overlap = tl.sum(tl.sum((ti[:, :, None] == tih[:, None, :]).to(tl.float32), 2), 1)
     if FIX:
+        tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
         tl.store(base + 3 * N_OUT, overlap, mask=rmask)
     else:
         tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
@@ -336,9 +398,14 @@ def metrics_kernel(
             tl.store(base + 3 * N_OUT, overlap, mask=rmask)
             tl.store(base + 4 * N_OUT, kl, mask=rmask)
             tl.store(base + 5 * N_OUT, fisher, mask=rmask)
-            if TOPK_MODE == 2 and TOPK > 1:
-                # exact unless a block's second entry reaches the k-th kept value
+            if TOPK_MODE == 3 or (TOPK_MODE == 2 and TOPK > 1):
+                # exact unless a block's second entry reaches the k-th kept value (or, mode
+                # 3, the top of s is tied)
                 spill = (sec_s >= tl.min(ts, 1)) | (sec_h >= tl.min(tsh, 1))
+                if TOPK == 1:
+                    spill = tie_top
+                elif TOPK_MODE == 3:
+                    spill = spill | tie_top
                 tl.store(FLAG + bh.to(tl.int64) * NQ + rows, spill.to(tl.int8), mask=rmask)
             if HAS_V:
                 ov = o / W[:, None]

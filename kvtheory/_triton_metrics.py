@@ -7,14 +7,19 @@ inputs, float32 accumulation). Nothing of size ``query × token`` is written: pe
 keeps, online,
 
 * the first argmax of :math:`s`, :math:`\hat s` at it and :math:`\max \hat s` (flip);
-* the running second largest :math:`s` (margin) and the ``topk`` largest of :math:`s` and of
-  :math:`\hat s` with their indices (top-k overlap) in one pass: each key block contributes its
-  row maximum (and first index) to each list, and the largest *second* entry of any block is
-  kept; the lists are the exact top-k unless that second entry reaches the k-th kept value
-  (two of a query's top k in one block of 64 keys). Such queries (5% at T = 16,384 on random
-  logits, all of them when neighbouring keys are alike) are flagged and their overlap comes from
-  a second, exact pass over those queries alone (:func:`_second_pass`: each block inserts entries
-  while some row's next largest beats its k-th, a data-dependent loop);
+* each key block's largest and second largest :math:`s` and :math:`\hat s` (one reduction,
+  ties counted): the running second largest :math:`s` (margin), a running top-k list of
+  :math:`s` holding :math:`\hat s` at its entries and a list of the ``topk`` largest
+  :math:`\hat s`, in one pass: each block contributes its row maxima, and the largest
+  *second* entry of any block is kept. The lists are the exact top-k unless that second entry
+  reaches the k-th kept value (two of a query's top k in one block of 64 keys); the overlap is
+  the number of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest
+  :math:`\hat s`, the number of shared indices when that value is not tied. Such queries (5%
+  at T = 16,384 on random logits, all of them when neighbouring keys are alike), and those
+  whose top :math:`s` is tied within its block (:math:`\hat s` is then taken at the first
+  index), are flagged and get their flip and overlap from a second, exact pass over those
+  queries alone (:func:`_second_pass`: index lists, each block inserting entries while some
+  row's next largest beats its k-th, a data-dependent loop);
 * :math:`m = \max s` and :math:`W = \sum_j w_j`, :math:`w_j = e^{s_j - m}` (one ``exp2`` per
   logit, the scale folded in), and about a reference :math:`c` the sums
   :math:`S_1 = \sum_j w_j u_j`, :math:`S_2 = \sum_j w_j u_j^2` and
@@ -111,8 +116,9 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     ``key_mask`` is ``None`` or (batch, mask_head, token) with mask_head 1, kv_head or q_head.
     Raw values: ``margin`` is :math:`s_{(1)} - s_{(2)}` and ``topk_overlap`` the number of
     shared indices; the caller clips them with the number of visible tokens. Queries whose
-    one-pass top-k the kernel cannot vouch for (a key block holding two of the top k) get
-    their overlap from a second, exact pass over those queries alone.
+    one-pass top-k the kernel cannot vouch for (a key block holding two of the top k, or a
+    tied top logit) get their overlap and flip from a second, exact pass over those queries
+    alone.
     """
     if triton is None:  # pragma: no cover - guarded by available()
         raise RuntimeError("kvtheory._triton_metrics: Triton is not importable")
@@ -139,10 +145,10 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     n_out = 7 if has_v else (6 if full else 1)
     out = torch.empty(n_out, B * Hq * Q, dtype=torch.float32, device=q.device)
     tune = dict(TUNE)
-    mode = tune.get("TOPK_MODE", 2)
+    mode = tune.get("TOPK_MODE", 3)
     SECOND_PASS[:] = [0, B * Hq * Q]
     flag = (torch.zeros(B * Hq * Q, dtype=torch.int8, device=q.device)
-            if full and mode == 2 and topk > 1 else out)
+            if full and (mode == 3 or (mode == 2 and topk > 1)) else out)
     name = "values" if has_v else ("full" if full else "flip")
     bm, bn, warps, stages = CONFIG[name]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),
@@ -196,8 +202,8 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
 
 def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: int,
                  Q: int) -> None:
-    """The exact top-k overlap (one-pass loop) of the flagged queries, written into ``out``:
-    programs of ``BLOCK_M`` flagged rows of one (batch, head) each."""
+    """The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
+    written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head) each."""
     q, k, k_hat, km, out = tensors
     idx = flag.nonzero().squeeze(1)
     n = idx.numel()

@@ -52,19 +52,24 @@ CASES = {
     "shared mask, topk 1": dict(mask="shared", topk=1),
     "topk 10 > block maxima": dict(topk=10),
     "one-pass exact top-k (TOPK_MODE 1)": dict(local=True, tune={"TOPK_MODE": 1}),
+    "index lists (TOPK_MODE 2), T 256": dict(T=256, tune={"TOPK_MODE": 2}),
+    "T 256": dict(T=256),
+    "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
 }
 
 
 def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5, local=False,
-             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0):
+             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
     if local:
         k = torch.cumsum(k, 2) / torch.arange(1, T + 1).view(1, 1, T, 1).sqrt()
         q = q + 2 * k.repeat_interleave(hq // hkv, 1)
+    if pairs:   # tokens 2i and 2i+1 share a key: every block's largest s is tied; not K^
+        k = k[:, :, : (T + 1) // 2].repeat_interleave(2, dim=2)[:, :, :T]
     kh = k + eps * torch.randn(k.shape, generator=g)
     v = vh = None
     if values:

@@ -67,3 +67,6 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     assert interp["one-pass exact top-k (TOPK_MODE 1)"]["second_pass"][0] == 0
     sent, total = interp["local keys (second pass)"]["second_pass"]
     assert 0 < sent <= total
+    # a tied top of s: its s^ must be taken at the first index, which the second pass does
+    sent, total = interp["keys in equal pairs (tied top of s), topk 4"]["second_pass"]
+    assert sent == total
