@@ -246,7 +246,10 @@ def metrics_kernel(
     PH = tl.zeros([BLOCK_M], tl.float32)
     ZH = tl.zeros([BLOCK_M], tl.float32)
     kc = tl.arange(0, KP)
-    pad = tl.where(kc < TOPK, NEG, 3.0e38)          # padding slots are never the minimum
+    if TOPK_MODE == 3:   # distinct empty slots below NEG: each insertion fills exactly one
+        pad = tl.where(kc < TOPK, NEG * (1.0 + kc.to(tl.float32) / 64.0), 3.0e38)
+    else:
+        pad = tl.where(kc < TOPK, NEG, 3.0e38)      # padding slots are never the minimum
     ts = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
     tsh = tl.zeros([BLOCK_M, KP], tl.float32) + pad[None, :]
     ti = tl.full([BLOCK_M, KP], -1, tl.int32)
@@ -355,8 +358,15 @@ def metrics_kernel(
                 # the number of kept s entries whose s^ reaches the k-th largest s^, and the
                 # s^ list needs no index search, only the block's second largest s^ (exact
                 # while no block holds two of the top k, as for s)
-                ts, tsa = _insert_v(ts, tsa, kc, bm, sh_b)
-                tsh = tl.where(_slot(tsh, kc, bmh), bmh[:, None], tsh)
+                # an entry replaces the slots equal to the smallest kept one: one slot while
+                # kept values are distinct; equal kept values are caught at the end
+                kth = tl.min(ts, 1)
+                rep = (ts == kth[:, None]) & ((bm > kth) & (bm > NEG))[:, None]
+                ts = tl.where(rep, bm[:, None], ts)
+                tsa = tl.where(rep, sh_b[:, None], tsa)
+                kth = tl.min(tsh, 1)
+                tsh = tl.where((tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None],
+                               bmh[:, None], tsh)
                 sec_s = tl.maximum(sec_s, sec)
                 sec_h = tl.maximum(sec_h, sech)
             elif TOPK_MODE > 0:
@@ -402,6 +412,12 @@ def metrics_kernel(
                 # exact unless a block's second entry reaches the k-th kept value (or, mode
                 # 3, the top of s is tied)
                 spill = (sec_s >= tl.min(ts, 1)) | (sec_h >= tl.min(tsh, 1))
+                if TOPK_MODE == 3:   # two kept entries alike (tied logits, or one insertion
+                    # that filled two slots): the exact pass decides
+                    pair = ((kc[:, None] < kc[None, :]) & (kc[None, :] < TOPK))[None, :, :]
+                    spill = spill | (tl.max(tl.max(
+                        ((ts[:, :, None] == ts[:, None, :]) | (tsh[:, :, None] == tsh[:, None, :]))
+                        & pair, 2), 1) > 0)
                 if TOPK == 1:
                     spill = tie_top
                 elif TOPK_MODE == 3:
