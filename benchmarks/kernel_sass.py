@@ -5,8 +5,8 @@ For each variant of the kernel's switches (:mod:`kvtheory._triton_kernel`) at a 
 layer's shape (d = 128, bf16, non-causal, topk 5, 64×64 blocks, 4 warps, 3 stages, the
 arguments divisible by 16 as at T = 16,384), prints the registers, the stack, and the
 instructions a thread issues for one key block along the loop's straight path (no masking,
-the first series branch, every mbarrier wait passing at once), by opcode. A thread of the
-4-warp program holds 32 of the block's 4,096 (query, key) pairs.
+the first series branch, every mbarrier wait passing at once), by opcode, and per (query, key)
+pair of the thread's share (32 of a 64×64 block's 4,096 with 4 warps).
 
     PYTHONPATH=. python3 benchmarks/kernel_sass.py                      # the default kernel
     PYTHONPATH=. python3 benchmarks/kernel_sass.py '{"TOPK_MODE": 2}' '{"TMA": false}'
@@ -121,8 +121,10 @@ def main() -> int:
         sass, res = compile_sass(tune)
         c = loop_counts(sass)
         n = sum(c.values())
+        pairs = (tune.get("BLOCK_M", 64) * tune.get("BLOCK_N", 64)
+                 / (32 * tune.get("num_warps", 4)))      # a thread's share of a block
         print(f"{json.dumps(tune)}: {n} instructions a thread a key block "
-              f"({n / 32:.1f} a (query, key) pair); {res}")
+              f"({n / pairs:.1f} a (query, key) pair); {res}")
         print("   ", ", ".join(f"{k} {v}" for k, v in c.most_common(16)))
     return 0
 

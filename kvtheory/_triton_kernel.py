@@ -279,7 +279,7 @@ def metrics_kernel(
             need = need | (start + BLOCK_N - 1 > pos_lo)
         if HAS_WINDOW:
             need = need | (start <= pos_hi - WINDOW)
-        if HAS_KM or FIX:
+        if HAS_KM:      # (the second pass's rows bound pos_lo, pos_hi like a block's)
             need = True
         if need:
             vis = cmask[None, :] & rmask[:, None]

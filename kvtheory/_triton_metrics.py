@@ -223,8 +223,9 @@ def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: 
     rows[start[bh] + rank // bm, rank % bm] = (idx % Q).to(torch.int32)
     prog_bh = torch.repeat_interleave(torch.arange(n_bh, device=dev, dtype=torch.int32), progs)
     _, bn, warps, stages = CONFIG["fix"]
+    descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
     metrics_kernel[(n_prog,)](
-        q, k, k_hat, q, q, km, out, flag, rows, prog_bh, None, None, *args, BLOCK_M=bm,
-        HAS_V=False,
-        FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1, TMA=False,
+        q, k, k_hat, q, q, km, out, flag, rows, prog_bh, *descs, *args, BLOCK_M=bm,
+        HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
+        TMA=descs[0] is not None,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
