@@ -231,6 +231,8 @@ def metrics_kernel(
         hi = tl.minimum(pos_hi + 1, T)
     if HAS_WINDOW:
         lo = tl.maximum((pos_lo - WINDOW + 1) // BLOCK_N * BLOCK_N, 0)
+    if FIX:     # a program past the listed rows (the grid is a bound): no key block
+        hi = tl.where(tl.max(rmask.to(tl.int32), 0) > 0, hi, lo)
     a2 = scale * LOG2E
     m1 = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s
     m2 = tl.full([BLOCK_M], NEG, tl.float32)       # running second of s

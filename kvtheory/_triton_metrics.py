@@ -169,10 +169,16 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
             **{**common, **tune})
 
     launch(has_v)
-    if full and not has_v and bool((~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()):
+    # one host sync: whether a series sum overflowed, and how many queries are flagged
+    checks = [(~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
+              if full and not has_v else torch.zeros((), dtype=torch.bool, device=q.device),
+              flag.sum() if flag is not out else torch.zeros((), device=q.device)]
+    overflow, n_flag = (int(x) for x in torch.stack([x.to(torch.int64) for x in checks]).tolist())
+    if overflow:
         launch(True)    # a series sum overflowed (deltas beyond ~88): add lse(s^) for KL
+        n_flag = int(flag.sum()) if flag is not out else 0
     if flag is not out:
-        _second_pass(flag, (q, k, k_hat, km, out), args, common, B * Hq, Q)
+        _second_pass(flag, n_flag, (q, k, k_hat, km, out), args, common, B * Hq, Q)
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
@@ -200,31 +206,47 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
     return tuple(TensorDescriptor(x, [x.numel() // d, d], [d, 1], [bn, bd]) for x in (k, k_hat))
 
 
-def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: int,
+def fix_layout(flag: Tensor, n: int, n_bh: int, Q: int, bm: int) -> tuple[Tensor, Tensor]:
+    r"""Programs of the second pass: ``rows`` (program, ``bm``) int32, the query indices of the
+    ``n`` nonzero entries of ``flag`` (``n_bh · Q``, grouped by (batch, head)) with -1 padding,
+    and ``prog_bh`` (program,) their (batch, head). Built on the device without a host sync
+    (``n`` is known): the grid is the bound :math:`\lfloor n/M\rfloor + \min(n_{bh}, n)` on
+    :math:`\sum_{bh}\lceil n_{bh}/M\rceil`; programs beyond the sum get no rows, which the
+    kernel skips.
+
+    >>> rows, pbh = fix_layout(torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.int8), 4, 2, 3, 2)
+    >>> rows.tolist(), pbh.tolist()
+    ([[0, 2], [0, 2], [-1, -1], [-1, -1]], [0, 1, 1, 1])
+    """
+    dev = flag.device
+    idx = torch.nonzero_static(flag, size=n).squeeze(1)
+    bh = idx // Q
+    counts = torch.zeros(n_bh, dtype=torch.int64, device=dev).index_add_(
+        0, bh, torch.ones_like(bh))
+    progs = (counts + bm - 1) // bm
+    ends = torch.cumsum(progs, 0)
+    first = torch.cumsum(counts, 0) - counts              # where each (batch, head) starts
+    rank = torch.arange(n, device=dev) - first[bh]
+    n_prog = n // bm + min(n_bh, n)
+    rows = torch.full((n_prog, bm), -1, dtype=torch.int32, device=dev)
+    rows[(ends - progs)[bh] + rank // bm, rank % bm] = (idx % Q).to(torch.int32)
+    prog_bh = torch.searchsorted(ends, torch.arange(n_prog, device=dev), right=True)
+    return rows, prog_bh.clamp_(max=n_bh - 1).to(torch.int32)
+
+
+def _second_pass(flag: Tensor, n: int, tensors: tuple, args: tuple, common: dict, n_bh: int,
                  Q: int) -> None:
-    """The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
-    written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head) each."""
+    """The exact flip and top-k overlap (one-pass loop, first indices) of the ``n`` flagged
+    queries, written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head)
+    each (:func:`fix_layout`)."""
     q, k, k_hat, km, out = tensors
-    idx = flag.nonzero().squeeze(1)
-    n = idx.numel()
     SECOND_PASS[0] = n
     if n == 0:
         return
-    bm = CONFIG["fix"][0]
-    dev = flag.device
-    bh = idx // Q
-    counts = torch.bincount(bh, minlength=n_bh)
-    progs = (counts + bm - 1) // bm
-    first = torch.cumsum(counts, 0) - counts              # where each (batch, head) starts
-    start = torch.cumsum(progs, 0) - progs
-    rank = torch.arange(n, device=dev) - first[bh]
-    n_prog = int(progs.sum())
-    rows = torch.full((n_prog, bm), -1, dtype=torch.int32, device=dev)
-    rows[start[bh] + rank // bm, rank % bm] = (idx % Q).to(torch.int32)
-    prog_bh = torch.repeat_interleave(torch.arange(n_bh, device=dev, dtype=torch.int32), progs)
-    _, bn, warps, stages = CONFIG["fix"]
+    bm, bn, warps, stages = CONFIG["fix"]
+    rows, prog_bh = fix_layout(flag, n, n_bh, Q, bm)
     descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
-    metrics_kernel[(n_prog,)](
+    metrics_kernel[(rows.shape[0],)](
         q, k, k_hat, q, q, km, out, flag, rows, prog_bh, *descs, *args, BLOCK_M=bm,
         HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
         TMA=descs[0] is not None,
