@@ -55,9 +55,64 @@ def main() -> int:
     for key in ("cuda_time_total", "cpu_time_total"):
         lines += ["", f"profile of 3 calls, by {key}:",
                   prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)]
+    lines += ["", *steps_timeline(q, k, kh, Path(a.out).with_suffix(".trace.json"))]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-4:]))
     return 0
+
+
+def steps_timeline(q, k, kh, trace: Path) -> list[str]:
+    """One ``attention_metrics`` call in a profiler trace, its steps marked: for each step its
+    host time, the device time of the kernels that ran inside it, and the device's idle time
+    there (host work the GPU waited for)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from kvtheory import _triton_metrics as tm
+
+    names = {(flips, "_validate"): "validate", (flips, "_visibility"): "visibility",
+             (tm, "fused_metrics"): "fused_metrics", (tm, "_second_pass"): "second pass",
+             (tm, "fix_layout"): "fix_layout", (flips, "_aggregate"): "aggregate"}
+    saved = {key: getattr(*key) for key in names}
+
+    def marked(fn, label):
+        def run(*args, **kw):
+            with record_function("step:" + label):
+                return fn(*args, **kw)
+        return run
+
+    try:
+        for (mod, attr), label in names.items():
+            setattr(mod, attr, marked(saved[(mod, attr)], label))
+        sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+        flips.attention_metrics(q, k, kh, causal=False)
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if q.is_cuda else [])
+        with profile(activities=acts) as prof:
+            with record_function("step:attention_metrics"):
+                flips.attention_metrics(q, k, kh, causal=False)
+            sync()
+    finally:
+        for key, fn in saved.items():
+            setattr(*key, fn)
+    prof.export_chrome_trace(str(trace))
+    ev = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in ev
+                     if e.get("cat") == "kernel" and "dur" in e)
+    steps = [(e["name"][5:], e["ts"], e["ts"] + e["dur"]) for e in ev
+             if str(e.get("name", "")).startswith("step:") and e.get("ph") == "X"]
+    out = ["one call, steps (host microseconds; device busy inside; device idle inside):"]
+    for name, t0, t1 in sorted(steps, key=lambda x: x[1]):
+        busy = sum(max(0.0, min(b, t1) - max(a, t0)) for a, b, _ in kernels)
+        out.append(f"  {name:20s} host {t1 - t0:9.1f}  device busy {busy:9.1f}  "
+                   f"idle {t1 - t0 - busy:9.1f}")
+    out.append("kernels of the call (start relative to the call, microseconds):")
+    call = [s for s in steps if s[0] == "attention_metrics"]
+    t_call = call[0][1] if call else 0.0
+    for a, b, name in kernels:
+        out.append(f"  {a - t_call:9.1f} +{b - a:8.1f}  {name[:70]}")
+    return out
 
 
 def _validate(q, k, kh):
