@@ -57,6 +57,7 @@ it on the CPU in Triton's interpreter against the dense reference, and
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,7 +111,7 @@ CONFIG: dict[str, tuple[int, int, int, int]] = {
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
                   key_mask: Tensor | None, *, causal: bool, window: int | None, scale: float,
-                  topk: int, full: bool) -> dict[str, Tensor]:
+                  topk: int, full: bool, while_running: Any = None) -> dict[str, Tensor]:
     """Per-query metrics (``batch q_head query`` each, float32; ``flip`` bool) from the kernel.
 
     ``key_mask`` is ``None`` or (batch, mask_head, token) with mask_head 1, kv_head or q_head.
@@ -169,6 +170,8 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
             **{**common, **tune})
 
     launch(has_v)
+    if while_running is not None:   # host work queued behind the kernel, before the sync
+        while_running()
     # one host sync: whether a series sum overflowed, and how many queries are flagged
     checks = [(~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
               if full and not has_v else torch.zeros((), dtype=torch.bool, device=q.device),

@@ -371,12 +371,18 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
 
     causal, _, scale, window = opts
     (B, Hq, Q, _), (Hkv, T) = q.shape, k.shape[1:3]
-    valid, nv = _visibility(key_mask, (B, Hkv, Hq // Hkv, Q), T, causal, window, q.device)
+    def visibility() -> tuple[Tensor, Tensor]:
+        return _visibility(key_mask, (B, Hkv, Hq // Hkv, Q), T, causal, window, q.device)
+
     if not (q.dtype in _HALF and tm.available(q.device, q.dtype)):
+        valid, nv = visibility()
         return _stream(q, k, k_hat, key_mask, opts, full=full, v=v, v_hat=v_hat, topk=topk,
                        nv=nv), valid, nv
+    vis: list = []     # built while the kernel runs (the GPU would otherwise wait for it)
     res = tm.fused_metrics(q, k, k_hat, v, v_hat, key_mask, causal=causal, window=window,
-                           scale=scale, topk=topk, full=full)
+                           scale=scale, topk=topk, full=full,
+                           while_running=lambda: vis.extend(visibility()))
+    valid, nv = vis
     per = {name: x.view(B, Hkv, Hq // Hkv, Q) for name, x in res.items()}
     if full:
         per["margin"] = torch.where(nv >= 2, per["margin"], math.inf)

@@ -54,6 +54,7 @@ CASES = {
     "one-pass exact top-k (TOPK_MODE 1)": dict(local=True, tune={"TOPK_MODE": 1}),
     "index lists (TOPK_MODE 2), T 256": dict(T=256, tune={"TOPK_MODE": 2}),
     "T 256": dict(T=256),
+    "through attention_metrics, window + shared mask": dict(api=True, window=40, mask="shared"),
     "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
@@ -61,7 +62,7 @@ CASES = {
 
 
 def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5, local=False,
-             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False):
+             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False, api=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
@@ -83,8 +84,27 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
     x16 = [None if x is None else x.half() for x in (q, k, kh, v, vh)]
     tm.TUNE.clear()
     tm.TUNE.update(tune or {})
-    res = tm.fused_metrics(*x16, km, causal=causal, window=window, scale=d ** -0.5, topk=topk,
-                           full=True)
+    if api:     # the whole attention_metrics call on the kernel (as on CUDA): per query
+        from kvtheory import flips
+
+        available, calls = tm.available, tm.CALLS[0]
+        tm.available = lambda device, dtype: True
+        try:
+            per = flips.attention_metrics(*x16[:3], causal=causal, window=window, topk=topk,
+                                          key_mask=None if km is None else km.squeeze(1)
+                                          if km.shape[1] == 1 else km,
+                                          return_per_query=True).per_query
+        finally:
+            tm.available = available
+        assert tm.CALLS[0] == calls + 1, "attention_metrics did not run the kernel"
+        vis, _ = dense_visibility(B, hq, hkv, T, T, causal, window, km, "cpu")
+        keff = vis.sum(-1).clamp(1, topk).float()
+        res = {"flip": per.flip, "margin": per.margin, "top1_prob": per.top1_prob,
+               "kl": per.kl, "fisher": per.fisher,
+               "topk_overlap": (per.topk_overlap * keff).round().nan_to_num(0.0)}
+    else:
+        res = tm.fused_metrics(*x16, km, causal=causal, window=window, scale=d ** -0.5,
+                               topk=topk, full=True)
     tm.TUNE.clear()
     ref = dense_metrics(*[None if x is None else x.double() for x in x16], causal=causal,
                         window=window, key_mask=km, topk=topk)
