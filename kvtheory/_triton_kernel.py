@@ -25,10 +25,12 @@ tiles on tensor cores and, per query row, updates:
   top-k list of :math:`s` and the block maximum of :math:`\hat s` into a value list of
   :math:`\hat s`, and keeps the largest *second* entry of any block; the overlap is the
   number of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest
-  :math:`\hat s` (the shared indices when that value is not tied). The lists are exact unless
-  a block's second entry reaches the k-th kept value, and :math:`\hat s` at the running top
-  of :math:`s` is at its first index unless that top is tied within its block: the kernel
-  flags such queries (``FLAG``) for an exact second pass. ``2``: the block maxima with their
+  :math:`\hat s` (the shared indices when that value is not tied). An entry replaces the
+  slot equal to the smallest kept value (empty slots hold distinct values below every
+  logit), so no slot search. The lists are exact unless a block's second entry reaches the
+  k-th kept value or two kept values are equal, and :math:`\hat s` at the running top of
+  :math:`s` is at its first index unless that top is tied within its block: the kernel flags
+  such queries (``FLAG``) for an exact second pass. ``2``: the block maxima with their
   first indices in both lists (an index search a block for each; the kernel before);
   ``1``: exact in one pass, each block inserting entries while some row's next largest
   beats its k-th (a data-dependent loop; the second pass); ``0``: none.
@@ -118,22 +120,6 @@ def _top2(a1, a2, b1, b2):
     return (tl.maximum(a1, b1, propagate_nan=nan),
             tl.maximum(tl.maximum(a2, b2, propagate_nan=nan), tl.minimum(a1, b1, propagate_nan=nan),
                        propagate_nan=nan))
-
-
-@triton.jit
-def _slot(ts, kc, cur):
-    """Where each row's candidate ``cur`` goes: its smallest kept entry (the first slot if
-    several), if ``cur`` is strictly larger (else no slot)."""
-    kth = tl.min(ts, 1)
-    mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
-    return (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
-
-
-@triton.jit
-def _insert_v(ts, tv, kc, cur, cval):
-    """:func:`_insert` carrying a float ``cval`` (the other logit there) instead of an index."""
-    rep = _slot(ts, kc, cur)
-    return tl.where(rep, cur[:, None], ts), tl.where(rep, cval[:, None], tv)
 
 
 @triton.jit
@@ -359,9 +345,9 @@ def metrics_kernel(
                 # the s list keeps s^ at its entries, the s^ list values only: the overlap is
                 # the number of kept s entries whose s^ reaches the k-th largest s^, and the
                 # s^ list needs no index search, only the block's second largest s^ (exact
-                # while no block holds two of the top k, as for s)
-                # an entry replaces the slots equal to the smallest kept one: one slot while
-                # kept values are distinct; equal kept values are caught at the end
+                # while no block holds two of the top k, as for s). An entry replaces the
+                # slots equal to the smallest kept one: one slot while kept values are
+                # distinct (empty slots are); equal kept values are flagged at the end
                 kth = tl.min(ts, 1)
                 rep = (ts == kth[:, None]) & ((bm > kth) & (bm > NEG))[:, None]
                 ts = tl.where(rep, bm[:, None], ts)
@@ -411,19 +397,17 @@ def metrics_kernel(
             tl.store(base + 4 * N_OUT, kl, mask=rmask)
             tl.store(base + 5 * N_OUT, fisher, mask=rmask)
             if TOPK_MODE == 3 or (TOPK_MODE == 2 and TOPK > 1):
-                # exact unless a block's second entry reaches the k-th kept value (or, mode
-                # 3, the top of s is tied)
-                spill = (sec_s >= tl.min(ts, 1)) | (sec_h >= tl.min(tsh, 1))
-                if TOPK_MODE == 3:   # two kept entries alike (tied logits, or one insertion
-                    # that filled two slots): the exact pass decides
-                    pair = ((kc[:, None] < kc[None, :]) & (kc[None, :] < TOPK))[None, :, :]
-                    spill = spill | (tl.max(tl.max(
-                        ((ts[:, :, None] == ts[:, None, :]) | (tsh[:, :, None] == tsh[:, None, :]))
-                        & pair, 2), 1) > 0)
-                if TOPK == 1:
-                    spill = tie_top
-                elif TOPK_MODE == 3:
-                    spill = spill | tie_top
+                # exact unless a block's second entry reaches the k-th kept value (top-1 is
+                # always a block maximum), or, mode 3, two kept entries are alike (tied
+                # logits, or one insertion that filled two slots) or the top of s is tied
+                spill = tie_top
+                if TOPK > 1:
+                    spill = (sec_s >= tl.min(ts, 1)) | (sec_h >= tl.min(tsh, 1))
+                    if TOPK_MODE == 3:
+                        pair = ((kc[:, None] < kc[None, :]) & (kc[None, :] < TOPK))[None, :, :]
+                        alike = ((ts[:, :, None] == ts[:, None, :])
+                                 | (tsh[:, :, None] == tsh[:, None, :])) & pair
+                        spill = spill | (tl.max(tl.max(alike, 2), 1) > 0) | tie_top
                 tl.store(FLAG + bh.to(tl.int64) * NQ + rows, spill.to(tl.int8), mask=rmask)
             if HAS_V:
                 ov = o / W[:, None]

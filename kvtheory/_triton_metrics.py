@@ -57,7 +57,7 @@ it on the CPU in Triton's interpreter against the dense reference, and
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -111,7 +111,8 @@ CONFIG: dict[str, tuple[int, int, int, int]] = {
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
                   key_mask: Tensor | None, *, causal: bool, window: int | None, scale: float,
-                  topk: int, full: bool, while_running: Any = None) -> dict[str, Tensor]:
+                  topk: int, full: bool, while_running: Callable[[], object] | None = None
+                  ) -> dict[str, Tensor]:
     """Per-query metrics (``batch q_head query`` each, float32; ``flip`` bool) from the kernel.
 
     ``key_mask`` is ``None`` or (batch, mask_head, token) with mask_head 1, kv_head or q_head.
@@ -119,7 +120,8 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     shared indices; the caller clips them with the number of visible tokens. Queries whose
     one-pass top-k the kernel cannot vouch for (a key block holding two of the top k, or a
     tied top logit) get their overlap and flip from a second, exact pass over those queries
-    alone.
+    alone. ``while_running`` is called right after the kernel's launch, before the host waits
+    for it: host work the caller needs anyway (``flips._run``: the visibility tensors).
     """
     if triton is None:  # pragma: no cover - guarded by available()
         raise RuntimeError("kvtheory._triton_metrics: Triton is not importable")
@@ -173,10 +175,12 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     if while_running is not None:   # host work queued behind the kernel, before the sync
         while_running()
     # one host sync: whether a series sum overflowed, and how many queries are flagged
-    checks = [(~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
-              if full and not has_v else torch.zeros((), dtype=torch.bool, device=q.device),
-              flag.sum() if flag is not out else torch.zeros((), device=q.device)]
-    overflow, n_flag = (int(x) for x in torch.stack([x.to(torch.int64) for x in checks]).tolist())
+    checks = torch.zeros(2, dtype=torch.int64, device=q.device)
+    if full and not has_v:
+        checks[0] = (~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
+    if flag is not out:
+        checks[1] = flag.sum()
+    overflow, n_flag = checks.tolist()
     if overflow:
         launch(True)    # a series sum overflowed (deltas beyond ~88): add lse(s^) for KL
         n_flag = int(flag.sum()) if flag is not out else 0

@@ -371,6 +371,7 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
 
     causal, _, scale, window = opts
     (B, Hq, Q, _), (Hkv, T) = q.shape, k.shape[1:3]
+
     def visibility() -> tuple[Tensor, Tensor]:
         return _visibility(key_mask, (B, Hkv, Hq // Hkv, Q), T, causal, window, q.device)
 

@@ -196,8 +196,9 @@ def test_save_figure_redraws_byte_identical_files(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_one_pass_finite_test_equals_isfinite_all(dtype):
-    """``_checks._all_finite`` (min and max of the tensor) against ``isfinite(x).all()``, the
-    definition, for NaN, +Inf and -Inf at random places, several at once, and none."""
+    """``_checks.finite_absmax`` (min and max of the tensor, one pass) against the definitions:
+    it raises exactly when ``isfinite(x).all()`` is false, and else returns ``x.abs().max()``;
+    NaN, +Inf and -Inf at random places, several at once, and none."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -210,6 +211,10 @@ def test_one_pass_finite_test_equals_isfinite_all(dtype):
         x = (torch.randn(n, generator=g) * 1e3).to(dtype)
         for v in bad:
             x[int(torch.randint(n, (1,), generator=g))] = v
-        assert C._all_finite(x) == bool(torch.isfinite(x).all())
+        if bool(torch.isfinite(x).all()):
+            assert C.finite_absmax("x", x) == float(x.abs().max())
+        else:
+            with pytest.raises(KVTheoryError, match="x: got .* NaN and .* Inf"):
+                C.finite_absmax("x", x)
 
     check()
