@@ -25,7 +25,8 @@ from kvtheory import _triton_metrics as tm  # noqa: E402
 from kvtheory import bench  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
 
-#: name -> (kernel kind, TUNE switches, block config or None for the default)
+#: name -> (kernel kind, TUNE switches, block config of that kind, or {kind: config}, or None
+#: for the default)
 VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "flip": ("flip", {}, None),
     "default": ("full", {}, None),
@@ -52,6 +53,10 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "cfg64x32w4s3r168": ("full", {"maxnreg": 168}, (64, 32, 4, 3)),
     "cfg64x32w4s2r128": ("full", {"maxnreg": 128}, (64, 32, 4, 2)),
     "cfg64x64w4s2r168": ("full", {"maxnreg": 168}, (64, 64, 4, 2)),
+    # the second pass's block shape (CONFIG["fix"]), timed with the whole call
+    "fix64x32w4s3": ("full", {}, {"fix": (64, 32, 4, 3)}),
+    "fix64x64w4s2": ("full", {}, {"fix": (64, 64, 4, 2)}),
+    "fix128x64w8s3": ("full", {}, {"fix": (128, 64, 8, 3)}),
 }
 
 
@@ -88,7 +93,7 @@ def main() -> int:
         tm.TUNE.update(tune)
         tm.CONFIG.update(base_cfg)
         if cfg:
-            tm.CONFIG[kind] = cfg
+            tm.CONFIG.update(cfg if isinstance(cfg, dict) else {kind: cfg})
         fn = (lambda: tm.fused_metrics(q, k, kh, None, None, None, causal=False, window=None,
                                        scale=d ** -0.5, topk=5, full=kind == "full"))
         try:
@@ -107,14 +112,14 @@ def main() -> int:
                "ratio": ms / doc["matmul_ms"], "tflops": flops / ms / 1e9,
                "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None),
-               "second_pass": list(tm.SECOND_PASS) if kind == "full" else None}
+               "second_pass": list(tm.second_pass_queries()) if kind == "full" else None}
         doc["rows"][name] = row
-        sp = tm.SECOND_PASS
+        sp = tm.second_pass_queries()
         print(f"  {name:16s} {ms:7.2f} ms  {row['ratio']:5.2f}x  {row['tflops']:5.0f} TFLOP/s  "
               f"regs {row['n_regs']} spills {row['n_spills']}  compile {comp:4.1f} s  "
               f"second pass {sp[0]}/{sp[1]}", flush=True)
         write_json(a.out, doc, arg="--out")
-        tm.SECOND_PASS[:] = [0, 0]
+        tm.SECOND_PASS[:] = [None, 0]
     tm.TUNE.clear()
     tm.CONFIG.update(base_cfg)
     if a.breakdown:   # where attention_metrics spends its time beyond the kernel

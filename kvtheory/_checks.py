@@ -77,12 +77,35 @@ def finite_absmax(name: str, x: Tensor) -> float:
     >>> finite_absmax("x", torch.tensor([1.0, -3.0]))
     3.0
     """
-    if not x.numel():
-        return 0.0
-    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise _not_finite(name, x)
-    return max(-lo, hi)
+    return finite_absmaxes((name, x))[0]
+
+
+def finite_absmaxes(*named: tuple[str, Tensor]) -> list[float]:
+    """:func:`finite_absmax` of several ``(name, tensor)`` pairs, with one host transfer per
+    device (on a GPU each transfer waits for the device: one wait, not one a tensor). The
+    error names the first pair, in order, with a value that is not finite.
+
+    >>> finite_absmaxes(("a", torch.tensor([1.0, -3.0])), ("b", torch.tensor([2.0])))
+    [3.0, 2.0]
+    """
+    ext: dict[int, tuple[float, float]] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, x) in enumerate(named):
+        if x.numel():
+            by_device.setdefault(x.device, []).append(i)
+        else:
+            ext[i] = (0.0, 0.0)
+    for idx in by_device.values():
+        both = torch.stack([torch.stack(torch.aminmax(named[i][1].detach())).double()
+                            for i in idx]).tolist()
+        ext.update(zip(idx, (tuple(v) for v in both)))
+    out = []
+    for i, (name, x) in enumerate(named):
+        lo, hi = ext[i]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise _not_finite(name, x)
+        out.append(max(-lo, hi))
+    return out
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:

@@ -37,8 +37,9 @@ tiles on tensor cores and, per query row, updates:
 * loads of the key tiles by tensor descriptors (``TMA``, Hopper's tensor memory accelerator)
   or by pointers.
 
-``FIX`` runs the kernel on listed query rows (``ROWS``, one (batch, head) per program from
-``PROGBH``) and writes only the flip and the top-k overlap: the second pass.
+``FIX`` runs the kernel on listed query rows and writes only the flip and the top-k overlap:
+the second pass. Program :math:`p` takes ``ROWS[p]``, ``BLOCK_M`` query indices of (batch,
+head) :math:`p \bmod` (batch·head) padded with -1; one without rows skips every key block.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
 
 @triton.jit
 def metrics_kernel(
-    Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, PROGBH, KD, KHD,
+    Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, KD, KHD,
     NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
@@ -190,8 +191,8 @@ def metrics_kernel(
     pid_m = tl.program_id(0)
     ar = tl.arange(0, BLOCK_M)
     if FIX:     # listed rows of one (batch, head); -1 pads a program's list
-        bh = tl.load(PROGBH + pid_m)
-        ridx = tl.load(ROWS + pid_m * BLOCK_M + ar)
+        bh = pid_m % (N_OUT // NQ)
+        ridx = tl.load(ROWS + pid_m.to(tl.int64) * BLOCK_M + ar)
         rmask = ridx >= 0
         rows = tl.where(rmask, ridx, 0)
         pos = rows + OFF
@@ -217,7 +218,7 @@ def metrics_kernel(
         hi = tl.minimum(pos_hi + 1, T)
     if HAS_WINDOW:
         lo = tl.maximum((pos_lo - WINDOW + 1) // BLOCK_N * BLOCK_N, 0)
-    if FIX:     # a program past the listed rows (the grid is a bound): no key block
+    if FIX:     # a program without listed rows: no key block
         hi = tl.where(tl.max(rmask.to(tl.int32), 0) > 0, hi, lo)
     a2 = scale * LOG2E
     m1 = tl.full([BLOCK_M], NEG, tl.float32)       # running max of s

@@ -62,7 +62,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fused_metrics", "ENV"]
+__all__ = ["available", "fused_metrics", "second_pass_queries", "ENV"]
 
 #: environment switch: ``auto`` (default: fused kernel on CUDA for bf16/fp16 when Triton is
 #: importable) or ``never`` (always the torch path)
@@ -76,8 +76,9 @@ LAST: list = [None]
 TUNE: dict = {}
 #: how the last call loaded its key tiles: ``"tma"`` (tensor descriptors) or ``"pointers"``
 LOADS = ["pointers"]
-#: queries of the last call sent to the exact second pass, and all its queries (benchmarks)
-SECOND_PASS = [0, 0]
+#: the last call's flags of queries sent to the exact second pass (or None) and its number of
+#: queries (:func:`second_pass_queries` counts them)
+SECOND_PASS: list = [None, 0]
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
     import triton
@@ -111,17 +112,21 @@ CONFIG: dict[str, tuple[int, int, int, int]] = {
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
                   key_mask: Tensor | None, *, causal: bool, window: int | None, scale: float,
-                  topk: int, full: bool, while_running: Callable[[], object] | None = None
-                  ) -> dict[str, Tensor]:
-    """Per-query metrics (``batch q_head query`` each, float32; ``flip`` bool) from the kernel.
+                  topk: int, full: bool, zh: bool = False,
+                  while_running: Callable[[], object] | None = None) -> dict[str, Tensor]:
+    r"""Per-query metrics (``batch q_head query`` each, float32; ``flip`` bool) from the kernel.
 
     ``key_mask`` is ``None`` or (batch, mask_head, token) with mask_head 1, kv_head or q_head.
     Raw values: ``margin`` is :math:`s_{(1)} - s_{(2)}` and ``topk_overlap`` the number of
     shared indices; the caller clips them with the number of visible tokens. Queries whose
     one-pass top-k the kernel cannot vouch for (a key block holding two of the top k, or a
     tied top logit) get their overlap and flip from a second, exact pass over those queries
-    alone. ``while_running`` is called right after the kernel's launch, before the host waits
-    for it: host work the caller needs anyway (``flips._run``: the visibility tensors).
+    alone. Nothing waits for the GPU: the work is queued and the host returns, so the
+    caller's own work overlaps the kernel. With ``full`` (and no values) the result also
+    holds ``overflow``, a 0-dim bool tensor: a series sum overflowed (deltas beyond ~88) and
+    the KL of some query is inf; call again with ``zh=True`` (the kernel then also sums
+    :math:`e^{\hat s}` and takes the KL from the log-sum-exps there). ``while_running`` is
+    called right after the main kernel's launch (``flips._run``: the visibility tensors).
     """
     if triton is None:  # pragma: no cover - guarded by available()
         raise RuntimeError("kvtheory._triton_metrics: Triton is not importable")
@@ -149,9 +154,9 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     out = torch.empty(n_out, B * Hq * Q, dtype=torch.float32, device=q.device)
     tune = dict(TUNE)
     mode = tune.get("TOPK_MODE", 3)
-    SECOND_PASS[:] = [0, B * Hq * Q]
     flag = (torch.zeros(B * Hq * Q, dtype=torch.int8, device=q.device)
-            if full and (mode == 3 or (mode == 2 and topk > 1)) else out)
+            if full and (mode == 3 or (mode == 2 and topk > 1)) else None)
+    SECOND_PASS[:] = [flag, B * Hq * Q]
     name = "values" if has_v else ("full" if full else "flip")
     bm, bn, warps, stages = CONFIG[name]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),
@@ -164,28 +169,15 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     descs = _descriptors(k, k_hat, bn, common["BD"], tune)
     tune["TMA"] = descs[0] is not None
     LOADS[0] = "tma" if tune["TMA"] else "pointers"
-
-    def launch(with_zh: bool) -> None:
-        LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
-            q, k, k_hat, v, v_hat, km, out, flag, out, out, *descs, *args, BLOCK_M=bm,
-            HAS_V=has_v, FULL=bool(full), WITH_ZH=bool(with_zh), FIX=False,
-            **{**common, **tune})
-
-    launch(has_v)
-    if while_running is not None:   # host work queued behind the kernel, before the sync
+    with_zh = has_v or zh     # with values the kernel needs the sums of e^(s^) anyway
+    LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
+        q, k, k_hat, v, v_hat, km, out, out if flag is None else flag, out, *descs, *args,
+        BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
+        **{**common, **tune})
+    if while_running is not None:   # host work queued behind the kernel
         while_running()
-    # one host sync: whether a series sum overflowed, and how many queries are flagged
-    checks = torch.zeros(2, dtype=torch.int64, device=q.device)
-    if full and not has_v:
-        checks[0] = (~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
-    if flag is not out:
-        checks[1] = flag.sum()
-    overflow, n_flag = checks.tolist()
-    if overflow:
-        launch(True)    # a series sum overflowed (deltas beyond ~88): add lse(s^) for KL
-        n_flag = int(flag.sum()) if flag is not out else 0
-    if flag is not out:
-        _second_pass(flag, n_flag, (q, k, k_hat, km, out), args, common, B * Hq, Q)
+    if flag is not None:
+        _second_pass(flag, (q, k, k_hat, km, out), args, common, B * Hq, Q)
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
@@ -194,7 +186,16 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
                    fisher=out[5])
         if has_v:
             res["output_rel_err"] = out[6]
+        elif not with_zh:   # a sum of e^(delta - c) overflowed where p is well defined
+            res["overflow"] = (~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
     return res
+
+
+def second_pass_queries() -> tuple[int, int]:
+    """Queries of the last call sent to the exact second pass, and all its queries (waits for
+    the GPU; for tests and benchmarks)."""
+    flag, total = SECOND_PASS
+    return (0 if flag is None else int(flag.sum())), int(total)
 
 
 def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tuple:
@@ -213,48 +214,46 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
     return tuple(TensorDescriptor(x, [x.numel() // d, d], [d, 1], [bn, bd]) for x in (k, k_hat))
 
 
-def fix_layout(flag: Tensor, n: int, n_bh: int, Q: int, bm: int) -> tuple[Tensor, Tensor]:
-    r"""Programs of the second pass: ``rows`` (program, ``bm``) int32, the query indices of the
-    ``n`` nonzero entries of ``flag`` (``n_bh · Q``, grouped by (batch, head)) with -1 padding,
-    and ``prog_bh`` (program,) their (batch, head). Built on the device without a host sync
-    (``n`` is known): the grid is the bound :math:`\lfloor n/M\rfloor + \min(n_{bh}, n)` on
-    :math:`\sum_{bh}\lceil n_{bh}/M\rceil`; programs beyond the sum get no rows, which the
-    kernel skips.
+def fix_layout(flag: Tensor, n_bh: int, Q: int, bm: int) -> Tensor:
+    r"""Rows of the second pass: ``rows`` (program, batch·head, ``bm``) int32, where
+    ``rows[j, bh]`` lists the query indices of flagged entries :math:`j\,bm` to
+    :math:`(j+1)\,bm - 1` of (batch, head) ``bh`` (``flag`` is ``n_bh · Q``, grouped by
+    (batch, head)), -1 padded; :math:`\lceil Q/bm\rceil` programs a head. Built on the device
+    from a prefix sum per head, without a host sync: the grid is fixed, program
+    :math:`p = j\,n_{bh} + bh` takes ``rows[j, bh]``, programs without rows skip all keys,
+    and the busy ones (small ``j``) come first in launch order.
 
-    >>> rows, pbh = fix_layout(torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.int8), 4, 2, 3, 2)
-    >>> rows.tolist(), pbh.tolist()
-    ([[0, 2], [0, 2], [-1, -1], [-1, -1]], [0, 1, 1, 1])
+    >>> fix_layout(torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.int8), 2, 3, 2).tolist()
+    [[[0, 2], [0, 2]], [[-1, -1], [-1, -1]]]
     """
     dev = flag.device
-    idx = torch.nonzero_static(flag, size=n).squeeze(1)
-    bh = idx // Q
-    counts = torch.zeros(n_bh, dtype=torch.int64, device=dev).index_add_(
-        0, bh, torch.ones_like(bh))
-    progs = (counts + bm - 1) // bm
-    ends = torch.cumsum(progs, 0)
-    first = torch.cumsum(counts, 0) - counts              # where each (batch, head) starts
-    rank = torch.arange(n, device=dev) - first[bh]
-    n_prog = n // bm + min(n_bh, n)
-    rows = torch.full((n_prog, bm), -1, dtype=torch.int32, device=dev)
-    rows[(ends - progs)[bh] + rank // bm, rank % bm] = (idx % Q).to(torch.int32)
-    prog_bh = torch.searchsorted(ends, torch.arange(n_prog, device=dev), right=True)
-    return rows, prog_bh.clamp_(max=n_bh - 1).to(torch.int32)
+    n_prog = -(-Q // bm)
+    f = flag.view(n_bh, Q) > 0
+    rank = torch.cumsum(f, 1) - 1                           # among the flagged of its head
+    heads = torch.arange(n_bh, device=dev).unsqueeze(1)
+    size = n_prog * n_bh * bm
+    # a flagged entry goes to rows[rank // bm, bh, rank % bm]; the others to distinct places
+    # past the end (no two writes meet: no atomics, a deterministic result)
+    dest = torch.where(f, (rank // bm * n_bh + heads) * bm + rank % bm,
+                       size + heads * Q + torch.arange(Q, device=dev))
+    buf = torch.empty(size + n_bh * Q, dtype=torch.int32, device=dev)
+    buf[:size].fill_(-1)
+    src = torch.arange(Q, device=dev, dtype=torch.int32).expand(n_bh, Q)
+    buf.scatter_(0, dest.flatten(), src.flatten())
+    return buf[:size].view(n_prog, n_bh, bm)
 
 
-def _second_pass(flag: Tensor, n: int, tensors: tuple, args: tuple, common: dict, n_bh: int,
+def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: int,
                  Q: int) -> None:
-    """The exact flip and top-k overlap (one-pass loop, first indices) of the ``n`` flagged
-    queries, written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head)
-    each (:func:`fix_layout`)."""
+    """The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
+    written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head) each
+    (:func:`fix_layout`)."""
     q, k, k_hat, km, out = tensors
-    SECOND_PASS[0] = n
-    if n == 0:
-        return
     bm, bn, warps, stages = CONFIG["fix"]
-    rows, prog_bh = fix_layout(flag, n, n_bh, Q, bm)
+    rows = fix_layout(flag, n_bh, Q, bm)
     descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
-    metrics_kernel[(rows.shape[0],)](
-        q, k, k_hat, q, q, km, out, flag, rows, prog_bh, *descs, *args, BLOCK_M=bm,
+    metrics_kernel[(rows.shape[0] * n_bh,)](
+        q, k, k_hat, q, q, km, out, flag, rows, *descs, *args, BLOCK_M=bm,
         HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
         TMA=descs[0] is not None,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages})

@@ -31,6 +31,7 @@ metric as in :mod:`kvtheory.fisher`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import no_type_check
@@ -40,7 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._checks import (check_group, check_int, check_positive, check_same_d, check_tensor,
-                      finite_absmax)
+                      finite_absmaxes)
 from ._flipstream import (  # noqa: F401 - _top_first, _topk, _COMPILED_CALLS: tests use them
     _BLOCK_BYTES, _COMPILED_CALLS, _HALF, _half_matmul, _stream, _top_first, _topk, _visibility)
 from .errors import bad_argument
@@ -265,9 +266,14 @@ def attention_metrics(
     with torch.no_grad():
         args = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
                          prob_bins, block, window)
+        agg = dict(group=q.shape[1] // k.shape[1], topk=topk, keep=bool(return_per_query))
         per, valid, nv = _run(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk)
-        return _aggregate(per, valid, nv, *args[7:], group=q.shape[1] // k.shape[1],
-                          topk=topk, keep=bool(return_per_query))
+        out, overflow = _aggregate(per, valid, nv, *args[7:], **agg)
+        if overflow:    # the fused kernel's series sum overflowed: again, with lse(s^) for KL
+            per, valid, nv = _run(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk,
+                                  zh=True)
+            out, _ = _aggregate(per, valid, nv, *args[7:], **agg)
+        return out
 
 
 def _edges(name: str, edges: object, last: float) -> tuple[float, ...]:
@@ -282,13 +288,12 @@ def _edges(name: str, edges: object, last: float) -> tuple[float, ...]:
 
 def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins, prob_bins,
               block, window=None):
-    # the finite checks also give max|x| for the range bound below: one pass and sync each
     check_tensor("q", q, ndim=4, finite=False, axes="batch q_head query d")
-    amax = {"q": finite_absmax("q", q)}
     for name, x in (("k", k), ("k_hat", k_hat)):
         check_tensor(name, x, ndim=4, finite=False, axes="batch kv_head token d")
-        amax[name] = finite_absmax(name, x)
         check_same_d("q", q, name, x)
+    # the finite checks also give max|x| for the range bound below: one pass each, one sync
+    amax = dict(zip(("q", "k", "k_hat"), finite_absmaxes(("q", q), ("k", k), ("k_hat", k_hat))))
     if k_hat.shape != k.shape:
         raise bad_argument("k_hat", k_hat, f"the shape of k, {tuple(k.shape)}")
     if k.shape[0] != q.shape[0]:
@@ -364,9 +369,12 @@ def _fused_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _triton_metrics.available(device, dtype)
 
 
-def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: int = 5):
+def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: int = 5,
+         zh: bool = False):
     """The fused CUDA kernel where it serves the call (:mod:`._triton_metrics`), else
-    :func:`_stream`; returns per-query results (batch, kv, g, query), ``valid`` and ``nv``."""
+    :func:`_stream`; returns per-query results (batch, kv, g, query), ``valid`` and ``nv``.
+    The kernel's results come unsynchronised, with ``per["overflow"]`` (0-dim) where its KL
+    needs a second run with ``zh`` (:func:`_aggregate` reads it in its one transfer)."""
     from . import _triton_metrics as tm
 
     causal, _, scale, window = opts
@@ -381,10 +389,13 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
                        nv=nv), valid, nv
     vis: list = []     # built while the kernel runs (the GPU would otherwise wait for it)
     res = tm.fused_metrics(q, k, k_hat, v, v_hat, key_mask, causal=causal, window=window,
-                           scale=scale, topk=topk, full=full,
+                           scale=scale, topk=topk, full=full, zh=zh,
                            while_running=lambda: vis.extend(visibility()))
     valid, nv = vis
+    overflow = res.pop("overflow", None)
     per = {name: x.view(B, Hkv, Hq // Hkv, Q) for name, x in res.items()}
+    if overflow is not None:
+        per["overflow"] = overflow
     if full:
         per["margin"] = torch.where(nv >= 2, per["margin"], math.inf)
         per["topk_overlap"] = per["topk_overlap"] / nv.clamp(1, topk)
@@ -393,8 +404,11 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
 
 def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
                p_edges: tuple[float, ...], *, group: int, topk: int, keep: bool
-               ) -> AttentionMetrics:
-    """Means per head over valid (head, query) pairs, strata counts, per-query tensors."""
+               ) -> tuple[AttentionMetrics, bool]:
+    """Means per head over valid (head, query) pairs, strata counts, per-query tensors; and
+    whether ``per["overflow"]`` (the fused kernel's, if any) is set."""
+    per = dict(per)
+    overflow = per.pop("overflow", None)
     B, Hkv, g, Q = per["flip"].shape
     H = Hkv * g
     per = {name: x.reshape(B, H, Q) for name, x in per.items()}
@@ -406,9 +420,11 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     stack = torch.stack([per[m].to(torch.float64) for m in names])
     sums = torch.where(vmask, stack, 0).sum((1, 3)) / vmask.sum((0, 2))
     parts = {"n": valid.sum().to(torch.float64).view(1), "means": sums.flatten()}
+    if overflow is not None:
+        parts["overflow"] = overflow.to(torch.float64).view(1)
     sel = torch.stack([vmask, vmask & per["flip"]], -1)                 # (B, H, Q, 2)
     for name, key, edges in (("margin", "margin", m_edges), ("prob", "top1_prob", p_edges)):
-        inner = torch.tensor(edges[1:-1], dtype=per[key].dtype, device=valid.device)
+        inner = _inner_edges(edges, per[key].dtype, valid.device)
         nb = len(edges) - 1
         bins = torch.bucketize(per[key], inner, right=True)              # inf, 1: last bin
         onehot = bins.unsqueeze(-1) == torch.arange(nb, device=valid.device)   # (B, H, Q, nb)
@@ -432,4 +448,12 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         flip_rate=means["flip"], topk_overlap=means["topk_overlap"], kl=means["kl"],
         fisher=means["fisher"], output_rel_err=means.get("output_rel_err"),
         margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
-        per_query=per_query, **strata)
+        per_query=per_query, **strata), bool(host.get("overflow", 0))
+
+
+@functools.lru_cache(maxsize=64)
+def _inner_edges(edges: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The inner bin edges on ``device``, made once: ``torch.tensor(..., device=cuda)`` copies
+    from the host and waits for the GPU (a blocking copy), which would stall the queued work
+    of :func:`_aggregate` behind the kernel."""
+    return torch.tensor(edges[1:-1], dtype=dtype, device=device)

@@ -218,3 +218,19 @@ def test_one_pass_finite_test_equals_isfinite_all(dtype):
                 C.finite_absmax("x", x)
 
     check()
+
+
+def test_several_finite_checks_in_one_transfer_name_the_first_bad_tensor():
+    """``_checks.finite_absmaxes`` equals ``finite_absmax`` tensor by tensor (mixed dtypes, an
+    empty tensor) and, given several non-finite tensors, names the first one in order."""
+    g = torch.Generator().manual_seed(3)
+    xs = [("a", torch.randn(50, generator=g).to(torch.bfloat16)),
+          ("e", torch.empty(0)), ("b", torch.randn(7, 3, generator=g, dtype=torch.float64))]
+    assert C.finite_absmaxes(*xs) == [C.finite_absmax(n, x) for n, x in xs]
+    assert C.finite_absmaxes(*xs)[1] == 0.0
+    bad1, bad2 = xs[0][1].clone(), xs[2][1].clone()
+    bad1[4], bad2[0, 1] = float("nan"), float("inf")
+    with pytest.raises(KVTheoryError, match="^b: got 0 NaN and 1 Inf"):
+        C.finite_absmaxes(xs[0], ("b", bad2), ("c", bad1))
+    with pytest.raises(KVTheoryError, match="^a: got 1 NaN and 0 Inf"):
+        C.finite_absmaxes(("a", bad1), ("b", bad2))

@@ -70,3 +70,10 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     # a tied top of s: its s^ must be taken at the first index, which the second pass does
     sent, total = interp["keys in equal pairs (tied top of s), topk 4"]["second_pass"]
     assert sent == total
+
+
+def test_attention_metrics_runs_the_kernel_again_only_when_a_series_sum_overflows(interp):
+    # deltas of ~40 logits overflow the float32 sum of e^(delta - c): attention_metrics sees the
+    # kernel's overflow flag in its one transfer and runs it again with the log-sum-exps
+    assert interp["huge delta through attention_metrics (second run)"]["kernel_calls"] == 2
+    assert interp["through attention_metrics, window + shared mask"]["kernel_calls"] == 1
