@@ -49,7 +49,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
             hkv: int = 2, d: int = 128, causal: bool = True, window: int | None = None,
             mask: str | None = None, values: bool = False, topk: int = 5, cpu_ref: bool = True,
             seed: int = 0, dtype: torch.dtype = torch.bfloat16, local: bool = False,
-            tune: dict | None = None, pairs: bool = False) -> dict:
+            tune: dict | None = None, pairs: bool = False, huge: float = 0.0) -> dict:
     g = torch.Generator().manual_seed(seed)
     Q = T if Q is None else Q
     q = torch.randn(B, hq, Q, d, generator=g)
@@ -65,6 +65,8 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
         kh = (quantize(k, 4) + 0.01 * torch.randn(k.shape, generator=g)).to(dtype)
     else:
         kh = quantize(k, 4).to(dtype)
+    if huge:    # deltas of ~huge logits: the series sum overflows, a second run with lse
+        kh = (kh.float() + huge * torch.randn(k.shape, generator=g)).to(dtype)
     k = k.to(dtype)
     v = vh = None
     if values:
@@ -252,6 +254,7 @@ def main() -> int:
             dict(label="index lists: TOPK_MODE 2", tune={"TOPK_MODE": 2}),
             dict(label="keys in equal pairs (tied top of s), topk 4", pairs=True, topk=4,
                  causal=False),
+            dict(label="huge deltas (overflow: second run with log-sum-exps)", huge=40.0),
         ]
         for c in cases:
             if args.no_cpu_ref:
