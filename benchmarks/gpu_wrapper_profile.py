@@ -44,6 +44,8 @@ def main() -> int:
         ms = triton.testing.do_bench(fn, warmup=10, rep=200, return_mode="median")
         lines.append(f"  {name:40s} {ms:8.3f}")
         print(lines[-1], flush=True)
+    lines += ["", *host_split(q, k, kh)]
+    print("\n".join(lines[-8:]), flush=True)
     from torch.profiler import ProfilerActivity, profile
 
     flips.attention_metrics(q, k, kh, causal=False)
@@ -112,6 +114,44 @@ def steps_timeline(q, k, kh, trace: Path) -> list[str]:
     t_call = call[0][1] if call else 0.0
     for a, b, name in kernels:
         out.append(f"  {a - t_call:9.1f} +{b - a:8.1f}  {name[:70]}")
+    return out
+
+
+def host_split(q, k, kh, reps: int = 30) -> list[str]:
+    """``attention_metrics``'s three parts, timed on the host (``perf_counter``) and on the
+    device (CUDA events recorded between them), medians over ``reps`` calls: validation (ends
+    with a sync), ``flips._run`` (queues the kernels, no sync) and aggregation (one transfer,
+    so it waits for the kernels); the whole call from the first event to the last."""
+    import statistics
+    import time
+
+    d = q.shape[-1]
+    rows: dict[str, list[float]] = {}
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        t = [time.perf_counter()]
+        ev[0].record()
+        args = _validate(q, k, kh)
+        t.append(time.perf_counter())
+        ev[1].record()
+        per, valid, nv = flips._run(*args[:5], full=True, topk=5)
+        t.append(time.perf_counter())
+        ev[2].record()
+        flips._aggregate(per, valid, nv, *args[7:], group=q.shape[1] // k.shape[1], topk=5,
+                         keep=False)
+        t.append(time.perf_counter())
+        ev[3].record()
+        torch.cuda.synchronize()
+        for i, name in enumerate(("validate", "_run (queue)", "aggregate (waits)")):
+            rows.setdefault(name, []).append((1e3 * (t[i + 1] - t[i]),
+                                              ev[i].elapsed_time(ev[i + 1])))
+        rows.setdefault("whole call", []).append((1e3 * (t[3] - t[0]), ev[0].elapsed_time(ev[3])))
+    out = [f"attention_metrics split, medians of {reps} calls (ms; host perf_counter, device "
+           f"events between the parts; d={d})"]
+    for name, v in rows.items():
+        out.append(f"  {name:20s} host {statistics.median(x for x, _ in v):8.3f}  device "
+                   f"{statistics.median(y for _, y in v):8.3f}")
     return out
 
 
