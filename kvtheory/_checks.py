@@ -88,24 +88,37 @@ def finite_absmaxes(*named: tuple[str, Tensor]) -> list[float]:
     >>> finite_absmaxes(("a", torch.tensor([1.0, -3.0])), ("b", torch.tensor([2.0])))
     [3.0, 2.0]
     """
-    ext: dict[int, tuple[float, float]] = {}
+    ext: dict[int, list[float]] = {}
     by_device: dict[torch.device, list[int]] = {}
     for i, (_, x) in enumerate(named):
-        if x.numel():
-            by_device.setdefault(x.device, []).append(i)
-        else:
-            ext[i] = (0.0, 0.0)
+        by_device.setdefault(x.device, []).append(i)
     for idx in by_device.values():
-        both = torch.stack([torch.stack(torch.aminmax(named[i][1].detach())).double()
-                            for i in idx]).tolist()
-        ext.update(zip(idx, (tuple(v) for v in both)))
-    out = []
-    for i, (name, x) in enumerate(named):
-        lo, hi = ext[i]
+        ext.update(zip(idx, extremes(*(named[i][1] for i in idx)).tolist()))
+    return absmaxes(named, [ext[i] for i in range(len(named))])
+
+
+def extremes(*xs: Tensor) -> Tensor:
+    """``(len(xs), 2)`` float64: the minimum and maximum of each tensor (0, 0 if empty), all on
+    the device of the first, queued without a host sync; :func:`absmaxes` reads them.
+
+    >>> extremes(torch.tensor([1.0, -3.0]), torch.empty(0)).tolist()
+    [[-3.0, 1.0], [0.0, 0.0]]
+    """
+    dev = xs[0].device
+    return torch.stack([torch.stack(torch.aminmax(x.detach())).to(torch.float64)
+                        if x.numel() else torch.zeros(2, dtype=torch.float64, device=dev)
+                        for x in xs])
+
+
+def absmaxes(named: Sequence[tuple[str, Tensor]], ext: Sequence[Sequence[float]]
+             ) -> list[float]:
+    r""":math:`\max|x|` of each named tensor from its (minimum, maximum) on the host, after the
+    error of :func:`check_tensor` for the first tensor, in order, with a value that is not
+    finite (NaN propagates to both extremes, an Inf shows in one)."""
+    for (name, x), (lo, hi) in zip(named, ext):
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise _not_finite(name, x)
-        out.append(max(-lo, hi))
-    return out
+    return [max(-lo, hi) for lo, hi in ext]
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:

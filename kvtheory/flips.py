@@ -40,10 +40,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ._checks import (check_group, check_int, check_positive, check_same_d, check_tensor,
-                      finite_absmaxes)
+from ._checks import check_int
+from ._flipargs import _validate
 from ._flipstream import (  # noqa: F401 - _top_first, _topk, _COMPILED_CALLS: tests use them
-    _BLOCK_BYTES, _COMPILED_CALLS, _HALF, _half_matmul, _stream, _top_first, _topk, _visibility)
+    _BLOCK_BYTES, _COMPILED_CALLS, _HALF, _stream, _top_first, _topk, _visibility)
 from .errors import bad_argument
 
 __all__ = ["AttentionMetrics", "PerQuery", "attention_metrics", "flip_rate", "MARGIN_BINS",
@@ -197,12 +197,19 @@ def flip_rate(
     tensor([1.], dtype=torch.float64)
     """
     with torch.no_grad():
-        args = _validate(q, k, k_hat, None, None, causal, key_mask, scale, 1, MARGIN_BINS,
-                         PROB_BINS, block, window)
-        per, valid, nv = _run(*args[:5], full=False)
-        flips = per["flip"].flatten(1, 2)
-        w = (valid.unsqueeze(1) & (nv.flatten(1, 2) > 0)).to(torch.float64)
-        return ((flips * w).sum((0, 2)) / w.sum((0, 2))).cpu()
+        for defer in (True, False):
+            args, pending = _validate(q, k, k_hat, None, None, causal, key_mask, scale, 1,
+                                      MARGIN_BINS, PROB_BINS, block, window, defer=defer)
+            per, valid, nv = _run(*args[:5], full=False)
+            flips = per["flip"].flatten(1, 2)
+            w = (valid.unsqueeze(1) & (nv.flatten(1, 2) > 0)).to(torch.float64)
+            rates = (flips * w).sum((0, 2)) / w.sum((0, 2))
+            if pending is None:
+                return rates.cpu()
+            host = torch.cat([rates, pending.ext.flatten()]).cpu()   # one transfer
+            if not pending.wide(host[rates.numel():].view(-1, 2).tolist()):
+                return host[:rates.numel()]
+        raise AssertionError("unreachable: the second round validates eagerly")
 
 
 @no_type_check
@@ -263,110 +270,24 @@ def attention_metrics(
     >>> m.mean()["flip_rate"], m.mean()["kl"], m.mean()["topk_overlap"]
     (0.0, 0.0, 1.0)
     """
+    agg = dict(group=q.shape[1] // k.shape[1], topk=topk, keep=bool(return_per_query))
     with torch.no_grad():
-        args = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
-                         prob_bins, block, window)
-        agg = dict(group=q.shape[1] // k.shape[1], topk=topk, keep=bool(return_per_query))
-        per, valid, nv = _run(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk)
-        out, overflow = _aggregate(per, valid, nv, *args[7:], **agg)
-        if overflow:    # the fused kernel's series sum overflowed: again, with lse(s^) for KL
-            per, valid, nv = _run(*args[:5], full=True, v=args[5], v_hat=args[6], topk=topk,
-                                  zh=True)
-            out, _ = _aggregate(per, valid, nv, *args[7:], **agg)
-        return out
-
-
-def _edges(name: str, edges: object, last: float) -> tuple[float, ...]:
-    try:
-        e = tuple(float(x) for x in edges)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        e = ()
-    if len(e) < 2 or e[0] != 0.0 or e[-1] != last or any(a >= b for a, b in zip(e, e[1:])):
-        raise bad_argument(name, edges, f"increasing bin edges from 0 to {last}")
-    return e
-
-
-def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins, prob_bins,
-              block, window=None):
-    check_tensor("q", q, ndim=4, finite=False, axes="batch q_head query d")
-    for name, x in (("k", k), ("k_hat", k_hat)):
-        check_tensor(name, x, ndim=4, finite=False, axes="batch kv_head token d")
-        check_same_d("q", q, name, x)
-    # the finite checks also give max|x| for the range bound below: one pass each, one sync
-    amax = dict(zip(("q", "k", "k_hat"), finite_absmaxes(("q", q), ("k", k), ("k_hat", k_hat))))
-    if k_hat.shape != k.shape:
-        raise bad_argument("k_hat", k_hat, f"the shape of k, {tuple(k.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise bad_argument("k", k, f"batch size {q.shape[0]}, that of q")
-    check_group(q.shape[1], k.shape[1])
-    if not isinstance(causal, bool):
-        raise bad_argument("causal", causal, "True or False")
-    B, T, Q = q.shape[0], k.shape[2], q.shape[2]
-    if min(B, T, Q, q.shape[3]) == 0:
-        raise bad_argument("q", q, "non-empty batch, query, token and d axes")
-    if causal and Q > T:
-        raise bad_argument("q", q, f"at most {T} queries when causal (the last of the tokens)")
-    if v is None and v_hat is not None:
-        raise bad_argument("v", v, "a tensor when v_hat is given")
-    if v is not None:
-        check_tensor("v", v, ndim=4, axes="batch kv_head token dv")
-        v_hat = v if v_hat is None else check_tensor("v_hat", v_hat, ndim=4)
-        for name, x in (("v", v), ("v_hat", v_hat)):
-            if x.shape[:3] != k.shape[:3] or x.shape != v.shape:
-                raise bad_argument(name, x, f"shape ({', '.join(map(str, k.shape[:3]))}, dv)")
-    Hq, Hkv = q.shape[1], k.shape[1]
-    if key_mask is not None:
-        ok = isinstance(key_mask, Tensor) and key_mask.dtype == torch.bool and (
-            tuple(key_mask.shape) == (B, T) or (key_mask.ndim == 3 and key_mask.shape[0] == B
-                                                and key_mask.shape[2] == T
-                                                and key_mask.shape[1] in (1, Hkv, Hq)))
-        if not ok:
-            raise bad_argument("key_mask", key_mask, f"a boolean tensor of shape ({B}, {T}), "
-                               f"({B}, {Hkv}, {T}) (per KV head) or ({B}, {Hq}, {T}) (per "
-                               "query head)")
-        key_mask = key_mask.unsqueeze(1) if key_mask.ndim == 2 else key_mask
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise bad_argument("window", window, "a positive int (tokens a query sees, itself "
-                               "included) or None")
-        if not causal:
-            raise bad_argument("window", window, "None when causal=False (a sliding window is "
-                               "causal)")
-    tensors = [x for x in (q, k, k_hat, v, v_hat, key_mask) if x is not None]
-    if any(x.is_complex() for x in tensors) or len({x.device for x in tensors}) > 1:
-        raise bad_argument("k", k, f"real tensors, all on the device of q ({q.device})")
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else check_positive("scale", scale)
-    check_int("topk", topk, 1)
-    block = None if block is None else check_int("block", block, 1)
-    m_edges = _edges("margin_bins", margin_bins, math.inf)
-    p_edges = _edges("prob_bins", prob_bins, 1.0)
-    dtype = torch.float64 if torch.float64 in {x.dtype for x in tensors} else torch.float32
-    bound = scale * q.shape[-1] * amax["q"] * max(amax["k"], amax["k_hat"])
-    if bound > _RANGE[torch.float64]:
-        raise bad_argument("q", q, f"q and k whose logits fit in float64 (|scale·q·k| may reach "
-                           f"{bound:.3g}; rescale them)")
-    wide = bound > _RANGE[torch.float32]
-    dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
-    half = (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
-            and (_half_matmul(q.device.type) or _fused_available(q.device, q.dtype)))
-    if half:   # logits on tensor cores, float32 accumulation and output
-        keys = (k, k_hat)
-    else:
-        keys = (k.to(dtype), k_hat.to(dtype))
-        q, scale = q.to(dtype) * scale, 1.0
-    values = [None if x is None else x.to(dtype) for x in (v, v_hat)]
-    return (q, *keys, key_mask, (bool(causal), block, scale, window), *values, m_edges, p_edges)
-
-
-#: logit bound (Cauchy–Schwarz) up to which a dtype is used: squared deltas summed over
-#: 2^31 tokens stay finite
-_RANGE = {torch.float32: 1e15, torch.float64: 1e150}
-
-
-def _fused_available(device: torch.device, dtype: torch.dtype) -> bool:
-    from . import _triton_metrics
-
-    return _triton_metrics.available(device, dtype)
+        for defer in (True, False):
+            args, pending = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk,
+                                      margin_bins, prob_bins, block, window, defer=defer)
+            run = dict(full=True, v=args[5], v_hat=args[6], topk=topk)
+            per, valid, nv = _run(*args[:5], **run)
+            also = {"overflow": per.pop("overflow", None),
+                    "extremes": None if pending is None else pending.ext}
+            out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also)
+            if pending is not None and pending.wide(host["extremes"].view(-1, 2).tolist()):
+                continue    # float32 logits could overflow: again, validated before the run
+            if "overflow" in host and host["overflow"].item():
+                # the fused kernel's series sum overflowed: again, with lse(s^) for the KL
+                per, valid, nv = _run(*args[:5], **run, zh=True)
+                out, _ = _aggregate(per, valid, nv, *args[7:], **agg)
+            return out
+        raise AssertionError("unreachable: the second round validates eagerly")
 
 
 def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: int = 5,
@@ -403,12 +324,11 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
 
 
 def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
-               p_edges: tuple[float, ...], *, group: int, topk: int, keep: bool
-               ) -> tuple[AttentionMetrics, bool]:
+               p_edges: tuple[float, ...], *, group: int, topk: int, keep: bool,
+               also: dict[str, Tensor | None] | None = None
+               ) -> tuple[AttentionMetrics, dict[str, Tensor]]:
     """Means per head over valid (head, query) pairs, strata counts, per-query tensors; and
-    whether ``per["overflow"]`` (the fused kernel's, if any) is set."""
-    per = dict(per)
-    overflow = per.pop("overflow", None)
+    the tensors of ``also`` (those not ``None``) on the host, brought in the same transfer."""
     B, Hkv, g, Q = per["flip"].shape
     H = Hkv * g
     per = {name: x.reshape(B, H, Q) for name, x in per.items()}
@@ -420,8 +340,8 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     stack = torch.stack([per[m].to(torch.float64) for m in names])
     sums = torch.where(vmask, stack, 0).sum((1, 3)) / vmask.sum((0, 2))
     parts = {"n": valid.sum().to(torch.float64).view(1), "means": sums.flatten()}
-    if overflow is not None:
-        parts["overflow"] = overflow.to(torch.float64).view(1)
+    extra = {f"also:{n}": x.to(torch.float64).flatten() for n, x in (also or {}).items()
+             if x is not None}
     sel = torch.stack([vmask, vmask & per["flip"]], -1)                 # (B, H, Q, 2)
     for name, key, edges in (("margin", "margin", m_edges), ("prob", "top1_prob", p_edges)):
         inner = _inner_edges(edges, per[key].dtype, valid.device)
@@ -431,6 +351,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         # counts[h, b, what] = sum over batch and query of [bin = b] sel[what] (exact int64)
         parts[name] = (onehot.unsqueeze(-1) & sel.unsqueeze(-2)).sum((0, 2)).to(
             torch.float64).flatten()
+    parts |= extra
     host = dict(zip(parts, torch.cat(list(parts.values())).cpu().split(
         [x.numel() for x in parts.values()])))
     n = int(host["n"])
@@ -448,7 +369,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         flip_rate=means["flip"], topk_overlap=means["topk_overlap"], kl=means["kl"],
         fisher=means["fisher"], output_rel_err=means.get("output_rel_err"),
         margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
-        per_query=per_query, **strata), bool(host.get("overflow", 0))
+        per_query=per_query, **strata), {n[5:]: host[n] for n in extra}
 
 
 @functools.lru_cache(maxsize=64)

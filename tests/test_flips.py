@@ -247,6 +247,45 @@ def test_half_inputs_are_upcast(half):
     assert 0 < float(m.flip_rate.mean()) < 1
 
 
+@pytest.mark.parametrize("fn", ["attention_metrics", "flip_rate"])
+def test_range_check_read_after_the_run_on_the_fused_path(monkeypatch, fn):
+    """On the fused kernel's path the finite checks and the logit bound are read with the
+    results (no host wait before the kernel): made to take that path on the CPU, logits that
+    could overflow float32 give a second, eagerly validated run whose results equal the eager
+    path's (float64), and a NaN gives the same error as before."""
+    from kvtheory import _flipargs, flips
+
+    x = make(6, B=1, Hkv=1, g=2, Q=8, T=8, d=16, noise=0.1)
+    big = {n: (x[n] * 1e9).to(torch.bfloat16) for n in ("q", "k", "k_hat")}
+    call = getattr(flips, fn)
+    eager = call(**big, causal=True)
+    seen, validate = [], flips._validate
+
+    def spy(*a, **kw):
+        seen.append(kw["defer"])
+        return validate(*a, **kw)
+
+    def run(q, *rest, **kw):   # stands in for the kernel: half inputs in float32
+        half = q.dtype == torch.bfloat16
+        return run_(*(x.float() if half and i < 3 else x for i, x in enumerate((q, *rest))),
+                    **kw)
+
+    run_ = flips._run
+    monkeypatch.setattr(_flipargs, "_fused_available", lambda device, dtype: True)
+    monkeypatch.setattr(flips, "_validate", spy)
+    monkeypatch.setattr(flips, "_run", run)
+    deferred = call(**big, causal=True)
+    assert seen == [True, False]
+    for name in ("flip_rate", "kl", "fisher", "topk_overlap"):
+        a, b = (getattr(m, name) for m in (eager, deferred)) if fn == "attention_metrics" \
+            else (eager, deferred)
+        assert torch.equal(a, b), name
+    bad = dict(big, k_hat=big["k_hat"].index_fill(2, torch.tensor([1]), math.nan))
+    with pytest.raises(KVTheoryError, match=r"k_hat: got 16 NaN and 0 Inf.*expected finite"):
+        call(**bad, causal=True)
+    assert seen[2:] == [True]
+
+
 # -------------------------------------------------------------------------- properties
 shapes = st.fixed_dictionaries({
     "seed": st.integers(0, 2**31 - 1), "B": st.integers(1, 2), "Hkv": st.integers(1, 3),
