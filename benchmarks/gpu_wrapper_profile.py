@@ -132,7 +132,7 @@ def host_split(q, k, kh, reps: int = 30) -> list[str]:
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         t = [time.perf_counter()]
         ev[0].record()
-        args = _validate(q, k, kh)
+        args, _ = _validate(q, k, kh, defer=False)
         t.append(time.perf_counter())
         ev[1].record()
         per, valid, nv = flips._run(*args[:5], full=True, topk=5)
@@ -155,9 +155,9 @@ def host_split(q, k, kh, reps: int = 30) -> list[str]:
     return out
 
 
-def _validate(q, k, kh):
+def _validate(q, k, kh, defer=True):
     return flips._validate(q, k, kh, None, None, False, None, None, 5, flips.MARGIN_BINS,
-                           flips.PROB_BINS, None)
+                           flips.PROB_BINS, None, defer=defer)
 
 
 if __name__ == "__main__":
