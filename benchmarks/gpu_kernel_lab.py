@@ -57,6 +57,9 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "fix64x32w4s3": ("full", {}, {"fix": (64, 32, 4, 3)}),
     "fix64x64w4s2": ("full", {}, {"fix": (64, 64, 4, 2)}),
     "fix128x64w8s3": ("full", {}, {"fix": (128, 64, 8, 3)}),
+    # three programs an SM (shared memory of 2 stages, at most 160 registers a thread)
+    "fix64x64w4s2r160": ("full", {}, {"fix": (64, 64, 4, 2, 160)}),
+    "fix64x32w4s3r128": ("full", {}, {"fix": (64, 32, 4, 3, 128)}),
 }
 
 

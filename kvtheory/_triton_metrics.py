@@ -104,8 +104,9 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
             and dtype in (torch.bfloat16, torch.float16))
 
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel variant; benchmarks may override
-CONFIG: dict[str, tuple[int, int, int, int]] = {
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) per kernel variant; benchmarks may
+#: override
+CONFIG: dict[str, tuple[int, ...]] = {
     "flip": (128, 64, 8, 3), "full": (64, 64, 4, 3), "values": (64, 32, 4, 2),
     "fix": (64, 64, 4, 3)}
 
@@ -122,9 +123,8 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     one-pass top-k the kernel cannot vouch for (a key block holding two of the top k, or a
     tied top logit) get their overlap and flip from a second, exact pass over those queries
     alone. Nothing waits for the GPU: the work is queued and the host returns, so the
-    caller's own work overlaps the kernel. With ``full`` (and no values) the result also
-    holds ``overflow``, a 0-dim bool tensor: a series sum overflowed (deltas beyond ~88) and
-    the KL of some query is inf; call again with ``zh=True`` (the kernel then also sums
+    caller's own work overlaps the kernel. Where a series sum overflowed (deltas beyond ~88)
+    the KL of that query is not finite: call again with ``zh=True`` (the kernel then also sums
     :math:`e^{\hat s}` and takes the KL from the log-sum-exps there). ``while_running`` is
     called right after the main kernel's launch (``flips._run``: the visibility tensors).
     """
@@ -158,7 +158,7 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
             if full and (mode == 3 or (mode == 2 and topk > 1)) else None)
     SECOND_PASS[:] = [flag, B * Hq * Q]
     name = "values" if has_v else ("full" if full else "flip")
-    bm, bn, warps, stages = CONFIG[name]
+    bm, bn, warps, stages, *nreg = CONFIG[name]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),
                   BDV=max(16, triton.next_power_of_2(dvn)), BLOCK_N=bn,
                   KP=triton.next_power_of_2(max(topk, 2)), TOPK=topk, CAUSAL=bool(causal),
@@ -173,7 +173,7 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
         q, k, k_hat, v, v_hat, km, out, out if flag is None else flag, out, *descs, *args,
         BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
-        **{**common, **tune})
+        **{**common, **dict(zip(["maxnreg"], nreg)), **tune})
     if while_running is not None:   # host work queued behind the kernel
         while_running()
     if flag is not None:
@@ -186,8 +186,6 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
                    fisher=out[5])
         if has_v:
             res["output_rel_err"] = out[6]
-        elif not with_zh:   # a sum of e^(delta - c) overflowed where p is well defined
-            res["overflow"] = (~torch.isfinite(out[4]) & torch.isfinite(out[2])).any()
     return res
 
 
@@ -249,11 +247,12 @@ def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: 
     written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head) each
     (:func:`fix_layout`)."""
     q, k, k_hat, km, out = tensors
-    bm, bn, warps, stages = CONFIG["fix"]
+    bm, bn, warps, stages, *nreg = CONFIG["fix"]
     rows = fix_layout(flag, n_bh, Q, bm)
     descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
     metrics_kernel[(rows.shape[0] * n_bh,)](
         q, k, k_hat, q, q, km, out, flag, rows, *descs, *args, BLOCK_M=bm,
         HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
         TMA=descs[0] is not None,
-        **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages})
+        **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
+           **dict(zip(["maxnreg"], nreg))})

@@ -277,25 +277,34 @@ def attention_metrics(
                                       margin_bins, prob_bins, block, window, defer=defer)
             run = dict(full=True, v=args[5], v_hat=args[6], topk=topk)
             per, valid, nv = _run(*args[:5], **run)
-            also = {"overflow": per.pop("overflow", None),
-                    "extremes": None if pending is None else pending.ext}
+            also = {"extremes": None if pending is None else pending.ext}
             out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also)
             if pending is not None and pending.wide(host["extremes"].view(-1, 2).tolist()):
                 continue    # float32 logits could overflow: again, validated before the run
-            if "overflow" in host and host["overflow"].item():
-                # the fused kernel's series sum overflowed: again, with lse(s^) for the KL
+            seen = out.margin_counts.sum(1) > 0     # heads with a query
+            if (_on_kernel(args[0]) and args[5] is None
+                    and not bool((torch.isfinite(out.kl) | ~seen).all())):
+                # a series sum of the fused kernel overflowed (its KL is not finite):
+                # again, with the log-sum-exp of s^ for the KL
                 per, valid, nv = _run(*args[:5], **run, zh=True)
                 out, _ = _aggregate(per, valid, nv, *args[7:], **agg)
             return out
         raise AssertionError("unreachable: the second round validates eagerly")
 
 
+def _on_kernel(q: Tensor) -> bool:
+    """Whether :func:`_run` serves validated arguments with this ``q`` by the fused kernel."""
+    from . import _triton_metrics as tm
+
+    return q.dtype in _HALF and tm.available(q.device, q.dtype)
+
+
 def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: int = 5,
          zh: bool = False):
     """The fused CUDA kernel where it serves the call (:mod:`._triton_metrics`), else
     :func:`_stream`; returns per-query results (batch, kv, g, query), ``valid`` and ``nv``.
-    The kernel's results come unsynchronised, with ``per["overflow"]`` (0-dim) where its KL
-    needs a second run with ``zh`` (:func:`_aggregate` reads it in its one transfer)."""
+    The kernel's results come unsynchronised; where a series sum of the kernel overflowed
+    the KL is not finite, and a second run with ``zh`` computes it from log-sum-exps."""
     from . import _triton_metrics as tm
 
     causal, _, scale, window = opts
@@ -304,7 +313,7 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
     def visibility() -> tuple[Tensor, Tensor]:
         return _visibility(key_mask, (B, Hkv, Hq // Hkv, Q), T, causal, window, q.device)
 
-    if not (q.dtype in _HALF and tm.available(q.device, q.dtype)):
+    if not _on_kernel(q):
         valid, nv = visibility()
         return _stream(q, k, k_hat, key_mask, opts, full=full, v=v, v_hat=v_hat, topk=topk,
                        nv=nv), valid, nv
@@ -313,10 +322,7 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
                            scale=scale, topk=topk, full=full, zh=zh,
                            while_running=lambda: vis.extend(visibility()))
     valid, nv = vis
-    overflow = res.pop("overflow", None)
     per = {name: x.view(B, Hkv, Hq // Hkv, Q) for name, x in res.items()}
-    if overflow is not None:
-        per["overflow"] = overflow
     if full:
         per["margin"] = torch.where(nv >= 2, per["margin"], math.inf)
         per["topk_overlap"] = per["topk_overlap"] / nv.clamp(1, topk)
@@ -337,7 +343,8 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     # to the host: few launches and one sync on an accelerator (no boolean indexing, no
     # bincount, no atomics: index_add_ into a few bins took 0.17 ms a call on the H200)
     names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
-    stack = torch.stack([per[m].to(torch.float64) for m in names])
+    dt = per["kl"].dtype      # float32 or float64: exact, then one cast (fewer launches)
+    stack = torch.stack([per[m].to(dt) for m in names]).to(torch.float64)
     sums = torch.where(vmask, stack, 0).sum((1, 3)) / vmask.sum((0, 2))
     parts = {"n": valid.sum().to(torch.float64).view(1), "means": sums.flatten()}
     extra = {f"also:{n}": x.to(torch.float64).flatten() for n, x in (also or {}).items()
