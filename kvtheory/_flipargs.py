@@ -87,8 +87,7 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
     dtype = torch.float64 if torch.float64 in {x.dtype for x in tensors} else torch.float32
     fused = (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF
              and _fused_available(q.device, q.dtype))
-    pending = _Pending(extremes(*(x for _, x in named)), tuple(named), scale) \
-        if defer and fused else None
+    pending = _Pending(tuple(named), scale) if defer and fused else None
     # the finite checks give max|x| for the range bound: one pass each, one sync (or none yet)
     wide = False if pending else _Pending.check(named, finite_absmaxes(*named), scale)
     dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
@@ -104,15 +103,20 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
              p_edges), pending)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Pending:
-    """The range check of a call on the fused kernel, read with its results: ``ext`` holds
-    each named tensor's minimum and maximum (:func:`~kvtheory._checks.extremes`, on the
-    device, not yet read) for the finite checks and the logit bound."""
+    """The range check of a call on the fused kernel, read with its results: :meth:`start`,
+    called right after the kernel's launch (so the host launches the kernel first), queues
+    each named tensor's minimum and maximum (``ext``, :func:`~kvtheory._checks.extremes`, on
+    the device) for the finite checks and the logit bound."""
 
-    ext: Tensor
     named: tuple[tuple[str, Tensor], ...]
     scale: float
+    ext: Tensor | None = None
+
+    def start(self) -> None:
+        """Queue the extremes (no host sync)."""
+        self.ext = extremes(*(x for _, x in self.named))
 
     def wide(self, ext: list[list[float]]) -> bool:
         """:meth:`check` on the host values ``ext`` of :attr:`ext`."""

@@ -387,8 +387,11 @@ def metrics_kernel(
             d1 = S1 / W                                  # mu - c
             fisher = tl.maximum(0.5 * (S2 / W - d1 * d1), 0.0)
             hh = -d1
-            php = tl.maximum(tl.exp(hh) * PH + W * _psi(hh), 0.0)   # sum_j w_j phi(delta_j - mu)
-            kl = _log1p(php / W)
+            raw = tl.exp(hh) * PH + W * _psi(hh)     # sum_j w_j phi(delta_j - mu)
+            # an overflowed sum (inf, or NaN from 0 inf or inf - inf) gives KL = inf: the
+            # GPU's maximum would turn a NaN into 0, a finite and wrong KL
+            kl = tl.where(tl.abs(raw) < float("inf"), _log1p(tl.maximum(raw, 0.0) / W),
+                          float("inf"))
             if WITH_ZH:   # lse(s^) - lse(s) - mu where the series sum is not finite
                 big = (mh - m1) * scale - (c + d1) + tl.log(ZH / W)
                 kl = tl.where(kl < float("inf"), kl, tl.maximum(big, 0.0))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import no_type_check
 
@@ -200,7 +201,7 @@ def flip_rate(
         for defer in (True, False):
             args, pending = _validate(q, k, k_hat, None, None, causal, key_mask, scale, 1,
                                       MARGIN_BINS, PROB_BINS, block, window, defer=defer)
-            per, valid, nv = _run(*args[:5], full=False)
+            per, valid, nv = _run(*args[:5], full=False, after_launch=pending and pending.start)
             flips = per["flip"].flatten(1, 2)
             w = (valid.unsqueeze(1) & (nv.flatten(1, 2) > 0)).to(torch.float64)
             rates = (flips * w).sum((0, 2)) / w.sum((0, 2))
@@ -276,7 +277,7 @@ def attention_metrics(
             args, pending = _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk,
                                       margin_bins, prob_bins, block, window, defer=defer)
             run = dict(full=True, v=args[5], v_hat=args[6], topk=topk)
-            per, valid, nv = _run(*args[:5], **run)
+            per, valid, nv = _run(*args[:5], **run, after_launch=pending and pending.start)
             also = {"extremes": None if pending is None else pending.ext}
             out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also)
             if pending is not None and pending.wide(host["extremes"].view(-1, 2).tolist()):
@@ -300,11 +301,12 @@ def _on_kernel(q: Tensor) -> bool:
 
 
 def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: int = 5,
-         zh: bool = False):
+         zh: bool = False, after_launch: Callable[[], object] | None = None):
     """The fused CUDA kernel where it serves the call (:mod:`._triton_metrics`), else
     :func:`_stream`; returns per-query results (batch, kv, g, query), ``valid`` and ``nv``.
     The kernel's results come unsynchronised; where a series sum of the kernel overflowed
-    the KL is not finite, and a second run with ``zh`` computes it from log-sum-exps."""
+    the KL is not finite, and a second run with ``zh`` computes it from log-sum-exps.
+    ``after_launch`` is called once the kernel is queued (before the stream path runs)."""
     from . import _triton_metrics as tm
 
     causal, _, scale, window = opts
@@ -314,13 +316,16 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
         return _visibility(key_mask, (B, Hkv, Hq // Hkv, Q), T, causal, window, q.device)
 
     if not _on_kernel(q):
+        if after_launch is not None:
+            after_launch()
         valid, nv = visibility()
         return _stream(q, k, k_hat, key_mask, opts, full=full, v=v, v_hat=v_hat, topk=topk,
                        nv=nv), valid, nv
     vis: list = []     # built while the kernel runs (the GPU would otherwise wait for it)
     res = tm.fused_metrics(q, k, k_hat, v, v_hat, key_mask, causal=causal, window=window,
                            scale=scale, topk=topk, full=full, zh=zh,
-                           while_running=lambda: vis.extend(visibility()))
+                           while_running=lambda: (vis.extend(visibility()),
+                                                  after_launch and after_launch()))
     valid, nv = vis
     per = {name: x.view(B, Hkv, Hq // Hkv, Q) for name, x in res.items()}
     if full:
