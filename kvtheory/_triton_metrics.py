@@ -108,7 +108,7 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 #: override
 CONFIG: dict[str, tuple[int, ...]] = {
     "flip": (128, 64, 8, 3), "full": (64, 64, 4, 3), "values": (64, 32, 4, 2),
-    "fix": (64, 64, 4, 3)}
+    "fix": (64, 64, 4, 2, 160)}     # three programs an SM (2 stages of shared memory)
 
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
