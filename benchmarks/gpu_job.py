@@ -154,9 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             {"flips"} if only & {"flips", "flips7b"} else set()) | (
             {"memory"} if only & {"memory", "flips7b"} else set())
         kept = [c for c in old.get("cases", []) if c.get("case") not in rerun]
-        doc["merged"] = {"from": args.merge, "kept_cases": sorted({c.get("case") for c in kept}),
-                         "kept_from_sha": old.get("settings", {}).get("source_git_sha"),
-                         "kept_date": old.get("machine", {}).get("date")}
+        names = sorted({c.get("case") for c in kept})
+        before = old.get("merged") or {}
+        if names and set(names) <= set(before.get("kept_cases") or []):
+            # every kept case was itself kept by that file's merge: its source is older
+            src = {"kept_from_sha": before.get("kept_from_sha"),
+                   "kept_date": before.get("kept_date")}
+        else:
+            src = {"kept_from_sha": old.get("settings", {}).get("source_git_sha"),
+                   "kept_date": old.get("machine", {}).get("date")}
+        doc["merged"] = {"from": args.merge, "kept_cases": names, **src}
         if "peak" not in only:
             doc["matmul_peak"] = old.get("matmul_peak")
         cases.extend(kept)

@@ -154,7 +154,8 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     out = torch.empty(n_out, B * Hq * Q, dtype=torch.float32, device=q.device)
     tune = dict(TUNE)
     mode = tune.get("TOPK_MODE", 3)
-    flag = (torch.zeros(B * Hq * Q, dtype=torch.int8, device=q.device)
+    # the kernel writes every query's flag (no fill launch before it)
+    flag = (torch.empty(B * Hq * Q, dtype=torch.int8, device=q.device)
             if full and (mode == 3 or (mode == 2 and topk > 1)) else None)
     SECOND_PASS[:] = [flag, B * Hq * Q]
     name = "values" if has_v else ("full" if full else "flip")
