@@ -20,8 +20,10 @@ tiles on tensor cores and, per query row, updates:
   :math:`\sim 10^{-7}/\mathrm{Var}_p(u)`, large for small deltas; timing only); ``5``: none
   (timing only);
 * the top-k (``TOPK_MODE``): ``3`` (default) takes each block's largest and second largest
-  of :math:`s` and of :math:`\hat s` in one reduction (ties counted; three max/min an
-  element), inserts the block maximum of :math:`s` with :math:`\hat s` there into a running
+  of :math:`s` and of :math:`\hat s` in one reduction each (ties counted; three max/min an
+  element), the one of :math:`s` carrying :math:`\hat s` along its largest (``PAYLOAD``; off:
+  a separate masked maximum of :math:`\hat s` where :math:`s` is largest, 23 instructions a
+  block more), inserts the block maximum of :math:`s` with :math:`\hat s` there into a running
   top-k list of :math:`s` and the block maximum of :math:`\hat s` into a value list of
   :math:`\hat s`, and keeps the largest *second* entry of any block; the overlap is the
   number of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest
@@ -142,6 +144,18 @@ def _topk_rest2(ts, ti, tsh, tih, kc, work, cur, workh, curh, cols):
 
 
 @triton.jit
+def _top2_at(a1, ap, a2, b1, bp, b2):
+    """:func:`_top2` of the first entries with a payload carried along the largest (``ap``,
+    ``bp``: s^ where s is largest; on a tie the left one, which only matters where the row is
+    flagged for the second pass anyway): two ops more an element, against the three of a
+    separate masked maximum."""
+    nan: tl.constexpr = tl.PropagateNan.ALL
+    return (tl.maximum(a1, b1, propagate_nan=nan), tl.where(b1 > a1, bp, ap),
+            tl.maximum(tl.maximum(a2, b2, propagate_nan=nan), tl.minimum(a1, b1, propagate_nan=nan),
+                       propagate_nan=nan))
+
+
+@triton.jit
 def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
     """:math:`\\sum_j w_j\\varphi(u_j)` of one block per row (``t`` = w u, ``tu`` = w u²; see
     the module)."""
@@ -180,7 +194,7 @@ def metrics_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = True,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
@@ -286,9 +300,12 @@ def metrics_kernel(
             # is largest: at its first index unless the largest is tied, which the row's
             # flag sends to the exact second pass if it is the running top
             ninf = tl.full(sh.shape, float("-inf"), tl.float32)
-            bm, sec = tl.reduce((s, ninf), 1, _top2)
+            if PAYLOAD:     # s^ at the largest s carried through the same reduction
+                bm, sh_b, sec = tl.reduce((s, sh, ninf), 1, _top2_at)
+            else:
+                bm, sec = tl.reduce((s, ninf), 1, _top2)
+                sh_b = tl.max(tl.where(s == bm[:, None], sh, NEG), 1)
             bmh, sech = tl.reduce((sh, ninf), 1, _top2)
-            sh_b = tl.max(tl.where(s == bm[:, None], sh, NEG), 1)
             tie_top = tl.where(bm > m1, sec == bm, tie_top)
         else:
             bm = tl.max(s, 1)

@@ -58,6 +58,8 @@ CASES = {
     "huge delta through attention_metrics (second run)": dict(api=True, eps=40.0),
     "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
+    "s^ at the top by a masked maximum (PAYLOAD off), pairs": dict(
+        pairs=True, topk=4, causal=False, tune={"PAYLOAD": False}),
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
 }
 
