@@ -85,14 +85,13 @@ def _validate(q, k, k_hat, v, v_hat, causal, key_mask, scale, topk, margin_bins,
     m_edges = _edges("margin_bins", margin_bins, math.inf)
     p_edges = _edges("prob_bins", prob_bins, 1.0)
     dtype = torch.float64 if torch.float64 in {x.dtype for x in tensors} else torch.float32
-    fused = (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF
-             and _fused_available(q.device, q.dtype))
+    same_half = q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF
+    fused = same_half and _fused_available(q.device, q.dtype)
     pending = _Pending(tuple(named), scale) if defer and fused else None
     # the finite checks give max|x| for the range bound: one pass each, one sync (or none yet)
-    wide = False if pending else _Pending.check(named, finite_absmaxes(*named), scale)
+    wide = False if pending else _wide(named, finite_absmaxes(*named), scale)
     dtype = torch.float64 if wide else dtype      # float32 logits could overflow: float64
-    half = (q.dtype == k.dtype == k_hat.dtype and q.dtype in _HALF and not wide
-            and (_half_matmul(q.device.type) or fused))
+    half = same_half and not wide and (_half_matmul(q.device.type) or fused)
     if half:   # logits on tensor cores, float32 accumulation and output
         keys = (k, k_hat)
     else:
@@ -119,20 +118,21 @@ class _Pending:
         self.ext = extremes(*(x for _, x in self.named))
 
     def wide(self, ext: list[list[float]]) -> bool:
-        """:meth:`check` on the host values ``ext`` of :attr:`ext`."""
-        return self.check(self.named, absmaxes(self.named, ext), self.scale)
+        """:func:`_wide` from the host values ``ext`` of :attr:`ext` (the finite checks'
+        errors first)."""
+        return _wide(self.named, absmaxes(self.named, ext), self.scale)
 
-    @staticmethod
-    def check(named, amax: list[float], scale: float) -> bool:
-        r"""Whether float32 logits could overflow (Cauchy–Schwarz bound
-        :math:`\tau\, d \max|q| \max|k|` beyond ``_RANGE[float32]``), given each named
-        tensor's :math:`\max|x|` (``q``, ``k``, ``k_hat`` first); an error beyond float64."""
-        q = named[0][1]
-        bound = scale * q.shape[-1] * amax[0] * max(amax[1], amax[2])
-        if bound > _RANGE[torch.float64]:
-            raise bad_argument("q", q, f"q and k whose logits fit in float64 (|scale·q·k| may "
-                               f"reach {bound:.3g}; rescale them)")
-        return bound > _RANGE[torch.float32]
+
+def _wide(named, amax: list[float], scale: float) -> bool:
+    r"""Whether float32 logits could overflow (Cauchy–Schwarz bound
+    :math:`\tau\, d \max|q| \max|k|` beyond ``_RANGE[float32]``), given each named
+    tensor's :math:`\max|x|` (``q``, ``k``, ``k_hat`` first); an error beyond float64."""
+    q = named[0][1]
+    bound = scale * q.shape[-1] * amax[0] * max(amax[1], amax[2])
+    if bound > _RANGE[torch.float64]:
+        raise bad_argument("q", q, f"q and k whose logits fit in float64 (|scale·q·k| may "
+                           f"reach {bound:.3g}; rescale them)")
+    return bound > _RANGE[torch.float32]
 
 
 #: logit bound (Cauchy–Schwarz) up to which a dtype is used: squared deltas summed over

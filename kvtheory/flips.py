@@ -352,8 +352,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     stack = torch.stack([per[m].to(dt) for m in names]).to(torch.float64)
     sums = torch.where(vmask, stack, 0).sum((1, 3)) / vmask.sum((0, 2))
     parts = {"n": valid.sum().to(torch.float64).view(1), "means": sums.flatten()}
-    extra = {f"also:{n}": x.to(torch.float64).flatten() for n, x in (also or {}).items()
-             if x is not None}
+    extra = {n: x.to(torch.float64).flatten() for n, x in (also or {}).items() if x is not None}
     sel = torch.stack([vmask, vmask & per["flip"]], -1)                 # (B, H, Q, 2)
     for name, key, edges in (("margin", "margin", m_edges), ("prob", "top1_prob", p_edges)):
         inner = _inner_edges(edges, per[key].dtype, valid.device)
@@ -363,9 +362,9 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         # counts[h, b, what] = sum over batch and query of [bin = b] sel[what] (exact int64)
         parts[name] = (onehot.unsqueeze(-1) & sel.unsqueeze(-2)).sum((0, 2)).to(
             torch.float64).flatten()
-    parts |= extra
-    host = dict(zip(parts, torch.cat(list(parts.values())).cpu().split(
-        [x.numel() for x in parts.values()])))
+    flat = [*parts.values(), *extra.values()]
+    got = torch.cat(flat).cpu().split([x.numel() for x in flat])
+    host, got_extra = dict(zip(parts, got)), dict(zip(extra, got[len(parts):]))
     n = int(host["n"])
     means = dict(zip(names, host["means"].view(len(names), -1)))
     strata = {}
@@ -381,7 +380,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         flip_rate=means["flip"], topk_overlap=means["topk_overlap"], kl=means["kl"],
         fisher=means["fisher"], output_rel_err=means.get("output_rel_err"),
         margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
-        per_query=per_query, **strata), {n[5:]: host[n] for n in extra}
+        per_query=per_query, **strata), got_extra
 
 
 @functools.lru_cache(maxsize=64)

@@ -73,7 +73,8 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
 
 
 def test_attention_metrics_runs_the_kernel_again_only_when_a_series_sum_overflows(interp):
-    # deltas of ~40 logits overflow the float32 sum of e^(delta - c): attention_metrics sees the
-    # kernel's overflow flag in its one transfer and runs it again with the log-sum-exps
+    # deltas of ~40 logits overflow the float32 sum of e^(delta - c): the kernel's KL is inf
+    # there, attention_metrics sees a KL mean that is not finite and runs the kernel again
+    # with the log-sum-exps
     assert interp["huge delta through attention_metrics (second run)"]["kernel_calls"] == 2
     assert interp["through attention_metrics, window + shared mask"]["kernel_calls"] == 1
