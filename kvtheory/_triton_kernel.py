@@ -40,9 +40,11 @@ tiles on tensor cores and, per query row, updates:
 * loads of the key tiles by tensor descriptors (``TMA``, Hopper's tensor memory accelerator)
   or by pointers.
 
-``FIX`` runs the kernel on listed query rows and writes only the flip and the top-k overlap:
-the second pass. Program :math:`p` takes ``ROWS[p]``, ``BLOCK_M`` query indices of (batch,
-head) :math:`p \bmod` (batch·head) padded with -1; one without rows skips every key block.
+Program :math:`(i, j)` takes query block :math:`i` of (batch·head) ``BH0`` :math:`+ j` (a
+launch may cover a run of ``NBH`` heads from ``BH0``). ``FIX`` runs the kernel on listed
+query rows and writes only the flip and the top-k overlap: the second pass. Program :math:`p`
+takes ``ROWS[p]``, ``BLOCK_M`` query indices of (batch·head) ``BH0`` :math:`+ p \bmod`
+``NBH`` padded with -1; one without rows skips every key block.
 """
 
 from __future__ import annotations
@@ -186,10 +188,10 @@ def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
     return PHb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH0", "NBH"])
 def metrics_kernel(
     Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, KD, KHD,
-    NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
+    NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT, BH0, NBH,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
@@ -206,7 +208,7 @@ def metrics_kernel(
     pid_m = tl.program_id(0)
     ar = tl.arange(0, BLOCK_M)
     if FIX:     # listed rows of one (batch, head); -1 pads a program's list
-        bh = pid_m % (N_OUT // NQ)
+        bh = BH0 + pid_m % NBH
         ridx = tl.load(ROWS + pid_m.to(tl.int64) * BLOCK_M + ar)
         rmask = ridx >= 0
         rows = tl.where(rmask, ridx, 0)
@@ -214,7 +216,7 @@ def metrics_kernel(
         pos_lo = tl.min(tl.where(rmask, pos, 1 << 30), 0)
         pos_hi = tl.max(tl.where(rmask, pos, 0), 0)
     else:
-        bh = tl.program_id(1)
+        bh = BH0 + tl.program_id(1)
         rows = pid_m * BLOCK_M + ar
         rmask = rows < NQ
         pos = rows + OFF
