@@ -26,14 +26,13 @@ from kvtheory import bench  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
 
 #: name -> (kernel kind, TUNE switches, block config of that kind, or {kind: config} (the key
-#: "schedule" updates ``SCHEDULE``, "second_pass": False times the main kernel alone), or None
-#: for the default)
+#: "second_pass": False times the main kernel alone), or None for the default)
 VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "flip": ("flip", {}, None),
     "default": ("full", {}, None),
     "loop": ("full", {"TOPK_MODE": 1}, None),
     "topk2": ("full", {"TOPK_MODE": 2}, None),
-    "payload": ("full", {"PAYLOAD": True}, None),
+    "nopayload": ("full", {"PAYLOAD": False}, None),
     "loop_phi0": ("full", {"TOPK_MODE": 1, "PHI_MODE": 0}, None),
     "phi_exp": ("full", {"PHI_MODE": 4}, None),
     "phi_none": ("full", {"PHI_MODE": 5}, None),
@@ -62,14 +61,12 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     # three programs an SM (shared memory of 2 stages, at most 160 registers a thread)
     "fix64x64w4s2r160": ("full", {}, {"fix": (64, 64, 4, 2, 160)}),
     "fix64x32w4s3r128": ("full", {}, {"fix": (64, 32, 4, 3, 128)}),
-    # the heads in runs on two streams, each run's second pass on a high-priority stream
-    "runs1": ("full", {}, {"schedule": {"runs": 1}}),
-    "runs2": ("full", {}, {"schedule": {"runs": 2}}),
-    "runs4": ("full", {}, {"schedule": {"runs": 4}}),
-    "runs8": ("full", {}, {"schedule": {"runs": 8}}),
-    "payload_runs1": ("full", {"PAYLOAD": True}, {"schedule": {"runs": 1}}),
+    # the second pass in one wave: 128 rows a program at 2 an SM, or 64 rows at 4 an SM
+    "fix128x64w8s2r128": ("full", {}, {"fix": (128, 64, 8, 2, 128)}),
+    "fix128x32w8s3r128": ("full", {}, {"fix": (128, 32, 8, 3, 128)}),
+    "fix128x64w8s2": ("full", {}, {"fix": (128, 64, 8, 2)}),
+    "fix64x32w4s2r128": ("full", {}, {"fix": (64, 32, 4, 2, 128)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
-    "nofix_runs1": ("full", {}, {"schedule": {"runs": 1}, "second_pass": False}),
     "nofix": ("full", {}, {"second_pass": False}),
 }
 
@@ -99,18 +96,16 @@ def main() -> int:
                                                return_mode="median")
     flops = bench.flip_flops(1, hq, T, T, d)
     print(f"T={T}: 2 bare bf16 matmuls {doc['matmul_ms']:.2f} ms", flush=True)
-    base_cfg, base_schedule, second_pass = dict(tm.CONFIG), dict(tm.SCHEDULE), tm._second_pass
+    base_cfg, second_pass = dict(tm.CONFIG), tm._second_pass
     for name in a.variants.split(","):
         kind, tune, cfg = VARIANTS[name]
         tm.TUNE.clear()
         tune = {**json.loads(a.base_tune), **tune}
         tm.TUNE.update(tune)
         tm.CONFIG.update(base_cfg)
-        tm.SCHEDULE.update(base_schedule)
         tm._second_pass = second_pass
         if cfg:
             cfg = dict(cfg) if isinstance(cfg, dict) else {kind: cfg}
-            tm.SCHEDULE.update(cfg.pop("schedule", {}))
             if not cfg.pop("second_pass", True):
                 tm._second_pass = lambda *args: None
             tm.CONFIG.update(cfg)
@@ -129,7 +124,7 @@ def main() -> int:
             continue
         kern = tm.LAST[0]
         row = {"loads": tm.LOADS[0], "kind": kind, "tune": tune,
-               "config": list(tm.CONFIG[kind]), "schedule": dict(tm.SCHEDULE), "ms": ms,
+               "config": list(tm.CONFIG[kind]), "ms": ms,
                "ratio": ms / doc["matmul_ms"], "tflops": flops / ms / 1e9,
                "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None),
@@ -143,7 +138,6 @@ def main() -> int:
         tm.SECOND_PASS[:] = [None, 0]
     tm.TUNE.clear()
     tm.CONFIG.update(base_cfg)
-    tm.SCHEDULE.update(base_schedule)
     tm._second_pass = second_pass
     if a.breakdown:   # where attention_metrics spends its time beyond the kernel
         from kvtheory import flips

@@ -56,8 +56,6 @@ it on the CPU in Triton's interpreter against the dense reference, and
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from collections.abc import Callable
 
@@ -111,11 +109,6 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 CONFIG: dict[str, tuple[int, ...]] = {
     "flip": (128, 64, 8, 3), "full": (64, 64, 4, 3), "values": (64, 32, 4, 2),
     "fix": (64, 64, 4, 2, 160)}     # three programs an SM (2 stages of shared memory)
-#: how a call with a second pass is spread over the GPU: the heads in ``runs`` launches of
-#: the main kernel on two alternating streams (one run fills the last wave of the one before),
-#: each run's second pass on a high-priority stream once that run is done, so that all but the
-#: last run's second pass overlap main-kernel work; benchmarks may override
-SCHEDULE: dict[str, int] = {"runs": 4}
 
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
@@ -178,33 +171,14 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     tune["TMA"] = descs[0] is not None
     LOADS[0] = "tma" if tune["TMA"] else "pointers"
     with_zh = has_v or zh     # with values the kernel needs the sums of e^(s^) anyway
-    kw = {**common, **dict(zip(["maxnreg"], nreg)), **tune}
-    runs = head_runs(B * Hq, SCHEDULE["runs"] if flag is not None else 1)
-    # CUDA: (this stream, a second one, a high-priority one); elsewhere one stream throughout
-    streams = ((torch.cuda.current_stream(q.device), *_side_streams(q.device))
-               if len(runs) > 1 and q.is_cuda else (None, None, None))
-    if streams[0] is not None:   # the other streams start after the inputs made on this one
-        for st in streams[1:]:
-            st.wait_stream(streams[0])
-    done = []
-    for i, (h0, h1) in enumerate(runs):
-        with _on(streams[i % 2]):
-            LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), h1 - h0)](
-                q, k, k_hat, v, v_hat, km, out, out if flag is None else flag, out, *descs,
-                *args, h0, h1 - h0, BLOCK_M=bm, HAS_V=has_v, FULL=bool(full),
-                WITH_ZH=with_zh, FIX=False, **kw)
-            done.append(None if streams[0] is None else torch.cuda.current_stream().record_event())
+    LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
+        q, k, k_hat, v, v_hat, km, out, out if flag is None else flag, out, *descs, *args,
+        BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
+        **{**common, **dict(zip(["maxnreg"], nreg)), **tune})
     if while_running is not None:   # host work queued behind the kernel
         while_running()
     if flag is not None:
-        for (h0, h1), ev in zip(runs, done):
-            with _on(streams[2]):
-                if ev is not None:
-                    streams[2].wait_event(ev)
-                _second_pass(flag, (q, k, k_hat, km, out), args, common, (h0, h1), Q)
-    if streams[0] is not None:     # the caller's stream sees every result
-        for st in streams[1:]:
-            streams[0].wait_stream(st)
+        _second_pass(flag, (q, k, k_hat, km, out), args, common, B * Hq, Q)
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
@@ -214,31 +188,6 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
         if has_v:
             res["output_rel_err"] = out[6]
     return res
-
-
-def head_runs(n_bh: int, runs: int) -> list[tuple[int, int]]:
-    """(first, end) of ``runs`` near-equal runs of the ``n_bh`` (batch·head) programs' heads
-    (fewer where there are fewer heads).
-
-    >>> head_runs(32, 4)
-    [(0, 8), (8, 16), (16, 24), (24, 32)]
-    >>> head_runs(3, 4)
-    [(0, 1), (1, 2), (2, 3)]
-    """
-    r = max(1, min(runs, n_bh))
-    return [(n_bh * i // r, n_bh * (i + 1) // r) for i in range(r)]
-
-
-@functools.cache
-def _side_streams(device: torch.device) -> tuple:
-    """A second stream for alternate runs of the main kernel and a high-priority one for the
-    second passes, made once a device."""
-    return torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1)
-
-
-def _on(stream) -> contextlib.AbstractContextManager:
-    """``torch.cuda.stream(stream)``, or nothing for ``None`` (one stream: the current one)."""
-    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
 def second_pass_queries() -> tuple[int, int]:
@@ -293,18 +242,17 @@ def fix_layout(flag: Tensor, n_bh: int, Q: int, bm: int) -> Tensor:
     return buf[:size].view(n_prog, n_bh, bm)
 
 
-def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict,
-                 heads: tuple[int, int], Q: int) -> None:
-    """The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries
-    of (batch·head) ``heads[0]`` to ``heads[1] - 1``, written into ``out``: programs of
-    ``BLOCK_M`` flagged rows of one (batch, head) each (:func:`fix_layout`)."""
+def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: int,
+                 Q: int) -> None:
+    """The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
+    written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head) each
+    (:func:`fix_layout`)."""
     q, k, k_hat, km, out = tensors
     bm, bn, warps, stages, *nreg = CONFIG["fix"]
-    h0, h1 = heads
-    rows = fix_layout(flag[h0 * Q:h1 * Q], h1 - h0, Q, bm)
+    rows = fix_layout(flag, n_bh, Q, bm)
     descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
-    metrics_kernel[(rows.shape[0] * (h1 - h0),)](
-        q, k, k_hat, q, q, km, out, flag, rows, *descs, *args, h0, h1 - h0, BLOCK_M=bm,
+    metrics_kernel[(rows.shape[0] * n_bh,)](
+        q, k, k_hat, q, q, km, out, flag, rows, *descs, *args, BLOCK_M=bm,
         HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
         TMA=descs[0] is not None,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,

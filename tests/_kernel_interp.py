@@ -58,20 +58,16 @@ CASES = {
     "huge delta through attention_metrics (second run)": dict(api=True, eps=40.0),
     "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
-    "s^ at the top carried by the reduction (PAYLOAD), pairs": dict(
-        pairs=True, topk=4, causal=False, tune={"PAYLOAD": True}),
-    "PAYLOAD, local keys, window": dict(local=True, window=40, tune={"PAYLOAD": True}),
+    "s^ at the top by a masked maximum (PAYLOAD off), pairs": dict(
+        pairs=True, topk=4, causal=False, tune={"PAYLOAD": False}),
+    "PAYLOAD off, local keys, window": dict(local=True, window=40, tune={"PAYLOAD": False}),
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
-    "all heads in one run (SCHEDULE runs 1), local keys, batch 2": dict(
-        local=True, B=2, runs=1),
-    "heads in 3 uneven runs, per-query-head mask, values": dict(
-        mask="q", values=True, B=2, runs=3, causal=False),
+    "per-query-head mask, values, batch 2": dict(mask="q", values=True, B=2, causal=False),
 }
 
 
 def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5, local=False,
-             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False, api=False,
-             runs=4):
+             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False, api=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
@@ -95,7 +91,6 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
     x16 = [None if x is None else x.half() for x in (q, k, kh, v, vh)]
     tm.TUNE.clear()
     tm.TUNE.update(tune or {})
-    tm.SCHEDULE["runs"] = runs      # launches of the main kernel, each over a run of heads
     kernel_calls = None
     if api:     # the whole attention_metrics call on the kernel (as on CUDA): per query
         from kvtheory import flips
