@@ -139,7 +139,7 @@ def host_split(q, k, kh, reps: int = 30) -> list[str]:
         t.append(time.perf_counter())
         ev[2].record()
         flips._aggregate(per, valid, nv, *args[7:], group=q.shape[1] // k.shape[1], topk=5,
-                         keep=False)
+                         keep=False, fused=flips._on_kernel(args[0]))
         t.append(time.perf_counter())
         ev[3].record()
         torch.cuda.synchronize()

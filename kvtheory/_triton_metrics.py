@@ -62,7 +62,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fused_metrics", "second_pass_queries", "ENV"]
+__all__ = ["available", "fused_metrics", "aggregate", "second_pass_queries", "ENV"]
 
 #: environment switch: ``auto`` (default: fused kernel on CUDA for bf16/fp16 when Triton is
 #: importable) or ``never`` (always the torch path)
@@ -83,10 +83,11 @@ SECOND_PASS: list = [None, 0]
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
     import triton
 
+    from ._triton_aggregate import aggregate_kernel
     from ._triton_kernel import metrics_kernel
 except Exception:  # noqa: BLE001 - any import failure means: no kernel here
     triton = None
-    metrics_kernel = None
+    metrics_kernel = aggregate_kernel = None
 try:  # pragma: no cover - Triton >= 3.3: tiles of K and K^ by the tensor memory accelerator
     from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception:  # noqa: BLE001
@@ -188,6 +189,35 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
         if has_v:
             res["output_rel_err"] = out[6]
     return res
+
+
+def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor,
+              p_inner: Tensor) -> Tensor:
+    r"""The flip engine's aggregation table in one launch (:mod:`kvtheory._triton_aggregate`
+    states its layout; :func:`kvtheory.flips._table` makes the same by torch operations).
+
+    ``per``: (batch, q_head, query) tensors ``flip`` (bool), ``topk_overlap``, ``kl``,
+    ``fisher``, ``margin``, ``top1_prob`` and optionally ``output_rel_err``; ``valid``
+    (batch, query) bool; ``nv`` (batch, kv_head, g, query) visible tokens (any strides);
+    ``m_inner``, ``p_inner`` the inner bin edges in the dtype of the binned metrics.
+    Returns the table, float64 on the device, without waiting for it.
+    """
+    flip = per["flip"]
+    B, H, Q = flip.shape
+    has_oe = "output_rel_err" in per
+    nem, nep = m_inner.numel(), p_inner.numel()
+    width = 1 + (5 if has_oe else 4) + 2 * (nem + 1) + 2 * (nep + 1)
+    table = torch.empty(H * width + 1, dtype=torch.float64, device=flip.device)
+    x = {n: per[n].contiguous() for n in ("topk_overlap", "kl", "fisher", "margin",
+                                            "top1_prob")}
+    aggregate_kernel[(H,)](
+        flip.contiguous(), x["topk_overlap"], x["kl"], x["fisher"],
+        per["output_rel_err"].contiguous() if has_oe else x["kl"], x["margin"],
+        x["top1_prob"], valid.contiguous(), nv, m_inner, p_inner, table, B, H, Q,
+        H // nv.shape[1], *nv.stride(), HAS_OE=has_oe, NEM=nem,
+        NEP_M=triton.next_power_of_2(nem + 1), NEPR=nep, NEP_P=triton.next_power_of_2(nep + 1),
+        BLOCK=512, num_warps=4)
+    return table
 
 
 def second_pass_queries() -> tuple[int, int]:

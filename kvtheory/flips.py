@@ -279,7 +279,8 @@ def attention_metrics(
             run = dict(full=True, v=args[5], v_hat=args[6], topk=topk)
             per, valid, nv = _run(*args[:5], **run, after_launch=pending and pending.start)
             also = {"extremes": None if pending is None else pending.ext}
-            out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also)
+            out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also,
+                                   fused=_on_kernel(args[0]))
             if pending is not None and pending.wide(host["extremes"].view(-1, 2).tolist()):
                 continue    # float32 logits could overflow: again, validated before the run
             seen = out.margin_counts.sum(1) > 0     # heads with a query
@@ -288,7 +289,7 @@ def attention_metrics(
                 # a series sum of the fused kernel overflowed (its KL is not finite):
                 # again, with the log-sum-exp of s^ for the KL
                 per, valid, nv = _run(*args[:5], **run, zh=True)
-                out, _ = _aggregate(per, valid, nv, *args[7:], **agg)
+                out, _ = _aggregate(per, valid, nv, *args[7:], **agg, fused=True)
             return out
         raise AssertionError("unreachable: the second round validates eagerly")
 
@@ -336,41 +337,38 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
 
 def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
                p_edges: tuple[float, ...], *, group: int, topk: int, keep: bool,
-               also: dict[str, Tensor | None] | None = None
+               also: dict[str, Tensor | None] | None = None, fused: bool = False
                ) -> tuple[AttentionMetrics, dict[str, Tensor]]:
     """Means per head over valid (head, query) pairs, strata counts, per-query tensors; and
-    the tensors of ``also`` (those not ``None``) on the host, brought in the same transfer."""
+    the tensors of ``also`` (those not ``None``) on the host, brought in the same transfer.
+    ``fused``: the table by one Triton launch (:func:`kvtheory._triton_metrics.aggregate`,
+    where the fused kernel served the call) instead of the torch operations here."""
     B, Hkv, g, Q = per["flip"].shape
     H = Hkv * g
     per = {name: x.reshape(B, H, Q) for name, x in per.items()}
-    vmask = valid.unsqueeze(1) & (nv.reshape(B, H, Q) > 0)
-    # one pass for the means of all metrics (per head), one per strata kind, and one transfer
-    # to the host: few launches and one sync on an accelerator (no boolean indexing, no
-    # bincount, no atomics: index_add_ into a few bins took 0.17 ms a call on the H200)
     names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
-    dt = per["kl"].dtype      # float32 or float64: exact, then one cast (fewer launches)
-    stack = torch.stack([per[m].to(dt) for m in names]).to(torch.float64)
-    sums = torch.where(vmask, stack, 0).sum((1, 3)) / vmask.sum((0, 2))
-    parts = {"n": valid.sum().to(torch.float64).view(1), "means": sums.flatten()}
+    inner = [_inner_edges(e, per[key].dtype, valid.device)
+             for e, key in ((m_edges, "margin"), (p_edges, "top1_prob"))]
+    vmask = valid.unsqueeze(1) & (nv.reshape(B, H, Q) > 0)
+    if fused:
+        from . import _triton_metrics
+
+        table = _triton_metrics.aggregate(per, valid, nv, *inner)
+    else:
+        table = _table(per, valid, vmask, names, inner)
     extra = {n: x.to(torch.float64).flatten() for n, x in (also or {}).items() if x is not None}
-    sel = torch.stack([vmask, vmask & per["flip"]], -1)                 # (B, H, Q, 2)
-    for name, key, edges in (("margin", "margin", m_edges), ("prob", "top1_prob", p_edges)):
-        inner = _inner_edges(edges, per[key].dtype, valid.device)
-        nb = len(edges) - 1
-        bins = torch.bucketize(per[key], inner, right=True)              # inf, 1: last bin
-        onehot = bins.unsqueeze(-1) == torch.arange(nb, device=valid.device)   # (B, H, Q, nb)
-        # counts[h, b, what] = sum over batch and query of [bin = b] sel[what] (exact int64)
-        parts[name] = (onehot.unsqueeze(-1) & sel.unsqueeze(-2)).sum((0, 2)).to(
-            torch.float64).flatten()
-    flat = [*parts.values(), *extra.values()]
-    got = torch.cat(flat).cpu().split([x.numel() for x in flat])
-    host, got_extra = dict(zip(parts, got)), dict(zip(extra, got[len(parts):]))
-    n = int(host["n"])
-    means = dict(zip(names, host["means"].view(len(names), -1)))
-    strata = {}
+    flat = [table, *extra.values()]
+    got = torch.cat(flat).cpu().split([x.numel() for x in flat])   # one transfer
+    width = (table.numel() - 1) // H
+    tab = got[0][:-1].view(H, width)
+    M, n = len(names), int(got[0][-1])
+    means = dict(zip(names, (tab[:, 1:1 + M] / tab[:, :1]).T.contiguous()))
+    strata, at = {}, 1 + M
     for name, edges in (("margin", m_edges), ("prob", p_edges)):
-        c = host[name].round().to(torch.int64).view(H, len(edges) - 1, 2)
+        nb = len(edges) - 1
+        c = tab[:, at:at + 2 * nb].round().to(torch.int64).view(H, nb, 2)
         strata[f"{name}_counts"], strata[f"{name}_flips"] = c[..., 0], c[..., 1]
+        at += 2 * nb
     per_query = None
     if keep:
         nan = {k: torch.where(vmask, x, math.nan) for k, x in per.items() if k != "flip"}
@@ -380,7 +378,29 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         flip_rate=means["flip"], topk_overlap=means["topk_overlap"], kl=means["kl"],
         fisher=means["fisher"], output_rel_err=means.get("output_rel_err"),
         margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
-        per_query=per_query, **strata), got_extra
+        per_query=per_query, **strata), dict(zip(extra, got[1:]))
+
+
+def _table(per: dict, valid: Tensor, vmask: Tensor, names: list[str],
+           inner: list[Tensor]) -> Tensor:
+    """The aggregation table by torch operations (layout of
+    :mod:`kvtheory._triton_aggregate`): per head the pairs that count, the metric sums, and
+    per margin bin then per probability bin the pairs and the flipped ones; then the number
+    of valid queries. Few launches and no host sync on an accelerator (no boolean indexing,
+    no bincount, no atomics: ``index_add_`` into a few bins took 0.17 ms a call on the H200)."""
+    B, H, Q = vmask.shape
+    dt = per["kl"].dtype      # float32 or float64: exact, then one cast (fewer launches)
+    stack = torch.stack([per[m].to(dt) for m in names]).to(torch.float64)
+    cols = [vmask.sum((0, 2)).to(torch.float64).unsqueeze(1),
+            torch.where(vmask, stack, 0).sum((1, 3)).T]
+    sel = torch.stack([vmask, vmask & per["flip"]], -1)                 # (B, H, Q, 2)
+    for key, edges in (("margin", inner[0]), ("top1_prob", inner[1])):
+        bins = torch.bucketize(per[key], edges, right=True)              # inf, 1: last bin
+        onehot = bins.unsqueeze(-1) == torch.arange(edges.numel() + 1, device=vmask.device)
+        # counts[h, b, what] = sum over batch and query of [bin = b] sel[what] (exact int64)
+        cols.append((onehot.unsqueeze(-1) & sel.unsqueeze(-2)).sum((0, 2)).to(
+            torch.float64).view(H, -1))
+    return torch.cat([torch.cat(cols, 1).flatten(), valid.sum().to(torch.float64).view(1)])
 
 
 @functools.lru_cache(maxsize=64)

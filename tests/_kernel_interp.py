@@ -149,7 +149,59 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
     return out
 
 
+def aggregate_case(B, Hkv, g, Q, values, seed, empty_head=False, bins=None):
+    """The aggregation table of one Triton launch (``tm.aggregate``) against the torch one
+    (``flips._table``) on random per-query metrics: infinite margins, invalid queries, rows
+    that see no token, optionally a head that sees nothing and other bin edges. Returns the
+    largest relative difference of the sums and the counts that differ."""
+    from kvtheory import flips
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (B, Hkv, g, Q)
+    per = {n: torch.rand(shape, generator=gen) for n in ("topk_overlap", "kl", "fisher",
+                                                          "top1_prob")}
+    per["top1_prob"][..., ::5] = 1.0                 # on the last edge: the last bin
+    per["margin"] = torch.rand(shape, generator=gen) * 3
+    per["margin"][..., ::7] = math.inf
+    per["flip"] = torch.rand(shape, generator=gen) > 0.7
+    if values:
+        per["output_rel_err"] = torch.rand(shape, generator=gen)
+    valid = torch.rand(B, Q, generator=gen) > 0.1
+    nv = (torch.rand(B, Hkv, 1, Q, generator=gen) * 3).long()
+    if empty_head:
+        nv[:, 0] = 0
+    nv = nv.expand(shape)               # strides of 0, as _visibility gives them
+    m_edges, p_edges = bins or (flips.MARGIN_BINS, flips.PROB_BINS)
+    inner = [flips._inner_edges(e, torch.float32, torch.device("cpu")) for e in (m_edges,
+                                                                                p_edges)]
+    flat = {n: x.reshape(B, Hkv * g, Q) for n, x in per.items()}
+    names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
+    vmask = valid.unsqueeze(1) & (nv.reshape(B, Hkv * g, Q) > 0)
+    ref = flips._table(flat, valid, vmask, names, inner)
+    got = tm.aggregate(flat, valid, nv, *inner)
+    width = (ref.numel() - 1) // (Hkv * g)
+    sums = torch.zeros(ref.numel(), dtype=torch.bool)
+    sums[:-1].view(-1, width)[:, 1:1 + len(names)] = True
+    rel = ((got - ref).abs() / ref.abs().clamp_min(1e-300))[sums]
+    return {"shape": list(got.shape) == list(ref.shape), "sums_rel": float(rel.max()),
+            "counts_differ": int((got != ref)[~sums].sum()), "counted": int(ref[-1])}
+
+
+AGGREGATE = {
+    "batch 1, 2/2 heads": dict(B=1, Hkv=2, g=2, Q=100, values=False, seed=0),
+    "batch 2, 3/2 heads, values, 700 queries (two blocks)": dict(B=2, Hkv=3, g=2, Q=700,
+                                                                 values=True, seed=1),
+    "a head that sees nothing": dict(B=2, Hkv=2, g=1, Q=64, values=False, seed=2,
+                                     empty_head=True),
+    "other bins": dict(B=1, Hkv=1, g=4, Q=300, values=True, seed=3,
+                       bins=((0.0, 0.25, 1.0, math.inf), (0.0, 0.5, 1.0))),
+}
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--aggregate"]:
+        print(json.dumps({label: aggregate_case(**kw) for label, kw in AGGREGATE.items()}))
+        return 0
     for name in ("full", "values", "fix", "flip"):
         tm.CONFIG[name] = (32, 16, 4, 1)
     only = set(sys.argv[1:])

@@ -78,3 +78,22 @@ def test_attention_metrics_runs_the_kernel_again_only_when_a_series_sum_overflow
     # with the log-sum-exps
     assert interp["huge delta through attention_metrics (second run)"]["kernel_calls"] == 2
     assert interp["through attention_metrics, window + shared mask"]["kernel_calls"] == 1
+
+
+def test_aggregation_kernel_equals_the_torch_table():
+    # kvtheory/_triton_aggregate.py (one launch after the metrics kernel on CUDA) against
+    # flips._table (the torch operations): counts identical, float64 sums to rounding
+    out = subprocess.run([sys.executable, str(HERE / "_kernel_interp.py"), "--aggregate"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    from _kernel_interp import AGGREGATE
+    from tol import tol
+
+    assert set(res) == set(AGGREGATE)
+    rtol, _ = tol("exact64")   # float64 sums in another order
+    for label, r in res.items():
+        assert r["shape"], label
+        assert r["counts_differ"] == 0, label
+        assert r["sums_rel"] <= rtol, (label, r["sums_rel"])
+        assert r["counted"] > 0, label
