@@ -75,7 +75,7 @@ def steps_timeline(q, k, kh, trace: Path) -> list[str]:
 
     names = {(flips, "_validate"): "validate", (flips, "_visibility"): "visibility",
              (tm, "fused_metrics"): "fused_metrics", (tm, "_second_pass"): "second pass",
-             (tm, "fix_layout"): "fix_layout", (flips, "_aggregate"): "aggregate"}
+             (flips, "_aggregate"): "aggregate"}
     saved = {key: getattr(*key) for key in names}
 
     def marked(fn, label):

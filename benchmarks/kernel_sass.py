@@ -52,7 +52,7 @@ def compile_sass(tune: dict) -> tuple[str, str]:
     if missing:
         raise SystemExit(f"kernel_sass.py: give a value for the constexpr switches {missing}")
     types = {"Q": "*bf16", "K": "*bf16", "KH": "*bf16", "V": "*bf16", "VH": "*bf16",
-             "KM": "*i8", "OUT": "*fp32", "FLAG": "*i8", "ROWS": "*i32",
+             "KM": "*i8", "OUT": "*fp32", "COUNT": "*i32", "ROWS": "*i32",
              "scale": "fp32"}
     sig, consts = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -65,7 +65,7 @@ def compile_sass(tune: dict) -> tuple[str, str]:
                 sig[a], consts[(i,)] = "constexpr", None
         else:
             sig[a] = types.get(a, "i32")
-    div16 = ["Q", "K", "KH", "V", "VH", "KM", "OUT", "FLAG", "ROWS", "NQ", "T",
+    div16 = ["Q", "K", "KH", "V", "VH", "KM", "OUT", "COUNT", "ROWS", "NQ", "T",
              "OFF", "HQ", "WINDOW", "N_OUT"]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),

@@ -33,16 +33,20 @@ tiles on tensor cores and, per query row, updates:
   logit), so no slot search. The lists are exact unless a block's second entry reaches the
   k-th kept value or two kept values are equal, and :math:`\hat s` at the running top of
   :math:`s` is at its first index unless that top is tied within its block: the kernel flags
-  such queries (``FLAG``) for an exact second pass. ``2``: the block maxima with their
+  such queries for an exact second pass (``COUNT``, ``ROWS``: below). ``2``: the block maxima with their
   first indices in both lists (an index search a block for each; the kernel before);
   ``1``: exact in one pass, each block inserting entries while some row's next largest
   beats its k-th (a data-dependent loop; the second pass); ``0``: none.
 * loads of the key tiles by tensor descriptors (``TMA``, Hopper's tensor memory accelerator)
   or by pointers.
 
-``FIX`` runs the kernel on listed query rows and writes only the flip and the top-k overlap:
-the second pass. Program :math:`p` takes ``ROWS[p]``, ``BLOCK_M`` query indices of (batch,
-head) :math:`p \bmod` (batch·head) padded with -1; one without rows skips every key block.
+Where it flags queries, program :math:`(i, bh)` adds their number to ``COUNT[bh]`` (an atomic
+add that returns where they go) and lists their indices in ``ROWS[bh·NQ + …]``: each head's
+flagged queries, in an order that depends on the programs' timing (the results of a query do
+not depend on the others it is grouped with). ``FIX`` runs the kernel on those rows and writes
+only the flip and the top-k overlap: the second pass. Program :math:`p = j\,n_{bh} + bh` takes
+entries :math:`j\,` ``BLOCK_M`` to :math:`(j+1)\,` ``BLOCK_M`` :math:`- 1` of head :math:`bh`'s
+list (those below ``COUNT[bh]``); one without rows skips every key block.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
 
 @triton.jit
 def metrics_kernel(
-    Q, K, KH, V, VH, KM, OUT, FLAG, ROWS, KD, KHD,
+    Q, K, KH, V, VH, KM, OUT, COUNT, ROWS, KD, KHD,
     NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
@@ -205,11 +209,12 @@ def metrics_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     ar = tl.arange(0, BLOCK_M)
-    if FIX:     # listed rows of one (batch, head); -1 pads a program's list
-        bh = pid_m % (N_OUT // NQ)
-        ridx = tl.load(ROWS + pid_m.to(tl.int64) * BLOCK_M + ar)
-        rmask = ridx >= 0
-        rows = tl.where(rmask, ridx, 0)
+    if FIX:     # entries j BLOCK_M ... of the list of (batch, head) bh's flagged queries
+        nbh = N_OUT // NQ
+        bh = pid_m % nbh
+        idx = (pid_m // nbh) * BLOCK_M + ar
+        rmask = idx < tl.load(COUNT + bh)
+        rows = tl.load(ROWS + bh.to(tl.int64) * NQ + idx, mask=rmask, other=0)
         pos = rows + OFF
         pos_lo = tl.min(tl.where(rmask, pos, 1 << 30), 0)
         pos_hi = tl.max(tl.where(rmask, pos, 0), 0)
@@ -430,7 +435,11 @@ def metrics_kernel(
                         alike = ((ts[:, :, None] == ts[:, None, :])
                                  | (tsh[:, :, None] == tsh[:, None, :])) & pair
                         spill = spill | (tl.max(tl.max(alike, 2), 1) > 0) | tie_top
-                tl.store(FLAG + bh.to(tl.int64) * NQ + rows, spill.to(tl.int8), mask=rmask)
+                spill = (spill & rmask).to(tl.int32)
+                n_spill = tl.sum(spill, 0)
+                if n_spill > 0:     # listed for the second pass, after the head's others
+                    at = tl.atomic_add(COUNT + bh, n_spill) + tl.cumsum(spill, 0) - 1
+                    tl.store(ROWS + bh.to(tl.int64) * NQ + at, rows, mask=spill > 0)
             if HAS_V:
                 ov = o / W[:, None]
                 ohv = oh / ZH[:, None]

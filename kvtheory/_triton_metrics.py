@@ -76,8 +76,8 @@ LAST: list = [None]
 TUNE: dict = {}
 #: how the last call loaded its key tiles: ``"tma"`` (tensor descriptors) or ``"pointers"``
 LOADS = ["pointers"]
-#: the last call's flags of queries sent to the exact second pass (or None) and its number of
-#: queries (:func:`second_pass_queries` counts them)
+#: the last call's per-head numbers of queries sent to the exact second pass (or None) and
+#: its number of queries (:func:`second_pass_queries` adds them up)
 SECOND_PASS: list = [None, 0]
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
@@ -155,10 +155,12 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     out = torch.empty(n_out, B * Hq * Q, dtype=torch.float32, device=q.device)
     tune = dict(TUNE)
     mode = tune.get("TOPK_MODE", 3)
-    # the kernel writes every query's flag (no fill launch before it)
-    flag = (torch.empty(B * Hq * Q, dtype=torch.int8, device=q.device)
-            if full and (mode == 3 or (mode == 2 and topk > 1)) else None)
-    SECOND_PASS[:] = [flag, B * Hq * Q]
+    # the kernel lists each head's flagged queries: count (atomic adds) and rows
+    count = rows = None
+    if full and (mode == 3 or (mode == 2 and topk > 1)):
+        count = torch.zeros(B * Hq, dtype=torch.int32, device=q.device)
+        rows = torch.empty(B * Hq * Q, dtype=torch.int32, device=q.device)
+    SECOND_PASS[:] = [count, B * Hq * Q]
     name = "values" if has_v else ("full" if full else "flip")
     bm, bn, warps, stages, *nreg = CONFIG[name]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),
@@ -173,13 +175,14 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     LOADS[0] = "tma" if tune["TMA"] else "pointers"
     with_zh = has_v or zh     # with values the kernel needs the sums of e^(s^) anyway
     LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
-        q, k, k_hat, v, v_hat, km, out, out if flag is None else flag, out, *descs, *args,
+        q, k, k_hat, v, v_hat, km, out, out if count is None else count,
+        out if rows is None else rows, *descs, *args,
         BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
         **{**common, **dict(zip(["maxnreg"], nreg)), **tune})
     if while_running is not None:   # host work queued behind the kernel
         while_running()
-    if flag is not None:
-        _second_pass(flag, (q, k, k_hat, km, out), args, common, B * Hq, Q)
+    if count is not None:
+        _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q)
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
@@ -223,8 +226,8 @@ def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor
 def second_pass_queries() -> tuple[int, int]:
     """Queries of the last call sent to the exact second pass, and all its queries (waits for
     the GPU; for tests and benchmarks)."""
-    flag, total = SECOND_PASS
-    return (0 if flag is None else int(flag.sum())), int(total)
+    count, total = SECOND_PASS
+    return (0 if count is None else int(count.sum())), int(total)
 
 
 def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tuple:
@@ -243,46 +246,19 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
     return tuple(TensorDescriptor(x, [x.numel() // d, d], [d, 1], [bn, bd]) for x in (k, k_hat))
 
 
-def fix_layout(flag: Tensor, n_bh: int, Q: int, bm: int) -> Tensor:
-    r"""Rows of the second pass: ``rows`` (program, batch·head, ``bm``) int32, where
-    ``rows[j, bh]`` lists the query indices of flagged entries :math:`j\,bm` to
-    :math:`(j+1)\,bm - 1` of (batch, head) ``bh`` (``flag`` is ``n_bh · Q``, grouped by
-    (batch, head)), -1 padded; :math:`\lceil Q/bm\rceil` programs a head. Built on the device
-    from a prefix sum per head, without a host sync: the grid is fixed, program
-    :math:`p = j\,n_{bh} + bh` takes ``rows[j, bh]``, programs without rows skip all keys,
-    and the busy ones (small ``j``) come first in launch order.
-
-    >>> fix_layout(torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.int8), 2, 3, 2).tolist()
-    [[[0, 2], [0, 2]], [[-1, -1], [-1, -1]]]
-    """
-    dev = flag.device
-    n_prog = -(-Q // bm)
-    f = flag.view(n_bh, Q) > 0
-    rank = torch.cumsum(f, 1) - 1                           # among the flagged of its head
-    heads = torch.arange(n_bh, device=dev).unsqueeze(1)
-    size = n_prog * n_bh * bm
-    # a flagged entry goes to rows[rank // bm, bh, rank % bm]; the others to distinct places
-    # past the end (no two writes meet: no atomics, a deterministic result)
-    dest = torch.where(f, (rank // bm * n_bh + heads) * bm + rank % bm,
-                       size + heads * Q + torch.arange(Q, device=dev))
-    buf = torch.empty(size + n_bh * Q, dtype=torch.int32, device=dev)
-    buf[:size].fill_(-1)
-    src = torch.arange(Q, device=dev, dtype=torch.int32).expand(n_bh, Q)
-    buf.scatter_(0, dest.flatten(), src.flatten())
-    return buf[:size].view(n_prog, n_bh, bm)
-
-
-def _second_pass(flag: Tensor, tensors: tuple, args: tuple, common: dict, n_bh: int,
-                 Q: int) -> None:
-    """The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
-    written into ``out``: programs of ``BLOCK_M`` flagged rows of one (batch, head) each
-    (:func:`fix_layout`)."""
+def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, common: dict,
+                 n_bh: int, Q: int) -> None:
+    r"""The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
+    written into ``out``: program :math:`j\,n_{bh} + bh` takes entries :math:`j\,` ``BLOCK_M``
+    onwards of head :math:`bh`'s list (``lists``: the counts and rows the main kernel wrote);
+    the grid is fixed (no host sync), the programs past a head's count skip every key block,
+    and the busy ones (small :math:`j`) come first in launch order."""
     q, k, k_hat, km, out = tensors
+    count, rows = lists
     bm, bn, warps, stages, *nreg = CONFIG["fix"]
-    rows = fix_layout(flag, n_bh, Q, bm)
     descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
-    metrics_kernel[(rows.shape[0] * n_bh,)](
-        q, k, k_hat, q, q, km, out, flag, rows, *descs, *args, BLOCK_M=bm,
+    metrics_kernel[(triton.cdiv(Q, bm) * n_bh,)](
+        q, k, k_hat, q, q, km, out, count, rows, *descs, *args, BLOCK_M=bm,
         HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
         TMA=descs[0] is not None,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
