@@ -22,6 +22,38 @@ from kvtheory import bench, flips  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
 
 
+def host_marks(q, k, kh, reps: int = 30) -> dict[str, float]:
+    """Host milliseconds (medians, the GPU idle at each start) from the call's start to the
+    main kernel's launch (the moment ``fused_metrics`` calls ``while_running``), and to the
+    call's return."""
+    import statistics
+    import time
+
+    marks: list[float] = []
+    orig = tm.fused_metrics
+
+    def marked(*args, while_running=None, **kw):
+        def hook():
+            marks.append(time.perf_counter())
+            return while_running() if while_running is not None else []
+        return orig(*args, while_running=hook, **kw)
+
+    pre, total = [], []
+    tm.fused_metrics = marked
+    try:
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            marks.clear()
+            t0 = time.perf_counter()
+            flips.attention_metrics(q, k, kh, causal=False)
+            t1 = time.perf_counter()
+            pre.append(1e3 * (marks[0] - t0))
+            total.append(1e3 * (t1 - t0))
+    finally:
+        tm.fused_metrics = orig
+    return {"host_to_launch_ms": statistics.median(pre), "host_call_ms": statistics.median(total)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="overhead.json")
@@ -42,6 +74,7 @@ def main() -> int:
                    topk=5, full=True)}
         row = {n: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
                for n, f in fns.items()}
+        row.update(host_marks(q, k, kh))
         doc["rows"][str(T)] = row
         print(f"T={T}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in row.items()), flush=True)
         write_json(a.out, doc, arg="--out")

@@ -113,9 +113,10 @@ class _Pending:
     scale: float
     ext: Tensor | None = None
 
-    def start(self) -> None:
-        """Queue the extremes (no host sync)."""
+    def start(self) -> Tensor:
+        """Queue the extremes (no host sync); returns them."""
         self.ext = extremes(*(x for _, x in self.named))
+        return self.ext
 
     def wide(self, ext: list[list[float]]) -> bool:
         """:func:`_wide` from the host values ``ext`` of :attr:`ext` (the finite checks'

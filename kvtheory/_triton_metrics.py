@@ -56,6 +56,8 @@ it on the CPU in Triton's interpreter against the dense reference, and
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Callable
 
@@ -115,7 +117,8 @@ CONFIG: dict[str, tuple[int, ...]] = {
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
                   key_mask: Tensor | None, *, causal: bool, window: int | None, scale: float,
                   topk: int, full: bool, zh: bool = False,
-                  while_running: Callable[[], object] | None = None) -> dict[str, Tensor]:
+                  while_running: Callable[[], list[Tensor]] | None = None
+                  ) -> dict[str, Tensor]:
     r"""Per-query metrics (``batch q_head query`` each, float32; ``flip`` bool) from the kernel.
 
     ``key_mask`` is ``None`` or (batch, mask_head, token) with mask_head 1, kv_head or q_head.
@@ -126,8 +129,10 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     alone. Nothing waits for the GPU: the work is queued and the host returns, so the
     caller's own work overlaps the kernel. Where a series sum overflowed (deltas beyond ~88)
     the KL of that query is not finite: call again with ``zh=True`` (the kernel then also sums
-    :math:`e^{\hat s}` and takes the KL from the log-sum-exps there). ``while_running`` is
-    called right after the main kernel's launch (``flips._run``: the visibility tensors).
+    :math:`e^{\hat s}` and takes the KL from the log-sum-exps there). ``while_running`` is called right after the main kernel's launch
+    (``flips._run``: the visibility tensors and the range check); on CUDA its launches go to a
+    side stream that runs beside the kernel, and the tensors it returns are then used on this
+    stream.
     """
     if triton is None:  # pragma: no cover - guarded by available()
         raise RuntimeError("kvtheory._triton_metrics: Triton is not importable")
@@ -174,13 +179,15 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     tune["TMA"] = descs[0] is not None
     LOADS[0] = "tma" if tune["TMA"] else "pointers"
     with_zh = has_v or zh     # with values the kernel needs the sums of e^(s^) anyway
+    ready = torch.cuda.current_stream(q.device).record_event() if q.is_cuda else None
     LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
         q, k, k_hat, v, v_hat, km, out, out if count is None else count,
         out if rows is None else rows, *descs, *args,
         BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
         **{**common, **dict(zip(["maxnreg"], nreg)), **tune})
-    if while_running is not None:   # host work queued behind the kernel
-        while_running()
+    if while_running is not None:   # work queued beside the kernel
+        with _beside(ready) as made:
+            made.extend(while_running())
     if count is not None:
         _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q)
     CALLS[0] += 1
@@ -228,6 +235,34 @@ def second_pass_queries() -> tuple[int, int]:
     the GPU; for tests and benchmarks)."""
     count, total = SECOND_PASS
     return (0 if count is None else int(count.sum())), int(total)
+
+
+@contextlib.contextmanager
+def _beside(ready):
+    """Yields a list for the tensors made inside. On CUDA (``ready``: an event of the current
+    stream, recorded before the kernel's launch) the launches inside go to a side stream that
+    starts at ``ready``, so they run beside the kernel instead of after it; the current stream
+    then waits for them, and the tensors in the list are marked as used by it (the caching
+    allocator must not hand their memory to the side stream again before that)."""
+    made: list = []
+    if ready is None:
+        yield made
+        return
+    cur = torch.cuda.current_stream()
+    side = _side_stream(cur.device)
+    side.wait_event(ready)
+    with torch.cuda.stream(side):
+        yield made
+    cur.wait_stream(side)
+    for t in made:
+        if isinstance(t, Tensor) and t.is_cuda:
+            t.record_stream(cur)
+
+
+@functools.cache
+def _side_stream(device: torch.device):
+    """One side stream a device, made once."""
+    return torch.cuda.Stream(device)
 
 
 def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tuple:

@@ -323,10 +323,13 @@ def _run(q, k, k_hat, key_mask, opts, *, full: bool, v=None, v_hat=None, topk: i
         return _stream(q, k, k_hat, key_mask, opts, full=full, v=v, v_hat=v_hat, topk=topk,
                        nv=nv), valid, nv
     vis: list = []     # built while the kernel runs (the GPU would otherwise wait for it)
+
+    def beside() -> list[Tensor]:
+        vis.extend(visibility())
+        return [*vis, *([] if after_launch is None else [after_launch()])]
+
     res = tm.fused_metrics(q, k, k_hat, v, v_hat, key_mask, causal=causal, window=window,
-                           scale=scale, topk=topk, full=full, zh=zh,
-                           while_running=lambda: (vis.extend(visibility()),
-                                                  after_launch and after_launch()))
+                           scale=scale, topk=topk, full=full, zh=zh, while_running=beside)
     valid, nv = vis
     per = {name: x.view(B, Hkv, Hq // Hkv, Q) for name, x in res.items()}
     if full:
@@ -349,7 +352,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
     inner = [_inner_edges(e, per[key].dtype, valid.device)
              for e, key in ((m_edges, "margin"), (p_edges, "top1_prob"))]
-    vmask = valid.unsqueeze(1) & (nv.reshape(B, H, Q) > 0)
+    vmask = None if fused and not keep else valid.unsqueeze(1) & (nv.reshape(B, H, Q) > 0)
     if fused:
         from . import _triton_metrics
 
