@@ -255,10 +255,9 @@ def main() -> int:
             dict(label="keys in equal pairs (tied top of s), topk 4", pairs=True, topk=4,
                  causal=False),
             dict(label="huge deltas (overflow: second run with log-sum-exps)", huge=40.0),
-            dict(label="s^ at the top by a masked maximum (PAYLOAD off)",
-                 tune={"PAYLOAD": False}),
-            dict(label="PAYLOAD off, keys in equal pairs", pairs=True, topk=4, causal=False,
-                 tune={"PAYLOAD": False}),
+            dict(label="s^ at the top carried by the reduction (PAYLOAD)", tune={"PAYLOAD": True}),
+            dict(label="PAYLOAD, keys in equal pairs", pairs=True, topk=4, causal=False,
+                 tune={"PAYLOAD": True}),
         ]
         for c in cases:
             if args.no_cpu_ref:

@@ -32,7 +32,7 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "default": ("full", {}, None),
     "loop": ("full", {"TOPK_MODE": 1}, None),
     "topk2": ("full", {"TOPK_MODE": 2}, None),
-    "nopayload": ("full", {"PAYLOAD": False}, None),
+    "payload": ("full", {"PAYLOAD": True}, None),
     "loop_phi0": ("full", {"TOPK_MODE": 1, "PHI_MODE": 0}, None),
     "phi_exp": ("full", {"PHI_MODE": 4}, None),
     "phi_none": ("full", {"PHI_MODE": 5}, None),

@@ -21,10 +21,11 @@ tiles on tensor cores and, per query row, updates:
   (timing only);
 * the top-k (``TOPK_MODE``): ``3`` (default) takes each block's largest and second largest
   of :math:`s` and of :math:`\hat s` in one reduction each (ties counted; three max/min an
-  element) and :math:`\hat s` where :math:`s` is largest: ``PAYLOAD`` (default) carries
-  it along the largest :math:`s` through the same reduction (1,075 SASS instructions a
-  block; 20.5 against 21.2 ms at T = 16,384 on the H200), off by a separate masked maximum
-  (1,105), inserts the block maximum of :math:`s` with :math:`\hat s` there into a running
+  element) and :math:`\hat s` where :math:`s` is largest by a separate masked maximum
+  (``PAYLOAD`` carries it along the largest :math:`s` through the same reduction instead:
+  1,075 against 1,105 SASS instructions a block, but on the H200 no faster once the kernel
+  lists its flagged queries, and 3 of 32,768 KLs off by up to 2.5e-3 on local keys, which the
+  interpreter does not show; a variant), inserts the block maximum of :math:`s` with :math:`\hat s` there into a running
   top-k list of :math:`s` and the block maximum of :math:`\hat s` into a value list of
   :math:`\hat s`, and keeps the largest *second* entry of any block; the overlap is the
   number of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest
@@ -199,7 +200,7 @@ def metrics_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
-    TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = True,
+    TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = False,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees

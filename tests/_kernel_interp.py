@@ -58,9 +58,9 @@ CASES = {
     "huge delta through attention_metrics (second run)": dict(api=True, eps=40.0),
     "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
-    "s^ at the top by a masked maximum (PAYLOAD off), pairs": dict(
-        pairs=True, topk=4, causal=False, tune={"PAYLOAD": False}),
-    "PAYLOAD off, local keys, window": dict(local=True, window=40, tune={"PAYLOAD": False}),
+    "s^ at the top carried by the reduction (PAYLOAD), pairs": dict(
+        pairs=True, topk=4, causal=False, tune={"PAYLOAD": True}),
+    "PAYLOAD, local keys, window": dict(local=True, window=40, tune={"PAYLOAD": True}),
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
     "per-query-head mask, values, batch 2": dict(mask="q", values=True, B=2, causal=False),
 }
