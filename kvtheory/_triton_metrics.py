@@ -210,23 +210,28 @@ def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor
     ``fisher``, ``margin``, ``top1_prob`` and optionally ``output_rel_err``; ``valid``
     (batch, query) bool; ``nv`` (batch, kv_head, g, query) visible tokens (any strides);
     ``m_inner``, ``p_inner`` the inner bin edges in the dtype of the binned metrics.
-    Returns the table, float64 on the device, without waiting for it.
+    Returns the tables of the parts of the (batch, query) pairs, one after another (float64 on
+    the device, without waiting for them; their sum is the table).
     """
     flip = per["flip"]
     B, H, Q = flip.shape
     has_oe = "output_rel_err" in per
     nem, nep = m_inner.numel(), p_inner.numel()
     width = 1 + (5 if has_oe else 4) + 2 * (nem + 1) + 2 * (nep + 1)
-    table = torch.empty(H * width + 1, dtype=torch.float64, device=flip.device)
+    block = 512
+    parts = max(1, min(32, triton.cdiv(B * Q, 4 * block)))    # a few blocks a program
+    chunk = triton.cdiv(triton.cdiv(B * Q, parts), block) * block
+    parts = triton.cdiv(B * Q, chunk)
+    table = torch.empty(parts * (H * width + 1), dtype=torch.float64, device=flip.device)
     x = {n: per[n].contiguous() for n in ("topk_overlap", "kl", "fisher", "margin",
                                             "top1_prob")}
-    aggregate_kernel[(H,)](
+    aggregate_kernel[(H, parts)](
         flip.contiguous(), x["topk_overlap"], x["kl"], x["fisher"],
         per["output_rel_err"].contiguous() if has_oe else x["kl"], x["margin"],
         x["top1_prob"], valid.contiguous(), nv, m_inner, p_inner, table, B, H, Q,
-        H // nv.shape[1], *nv.stride(), HAS_OE=has_oe, NEM=nem,
+        H // nv.shape[1], *nv.stride(), chunk, HAS_OE=has_oe, NEM=nem,
         NEP_M=triton.next_power_of_2(nem + 1), NEPR=nep, NEP_P=triton.next_power_of_2(nep + 1),
-        BLOCK=512, num_warps=4)
+        BLOCK=block, num_warps=4)
     return table
 
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import no_type_check
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -283,9 +284,9 @@ def attention_metrics(
                                    fused=_on_kernel(args[0]))
             if pending is not None and pending.wide(host["extremes"].view(-1, 2).tolist()):
                 continue    # float32 logits could overflow: again, validated before the run
-            seen = out.margin_counts.sum(1) > 0     # heads with a query
-            if (_on_kernel(args[0]) and args[5] is None
-                    and not bool((torch.isfinite(out.kl) | ~seen).all())):
+            seen = out.margin_counts.sum(1).tolist()     # queries of each head
+            if _on_kernel(args[0]) and args[5] is None and not all(
+                    math.isfinite(x) or not c for x, c in zip(out.kl.tolist(), seen)):
                 # a series sum of the fused kernel overflowed (its KL is not finite):
                 # again, with the log-sum-exp of s^ for the KL
                 per, valid, nv = _run(*args[:5], **run, zh=True)
@@ -361,17 +362,26 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         table = _table(per, valid, vmask, names, inner)
     extra = {n: x.to(torch.float64).flatten() for n, x in (also or {}).items() if x is not None}
     flat = [table, *extra.values()]
-    got = torch.cat(flat).cpu().split([x.numel() for x in flat])   # one transfer
-    width = (table.numel() - 1) // H
-    tab = got[0][:-1].view(H, width)
-    M, n = len(names), int(got[0][-1])
-    means = dict(zip(names, (tab[:, 1:1 + M] / tab[:, :1]).T.contiguous()))
+    # one transfer; the host's part in NumPy (a torch op on the host costs several times more,
+    # and the GPU waits for this part of the call)
+    arr = torch.cat(flat).cpu().numpy()
+    M = len(names)
+    width = 1 + M + 2 * (len(m_edges) - 1) + 2 * (len(p_edges) - 1)
+    tabs = arr[:table.numel()].reshape(-1, H * width + 1).sum(0)     # the parts added up
+    tab, n = tabs[:-1].reshape(H, width), int(round(tabs[-1]))
+    with np.errstate(invalid="ignore", divide="ignore"):     # a head without queries: NaN
+        mean = (tab[:, 1:1 + M] / tab[:, :1]).T
+    means = {name: torch.from_numpy(np.ascontiguousarray(mean[i])) for i, name in enumerate(names)}
     strata, at = {}, 1 + M
     for name, edges in (("margin", m_edges), ("prob", p_edges)):
         nb = len(edges) - 1
-        c = tab[:, at:at + 2 * nb].round().to(torch.int64).view(H, nb, 2)
-        strata[f"{name}_counts"], strata[f"{name}_flips"] = c[..., 0], c[..., 1]
+        c = np.rint(tab[:, at:at + 2 * nb]).astype(np.int64).reshape(H, nb, 2)
+        for i, what in enumerate(("counts", "flips")):
+            strata[f"{name}_{what}"] = torch.from_numpy(np.ascontiguousarray(c[..., i]))
         at += 2 * nb
+    ends = np.cumsum([x.numel() for x in flat])
+    got_extra = {name: torch.from_numpy(arr[a:b].copy())
+                 for name, a, b in zip(extra, ends[:-1], ends[1:])}
     per_query = None
     if keep:
         nan = {k: torch.where(vmask, x, math.nan) for k, x in per.items() if k != "flip"}
@@ -381,7 +391,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
         flip_rate=means["flip"], topk_overlap=means["topk_overlap"], kl=means["kl"],
         fisher=means["fisher"], output_rel_err=means.get("output_rel_err"),
         margin_edges=m_edges, prob_edges=p_edges, n_queries=n, group=group, topk=topk,
-        per_query=per_query, **strata), dict(zip(extra, got[1:]))
+        per_query=per_query, **strata), got_extra
 
 
 def _table(per: dict, valid: Tensor, vmask: Tensor, names: list[str],

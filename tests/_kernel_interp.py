@@ -178,12 +178,14 @@ def aggregate_case(B, Hkv, g, Q, values, seed, empty_head=False, bins=None):
     names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
     vmask = valid.unsqueeze(1) & (nv.reshape(B, Hkv * g, Q) > 0)
     ref = flips._table(flat, valid, vmask, names, inner)
-    got = tm.aggregate(flat, valid, nv, *inner)
+    parts = tm.aggregate(flat, valid, nv, *inner)
+    got = parts.view(-1, ref.numel()).sum(0)       # the parts' tables added up
     width = (ref.numel() - 1) // (Hkv * g)
     sums = torch.zeros(ref.numel(), dtype=torch.bool)
     sums[:-1].view(-1, width)[:, 1:1 + len(names)] = True
     rel = ((got - ref).abs() / ref.abs().clamp_min(1e-300))[sums]
-    return {"shape": list(got.shape) == list(ref.shape), "sums_rel": float(rel.max()),
+    return {"shape": parts.numel() % ref.numel() == 0, "parts": parts.numel() // ref.numel(),
+            "sums_rel": float(rel.max()),
             "counts_differ": int((got != ref)[~sums].sum()), "counted": int(ref[-1])}
 
 
@@ -195,6 +197,8 @@ AGGREGATE = {
                                      empty_head=True),
     "other bins": dict(B=1, Hkv=1, g=4, Q=300, values=True, seed=3,
                        bins=((0.0, 0.25, 1.0, math.inf), (0.0, 0.5, 1.0))),
+    "three parts of the (batch, query) pairs, batch 2": dict(B=2, Hkv=2, g=2, Q=3000,
+                                                             values=False, seed=4),
 }
 
 

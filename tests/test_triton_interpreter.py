@@ -97,3 +97,4 @@ def test_aggregation_kernel_equals_the_torch_table():
         assert r["counts_differ"] == 0, label
         assert r["sums_rel"] <= rtol, (label, r["sums_rel"])
         assert r["counted"] > 0, label
+    assert res["three parts of the (batch, query) pairs, batch 2"]["parts"] == 3
