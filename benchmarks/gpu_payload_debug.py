@@ -4,7 +4,6 @@ where they differ, whether the block holding the top of s has a tie or a near-ti
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 

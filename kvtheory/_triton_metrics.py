@@ -129,10 +129,10 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     alone. Nothing waits for the GPU: the work is queued and the host returns, so the
     caller's own work overlaps the kernel. Where a series sum overflowed (deltas beyond ~88)
     the KL of that query is not finite: call again with ``zh=True`` (the kernel then also sums
-    :math:`e^{\hat s}` and takes the KL from the log-sum-exps there). ``while_running`` is called right after the main kernel's launch
-    (``flips._run``: the visibility tensors and the range check); on CUDA its launches go to a
-    side stream that runs beside the kernel, and the tensors it returns are then used on this
-    stream.
+    :math:`e^{\hat s}` and takes the KL from the log-sum-exps there). ``while_running`` is
+    called right after the main kernel's launch (``flips._run``: the visibility tensors and
+    the range check); on CUDA its launches go to a side stream that runs beside the kernel,
+    and the tensors it returns are then used on this stream.
     """
     if triton is None:  # pragma: no cover - guarded by available()
         raise RuntimeError("kvtheory._triton_metrics: Triton is not importable")
