@@ -19,25 +19,25 @@ tiles on tensor cores and, per query row, updates:
   series, but absolute error a few float32 units of :math:`\sum_j w_j`: relative error
   :math:`\sim 10^{-7}/\mathrm{Var}_p(u)`, large for small deltas; timing only); ``5``: none
   (timing only);
-* the top-k (``TOPK_MODE``): ``3`` (default) takes each block's largest and second largest
-  of :math:`s` and of :math:`\hat s` in one reduction each (ties counted; three max/min an
-  element) and :math:`\hat s` where :math:`s` is largest by a separate masked maximum
-  (``PAYLOAD`` carries it along the largest :math:`s` through the same reduction instead:
-  1,075 against 1,105 SASS instructions a block, but on the H200 no faster once the kernel
-  lists its flagged queries, and 3 of 32,768 KLs off by up to 2.5e-3 on local keys, which the
-  interpreter does not show; a variant), inserts the block maximum of :math:`s` with
-  :math:`\hat s` there into a running top-k list of :math:`s` and the block maximum of
-  :math:`\hat s` into a value list of :math:`\hat s`, and keeps the largest *second* entry of any block; the overlap is the
-  number of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest
-  :math:`\hat s` (the shared indices when that value is not tied). An entry replaces the
-  slot equal to the smallest kept value (empty slots hold distinct values below every
-  logit), so no slot search. The lists are exact unless a block's second entry reaches the
-  k-th kept value or two kept values are equal, and :math:`\hat s` at the running top of
-  :math:`s` is at its first index unless that top is tied within its block: the kernel flags
-  such queries for an exact second pass (``COUNT``, ``ROWS``: below). ``2``: the block
-  maxima with their first indices in both lists (an index search a block for each; the
-  kernel before); ``1``: exact in one pass, each block inserting entries while some row's next largest
-  beats its k-th (a data-dependent loop; the second pass); ``0``: none.
+* the top-k (``TOPK_MODE``): ``3`` (default) takes each block's largest and second largest of
+  :math:`s` and of :math:`\hat s` in one reduction each (ties counted; three max/min an element)
+  and :math:`\hat s` where :math:`s` is largest by a separate masked maximum (``PAYLOAD``
+  carries it along the largest :math:`s` through the same reduction instead: 1,075 against 1,105
+  SASS instructions a block, but on the H200 no faster once the kernel lists its flagged
+  queries, and 3 of 32,768 KLs off by up to 2.5e-3 on local keys, which the interpreter does not
+  show; a variant), inserts the block maximum of :math:`s` with :math:`\hat s` there into a
+  running top-k list of :math:`s` and the block maximum of :math:`\hat s` into a value list of
+  :math:`\hat s`, and keeps the largest *second* entry of any block; the overlap is the number
+  of kept :math:`s` entries whose :math:`\hat s` reaches the k-th largest :math:`\hat s` (the
+  shared indices when that value is not tied). An entry replaces the slot equal to the smallest
+  kept value (empty slots hold distinct values below every logit), so no slot search. The lists
+  are exact unless a block's second entry reaches the k-th kept value or two kept values are
+  equal, and :math:`\hat s` at the running top of :math:`s` is at its first index unless that
+  top is tied within its block: the kernel flags such queries for an exact second pass
+  (``COUNT``, ``ROWS``: below). ``2``: the block maxima with their first indices in both lists
+  (an index search a block for each; the kernel before); ``1``: exact in one pass, each block
+  inserting entries while some row's next largest beats its k-th (a data-dependent loop; the
+  second pass); ``0``: none.
 * loads of the key tiles by tensor descriptors (``TMA``, Hopper's tensor memory accelerator)
   or by pointers.
 
