@@ -94,6 +94,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
                  "causal": causal, "window": window, "mask": mask, "values": values,
                  "topk": topk, "fused_calls": tm.CALLS[0] - calls, "local_keys": local,
                  "tune": tune or {}, "second_pass_queries": second}
+    out.update(aggregation_check(m))
     fused = {n: getattr(m.per_query, n) for n in NAMES if getattr(m.per_query, n) is not None}
     fused = {n: x.double().cpu() for n, x in fused.items()}
     fused["flip"] = m.per_query.flip.cpu()
@@ -155,9 +156,39 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
                 ok &= out[r][n]["out_of_tol"] == 0 and out[r][n]["same_infinite"]
         if "margin" in out[r]:
             ok &= out[r]["margin"]["max_abs"] <= 10 * tie_tol and out[r]["margin"]["same_infinite"]
+    ok &= out["aggregate_max_rel"] <= 1e-9 and out["strata_differ"] == 0
     out["pass"] = bool(ok and out["fused_calls"] >= 1)
     out["logit_scale"] = logit_scale
     return out
+
+
+def aggregation_check(m) -> dict:
+    """The call's means and strata (aggregated on the GPU, kvtheory/_triton_aggregate.py)
+    against the same from its per-query values on the CPU in float64: means over the pairs
+    that count (finite KL), strata by ``torch.bucketize``."""
+    pq = m.per_query
+    counted = torch.isfinite(pq.kl.double().cpu())                   # (batch, head, query)
+    n = counted.sum((0, 2)).double()
+    rel = 0.0
+    for name in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err"):
+        x = getattr(pq, name)
+        if x is None:
+            continue
+        x = torch.where(counted, x.double().cpu(), 0.0).sum((0, 2)) / n
+        got = getattr(m, "flip_rate" if name == "flip" else name)
+        ok = torch.isfinite(x)
+        rel = max(rel, float(((got[ok] - x[ok]).abs() / x[ok].abs().clamp_min(1e-300)).max()))
+    differ = 0
+    flips_ = (pq.flip.cpu() & counted)
+    for key, edges, cname, fname in (("margin", m.margin_edges, "margin_counts", "margin_flips"),
+                                     ("top1_prob", m.prob_edges, "prob_counts", "prob_flips")):
+        x = getattr(pq, key).cpu()
+        bins = torch.bucketize(x, torch.tensor(edges[1:-1], dtype=x.dtype), right=True)
+        nb = len(edges) - 1
+        onehot = (bins.unsqueeze(-1) == torch.arange(nb)) & counted.unsqueeze(-1)
+        differ += int((onehot.sum((0, 2)) != getattr(m, cname)).sum())
+        differ += int(((onehot & flips_.unsqueeze(-1)).sum((0, 2)) != getattr(m, fname)).sum())
+    return {"aggregate_max_rel": rel, "strata_differ": differ}
 
 
 def sweep(T: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128) -> dict:
