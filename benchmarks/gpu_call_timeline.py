@@ -59,6 +59,18 @@ def main() -> int:
     tm.metrics_kernel = _Marked(saved[0], "metrics_kernel", log)
     tm.aggregate_kernel = _Marked(saved[1], "aggregate_kernel", log)
     rows: dict[str, list[float]] = {}
+    cpu = torch.Tensor.cpu
+
+    def marked_cpu(self, *args, **kw):     # the transfer: events before it and after it
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        res = cpu(self, *args, **kw)
+        b.record()
+        log.append(("transfer to the host (.cpu(), the host waits)", a, b))
+        return res
+
+    torch.Tensor.cpu = marked_cpu
     try:
         for i in range(a.reps + 3):
             torch.cuda.synchronize()
@@ -75,11 +87,12 @@ def main() -> int:
                 rows.setdefault(f"gap before {name}", []).append(prev.elapsed_time(ea))
                 rows.setdefault(name, []).append(ea.elapsed_time(eb))
                 prev = eb
-            rows.setdefault("after the last kernel to the return", []).append(
+            rows.setdefault("after the last mark to the return", []).append(
                 prev.elapsed_time(end))
             rows.setdefault("whole call", []).append(start.elapsed_time(end))
     finally:
         tm.metrics_kernel, tm.aggregate_kernel = saved
+        torch.Tensor.cpu = cpu
     doc = {"machine": bench.machine(), "tokens": a.tokens, "reps": a.reps,
            "median_ms": {n: statistics.median(v) for n, v in rows.items()}}
     for n, ms in doc["median_ms"].items():
