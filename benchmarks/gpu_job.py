@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[dict] = []
     doc = bench.results_document(cases, settings=settings)
     doc["job"] = "benchmarks/gpu_job.py"
+    if args.git_sha:    # the GPU machine's copy of the tree may carry a stale .git
+        doc["provenance"]["git_sha"] = args.git_sha
     doc["errors"] = []
 
     kept: list[dict] = []
