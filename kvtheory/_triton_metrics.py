@@ -210,8 +210,8 @@ def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor
     ``fisher``, ``margin``, ``top1_prob`` and optionally ``output_rel_err``; ``valid``
     (batch, query) bool; ``nv`` (batch, kv_head, g, query) visible tokens (any strides);
     ``m_inner``, ``p_inner`` the inner bin edges in the dtype of the binned metrics.
-    Returns the tables of the parts of the (batch, query) pairs, one after another (float64 on
-    the device, without waiting for them; their sum is the table).
+    Returns the tables of the parts of the (batch, query) pairs, (part, head·width + 1)
+    float64 on the device, without waiting for them; their sum over parts is the table.
     """
     flip = per["flip"]
     B, H, Q = flip.shape
@@ -222,7 +222,7 @@ def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor
     parts = max(1, min(32, triton.cdiv(B * Q, 4 * block)))    # a few blocks a program
     chunk = triton.cdiv(triton.cdiv(B * Q, parts), block) * block
     parts = triton.cdiv(B * Q, chunk)
-    table = torch.empty(parts * (H * width + 1), dtype=torch.float64, device=flip.device)
+    table = torch.empty(parts, H * width + 1, dtype=torch.float64, device=flip.device)
     x = {n: per[n].contiguous() for n in ("topk_overlap", "kl", "fisher", "margin",
                                             "top1_prob")}
     aggregate_kernel[(H, parts)](

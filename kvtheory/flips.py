@@ -280,12 +280,12 @@ def attention_metrics(
             run = dict(full=True, v=args[5], v_hat=args[6], topk=topk)
             per, valid, nv = _run(*args[:5], **run, after_launch=pending and pending.start)
             also = {"extremes": None if pending is None else pending.ext}
-            out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also,
-                                   fused=_on_kernel(args[0]))
+            fused = _on_kernel(args[0])
+            out, host = _aggregate(per, valid, nv, *args[7:], **agg, also=also, fused=fused)
             if pending is not None and pending.wide(host["extremes"].view(-1, 2).tolist()):
                 continue    # float32 logits could overflow: again, validated before the run
             seen = out.margin_counts.sum(1).tolist()     # queries of each head
-            if _on_kernel(args[0]) and args[5] is None and not all(
+            if fused and args[5] is None and not all(
                     math.isfinite(x) or not c for x, c in zip(out.kl.tolist(), seen)):
                 # a series sum of the fused kernel overflowed (its KL is not finite):
                 # again, with the log-sum-exp of s^ for the KL
@@ -361,14 +361,13 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     else:
         table = _table(per, valid, vmask, names, inner)
     extra = {n: x.to(torch.float64).flatten() for n, x in (also or {}).items() if x is not None}
-    flat = [table, *extra.values()]
+    flat = [table.flatten(), *extra.values()]
     # one transfer; the host's part in NumPy (a torch op on the host costs several times more,
     # and the GPU waits for this part of the call)
     arr = torch.cat(flat).cpu().numpy()
     M = len(names)
-    width = 1 + M + 2 * (len(m_edges) - 1) + 2 * (len(p_edges) - 1)
-    tabs = arr[:table.numel()].reshape(-1, H * width + 1).sum(0)     # the parts added up
-    tab, n = tabs[:-1].reshape(H, width), int(round(tabs[-1]))
+    tabs = arr[:table.numel()].reshape(table.shape).sum(0)     # the parts added up
+    tab, n = tabs[:-1].reshape(H, -1), int(round(tabs[-1]))
     with np.errstate(invalid="ignore", divide="ignore"):     # a head without queries: NaN
         mean = (tab[:, 1:1 + M] / tab[:, :1]).T
     means = {name: torch.from_numpy(np.ascontiguousarray(mean[i])) for i, name in enumerate(names)}
@@ -396,11 +395,12 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
 
 def _table(per: dict, valid: Tensor, vmask: Tensor, names: list[str],
            inner: list[Tensor]) -> Tensor:
-    """The aggregation table by torch operations (layout of
-    :mod:`kvtheory._triton_aggregate`): per head the pairs that count, the metric sums, and
-    per margin bin then per probability bin the pairs and the flipped ones; then the number
-    of valid queries. Few launches and no host sync on an accelerator (no boolean indexing,
-    no bincount, no atomics: ``index_add_`` into a few bins took 0.17 ms a call on the H200)."""
+    """The aggregation table by torch operations, (1, head·width + 1) (layout of
+    :mod:`kvtheory._triton_aggregate`, one part): per head the pairs that count, the metric
+    sums, and per margin bin then per probability bin the pairs and the flipped ones; then
+    the number of valid queries. Few launches and no host sync on an accelerator (no boolean
+    indexing, no bincount, no atomics: ``index_add_`` into a few bins took 0.17 ms a call on
+    the H200)."""
     B, H, Q = vmask.shape
     dt = per["kl"].dtype      # float32 or float64: exact, then one cast (fewer launches)
     stack = torch.stack([per[m].to(dt) for m in names]).to(torch.float64)
@@ -413,7 +413,8 @@ def _table(per: dict, valid: Tensor, vmask: Tensor, names: list[str],
         # counts[h, b, what] = sum over batch and query of [bin = b] sel[what] (exact int64)
         cols.append((onehot.unsqueeze(-1) & sel.unsqueeze(-2)).sum((0, 2)).to(
             torch.float64).view(H, -1))
-    return torch.cat([torch.cat(cols, 1).flatten(), valid.sum().to(torch.float64).view(1)])
+    return torch.cat([torch.cat(cols, 1).flatten(),
+                      valid.sum().to(torch.float64).view(1)]).unsqueeze(0)
 
 
 @functools.lru_cache(maxsize=64)

@@ -177,14 +177,14 @@ def aggregate_case(B, Hkv, g, Q, values, seed, empty_head=False, bins=None):
     flat = {n: x.reshape(B, Hkv * g, Q) for n, x in per.items()}
     names = [m for m in ("flip", "topk_overlap", "kl", "fisher", "output_rel_err") if m in per]
     vmask = valid.unsqueeze(1) & (nv.reshape(B, Hkv * g, Q) > 0)
-    ref = flips._table(flat, valid, vmask, names, inner)
+    ref = flips._table(flat, valid, vmask, names, inner).flatten()
     parts = tm.aggregate(flat, valid, nv, *inner)
-    got = parts.view(-1, ref.numel()).sum(0)       # the parts' tables added up
+    got = parts.sum(0)       # the parts' tables added up
     width = (ref.numel() - 1) // (Hkv * g)
     sums = torch.zeros(ref.numel(), dtype=torch.bool)
     sums[:-1].view(-1, width)[:, 1:1 + len(names)] = True
     rel = ((got - ref).abs() / ref.abs().clamp_min(1e-300))[sums]
-    return {"shape": parts.numel() % ref.numel() == 0, "parts": parts.numel() // ref.numel(),
+    return {"shape": list(parts.shape[1:]) == list(ref.shape), "parts": parts.shape[0],
             "sums_rel": float(rel.max()),
             "counts_differ": int((got != ref)[~sums].sum()), "counted": int(ref[-1])}
 
