@@ -3,7 +3,9 @@ time from the call's start to each kernel of the fused path, each kernel's own t
 time from the last kernel to the call's return, medians over ``--reps`` calls at T = 16,384
 (32/8 heads, d = 128, bf16, non-causal). Events are recorded on the current stream right
 before and after each Triton launch (main kernel, second pass, aggregation) and around the
-call, so each gap is what the GPU spent on other work or waiting for the host.
+call, so each gap is what the GPU spent on other work or waiting for the host. Each way of
+waiting for the results (``flips.WAIT``: polling an event after a pinned copy, or ``.cpu()``)
+is timed in turn, interleaved.
 
     PYTHONPATH=. python3 benchmarks/gpu_call_timeline.py --out $OUT/timeline.json
 """
@@ -51,52 +53,60 @@ def main() -> int:
     p.add_argument("--out", default="timeline.json")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--waits", default="poll,cpu",
+                   help="how the host waits for the results (flips.WAIT), each timed in turn")
     a = p.parse_args()
     q, k, kh = bench.flip_inputs(a.tokens, q_heads=32, kv_heads=8, d=128, device="cuda",
                                  dtype=torch.bfloat16)
     log: list = []
-    saved = tm.metrics_kernel, tm.aggregate_kernel
+    saved = tm.metrics_kernel, tm.aggregate_kernel, flips._to_host, flips.WAIT[0]
     tm.metrics_kernel = _Marked(saved[0], "metrics_kernel", log)
     tm.aggregate_kernel = _Marked(saved[1], "aggregate_kernel", log)
-    rows: dict[str, list[float]] = {}
-    cpu = torch.Tensor.cpu
+    rows: dict[str, dict[str, list[float]]] = {}
 
-    def marked_cpu(self, *args, **kw):     # the transfer: events before it and after it
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        res = cpu(self, *args, **kw)
-        b.record()
-        log.append(("transfer to the host (.cpu(), the host waits)", a, b))
+    def marked_to_host(x):     # the transfer: events before it and after it
+        ea = torch.cuda.Event(enable_timing=True)
+        eb = torch.cuda.Event(enable_timing=True)
+        ea.record()
+        res = saved[2](x)
+        eb.record()
+        log.append(("transfer to the host (the host waits)", ea, eb))
         return res
 
-    torch.Tensor.cpu = marked_cpu
+    flips._to_host = marked_to_host
+    waits = a.waits.split(",")
     try:
         for i in range(a.reps + 3):
-            torch.cuda.synchronize()
-            log.clear()
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            flips.attention_metrics(q, k, kh, causal=False)
-            end.record()
-            torch.cuda.synchronize()
-            if i < 3:
-                continue
-            prev = start
-            for name, ea, eb in log:
-                rows.setdefault(f"gap before {name}", []).append(prev.elapsed_time(ea))
-                rows.setdefault(name, []).append(ea.elapsed_time(eb))
-                prev = eb
-            rows.setdefault("after the last mark to the return", []).append(
-                prev.elapsed_time(end))
-            rows.setdefault("whole call", []).append(start.elapsed_time(end))
+            for wait in waits:      # interleaved: both see the same machine state
+                flips.WAIT[0] = wait
+                row = rows.setdefault(wait, {})
+                torch.cuda.synchronize()
+                log.clear()
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                flips.attention_metrics(q, k, kh, causal=False)
+                end.record()
+                torch.cuda.synchronize()
+                if i < 3:
+                    continue
+                prev = start
+                for name, ea, eb in log:
+                    row.setdefault(f"gap before {name}", []).append(prev.elapsed_time(ea))
+                    row.setdefault(name, []).append(ea.elapsed_time(eb))
+                    prev = eb
+                row.setdefault("after the last mark to the return", []).append(
+                    prev.elapsed_time(end))
+                row.setdefault("whole call", []).append(start.elapsed_time(end))
     finally:
-        tm.metrics_kernel, tm.aggregate_kernel = saved
-        torch.Tensor.cpu = cpu
+        tm.metrics_kernel, tm.aggregate_kernel, flips._to_host = saved[:3]
+        flips.WAIT[0] = saved[3]
     doc = {"machine": bench.machine(), "tokens": a.tokens, "reps": a.reps,
-           "median_ms": {n: statistics.median(v) for n, v in rows.items()}}
-    for n, ms in doc["median_ms"].items():
-        print(f"  {n:48s} {ms:8.3f} ms")
+           "median_ms": {w: {n: statistics.median(v) for n, v in r.items()}
+                         for w, r in rows.items()}}
+    for w, r in doc["median_ms"].items():
+        print(f"wait: {w}")
+        for n, ms in r.items():
+            print(f"  {n:48s} {ms:8.3f} ms")
     write_json(a.out, doc, arg="--out")
     print(json.dumps(doc["median_ms"]))
     return 0

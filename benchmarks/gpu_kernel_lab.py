@@ -66,6 +66,13 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "fix128x32w8s3r128": ("full", {}, {"fix": (128, 32, 8, 3, 128)}),
     "fix128x64w8s2": ("full", {}, {"fix": (128, 64, 8, 2)}),
     "fix64x32w4s2r128": ("full", {}, {"fix": (64, 32, 4, 2, 128)}),
+    # the second pass from the first pass's thresholds (session 8): most blocks cost two row
+    # maxima, so smaller row blocks (fewer rows, fewer blocks holding some row's top k) may pay
+    "fix64x64w4s3r160": ("full", {}, {"fix": (64, 64, 4, 3, 160)}),
+    "fix32x64w4s2": ("full", {}, {"fix": (32, 64, 4, 2)}),
+    "fix16x64w4s2": ("full", {}, {"fix": (16, 64, 4, 2)}),
+    "fix32x128w4s2": ("full", {}, {"fix": (32, 128, 4, 2)}),
+    "fix64x128w4s2": ("full", {}, {"fix": (64, 128, 4, 2)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
     "nofix": ("full", {}, {"second_pass": False}),
 }

@@ -122,6 +122,43 @@ def _insert(ts, ti, kc, cur, cidx):
 
 
 @triton.jit
+def _insert_at(ts, ti, ta, kc, cur, cidx, cura):
+    """:func:`_insert` carrying a payload (``cura`` into ``ta``)."""
+    kth = tl.min(ts, 1)
+    mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
+    rep = (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
+    return (tl.where(rep, cur[:, None], ts), tl.where(rep, cidx[:, None], ti),
+            tl.where(rep, cura[:, None], ta))
+
+
+@triton.jit
+def _fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols):
+    """The second pass's block: rounds while some row's largest remaining entry of ``s`` or
+    ``sh`` beats the smallest kept one, each inserting every row's largest remaining entry (its
+    first index) into the lists (``tsa``: :math:`\hat s` at the kept :math:`s` entries). Lists
+    that start at the first pass's thresholds make most blocks need no round: the block costs
+    its two maxima."""
+    NEG: tl.constexpr = -1.2676506002282294e30
+    cur = tl.max(s, 1)
+    curh = tl.max(sh, 1)
+    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
+    work = s
+    workh = sh
+    while go > 0:
+        cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
+        at = cols[None, :] == cidx[:, None]
+        ts, ti, tsa = _insert_at(ts, ti, tsa, kc, cur, cidx, tl.max(tl.where(at, sh, NEG), 1))
+        work = tl.where(at, -3.0e38, work)
+        cur = tl.max(work, 1)
+        cidh = tl.min(tl.where(workh == curh[:, None], cols[None, :], 1 << 30), 1)
+        tsh, tih = _insert(tsh, tih, kc, curh, cidh)
+        workh = tl.where(cols[None, :] == cidh[:, None], -3.0e38, workh)
+        curh = tl.max(workh, 1)
+        go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
+    return ts, ti, tsa, tsh, tih
+
+
+@triton.jit
 def _top2(a1, a2, b1, b2):
     """Combine of (largest, second largest) pairs, counting ties (``tl.reduce``). NaN-
     propagating max/min, so that a leaf's second of -inf folds away: three ops an element."""
@@ -265,6 +302,13 @@ def metrics_kernel(
     ti = tl.full([BLOCK_M, KP], -1, tl.int32)
     tih = tl.full([BLOCK_M, KP], -2, tl.int32)
     tsa = tl.full([BLOCK_M, KP], -3.0e38, tl.float32)   # s^ at the kept s entries (mode 3)
+    if FIX:     # the lists start at the first pass's thresholds (in the flip, overlap slots)
+        tsa = tl.full([BLOCK_M, KP], NEG, tl.float32)
+        at_s = OUT + bh.to(tl.int64) * NQ + rows
+        thr_s = tl.maximum(tl.load(at_s + 3 * N_OUT, mask=rmask, other=NEG), NEG)
+        thr_h = tl.maximum(tl.load(at_s, mask=rmask, other=NEG), NEG)
+        ts = tl.where(kc[None, :] < TOPK, thr_s[:, None], 3.0e38)
+        tsh = tl.where(kc[None, :] < TOPK, thr_h[:, None], 3.0e38)
     dv = tl.arange(0, BDV)
     o = tl.zeros([BLOCK_M, BDV], tl.float32)
     oh = tl.zeros([BLOCK_M, BDV], tl.float32)
@@ -302,111 +346,119 @@ def metrics_kernel(
                 vis = vis & (km[None, :] != 0)
             s = tl.where(vis, s, NEG)
             sh = tl.where(vis, sh, NEG)
-        if TOPK_MODE == 3 and FULL:
-            # each block's largest and second largest at once (ties counted), and s^ where s
-            # is largest: at its first index unless the largest is tied, which the row's
-            # flag sends to the exact second pass if it is the running top
-            ninf = tl.full(sh.shape, float("-inf"), tl.float32)
-            if PAYLOAD:     # s^ at the largest s carried through the same reduction
-                bm, sh_b, sec = tl.reduce((s, sh, ninf), 1, _top2_at)
-            else:
-                bm, sec = tl.reduce((s, ninf), 1, _top2)
-                sh_b = tl.max(tl.where(s == bm[:, None], sh, NEG), 1)
-            bmh, sech = tl.reduce((sh, ninf), 1, _top2)
-            tie_top = tl.where(bm > m1, sec == bm, tie_top)
+        if FIX:
+            ts, ti, tsa, tsh, tih = _fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols)
         else:
-            bm = tl.max(s, 1)
-            bmh = tl.max(sh, 1)
-            bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
-            at_bi = cols[None, :] == bi[:, None]
-            sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
-        sh_at = tl.where(bm > m1, sh_b, sh_at)
-        if FULL:
-            if TOPK_MODE != 3:
-                work = tl.where(at_bi, -3.0e38, s)
-                sec = tl.max(work, 1)                   # the block's second largest s
-            m2 = tl.maximum(tl.maximum(m2, sec), tl.minimum(m1, bm))
-            if SUMS:
-                # sums are about a reference delta c: the delta at the running top token
-                # (moved with it, so c stays near the mean where p is concentrated)
-                cn = tl.where(bm > m1, (sh_b - bm) * scale, c)
-                e = c - cn
-                c = cn
-                m1n = tl.maximum(m1, bm)
-                bma = bm * a2
-                w = tl.exp2(s * a2 - bma[:, None])      # block-local weights, 1 at the top
-                u = (sh - s) * scale - c[:, None]
-                Wb = tl.sum(w, 1)
-                t = w * u
-                S1b = tl.sum(t, 1)
-                tu = t * u
-                S2b = tl.sum(tu, 1)
-                PHb = _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE)
-                alpha = tl.exp2((m1 - m1n) * a2)
-                beta = tl.exp2(bma - m1n * a2)
-                Wa = W * alpha
-                S1a = S1 * alpha
-                # the old sums about the new reference: u -> u + e
-                ee = tl.exp(e)
-                PHa = tl.where(Wa > 0, ee * (PH * alpha) + Wa * _phi(e) + S1a * (ee - 1.0), 0.0)
-                S2 = S2 * alpha + e * (2.0 * S1a + Wa * e) + S2b * beta
-                S1 = S1a + Wa * e + S1b * beta
-                PH = PHa + PHb * beta
-                W = Wa + Wb * beta
-                if WITH_ZH:
-                    mhn = tl.maximum(mh, bmh)
-                    ah = tl.exp2((mh - mhn) * a2)
-                    wh = tl.exp2(sh * a2 - (mhn * a2)[:, None])
-                    ZH = ZH * ah + tl.sum(wh, 1)
-                    if HAS_V:
-                        vp = (kbase + cols[:, None]) * DV + dv[None, :]
-                        vmk = cmask[:, None] & (dv[None, :] < DV)
-                        vt = tl.load(V + vp, mask=vmk, other=0.0).to(tl.float32)
-                        vht = tl.load(VH + vp, mask=vmk, other=0.0).to(tl.float32)
-                        o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
-                                                        input_precision="tf32x3")
-                        oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
-            if TOPK_MODE == 3:
-                # the s list keeps s^ at its entries, the s^ list values only: the overlap is
-                # the number of kept s entries whose s^ reaches the k-th largest s^, and the
-                # s^ list needs no index search, only the block's second largest s^ (exact
-                # while no block holds two of the top k, as for s). An entry replaces the
-                # slots equal to the smallest kept one: one slot while kept values are
-                # distinct (empty slots are); equal kept values are flagged at the end
-                kth = tl.min(ts, 1)
-                rep = (ts == kth[:, None]) & ((bm > kth) & (bm > NEG))[:, None]
-                ts = tl.where(rep, bm[:, None], ts)
-                tsa = tl.where(rep, sh_b[:, None], tsa)
-                kth = tl.min(tsh, 1)
-                tsh = tl.where((tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None],
-                               bmh[:, None], tsh)
-                sec_s = tl.maximum(sec_s, sec)
-                sec_h = tl.maximum(sec_h, sech)
-            elif TOPK_MODE > 0:
-                # the block maximum of s (its first index) and of s^ enter the running top-k
-                ts, ti = _insert(ts, ti, kc, bm, bi)
-                bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
-                tsh, tih = _insert(tsh, tih, kc, bmh, bih)
-                workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
-                if TOPK_MODE == 1:
-                    ts, ti, tsh, tih = _topk_rest2(ts, ti, tsh, tih, kc, work, sec, workh,
-                                                   tl.max(workh, 1), cols)
+            if TOPK_MODE == 3 and FULL:
+                # each block's largest and second largest at once (ties counted), and s^ where s
+                # is largest: at its first index unless the largest is tied, which the row's
+                # flag sends to the exact second pass if it is the running top
+                ninf = tl.full(sh.shape, float("-inf"), tl.float32)
+                if PAYLOAD:     # s^ at the largest s carried through the same reduction
+                    bm, sh_b, sec = tl.reduce((s, sh, ninf), 1, _top2_at)
                 else:
+                    bm, sec = tl.reduce((s, ninf), 1, _top2)
+                    sh_b = tl.max(tl.where(s == bm[:, None], sh, NEG), 1)
+                bmh, sech = tl.reduce((sh, ninf), 1, _top2)
+                tie_top = tl.where(bm > m1, sec == bm, tie_top)
+            else:
+                bm = tl.max(s, 1)
+                bmh = tl.max(sh, 1)
+                bi = tl.min(tl.where(s == bm[:, None], cols[None, :], 1 << 30), 1)
+                at_bi = cols[None, :] == bi[:, None]
+                sh_b = tl.max(tl.where(at_bi, sh, NEG), 1)
+            sh_at = tl.where(bm > m1, sh_b, sh_at)
+            if FULL:
+                if TOPK_MODE != 3:
+                    work = tl.where(at_bi, -3.0e38, s)
+                    sec = tl.max(work, 1)                   # the block's second largest s
+                m2 = tl.maximum(tl.maximum(m2, sec), tl.minimum(m1, bm))
+                if SUMS:
+                    # sums are about a reference delta c: the delta at the running top token
+                    # (moved with it, so c stays near the mean where p is concentrated)
+                    cn = tl.where(bm > m1, (sh_b - bm) * scale, c)
+                    e = c - cn
+                    c = cn
+                    m1n = tl.maximum(m1, bm)
+                    bma = bm * a2
+                    w = tl.exp2(s * a2 - bma[:, None])      # block-local weights, 1 at the top
+                    u = (sh - s) * scale - c[:, None]
+                    Wb = tl.sum(w, 1)
+                    t = w * u
+                    S1b = tl.sum(t, 1)
+                    tu = t * u
+                    S2b = tl.sum(tu, 1)
+                    PHb = _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE)
+                    alpha = tl.exp2((m1 - m1n) * a2)
+                    beta = tl.exp2(bma - m1n * a2)
+                    Wa = W * alpha
+                    S1a = S1 * alpha
+                    # the old sums about the new reference: u -> u + e
+                    ee = tl.exp(e)
+                    PHa = tl.where(Wa > 0, ee * (PH * alpha) + Wa * _phi(e) + S1a * (ee - 1.0), 0.0)
+                    S2 = S2 * alpha + e * (2.0 * S1a + Wa * e) + S2b * beta
+                    S1 = S1a + Wa * e + S1b * beta
+                    PH = PHa + PHb * beta
+                    W = Wa + Wb * beta
+                    if WITH_ZH:
+                        mhn = tl.maximum(mh, bmh)
+                        ah = tl.exp2((mh - mhn) * a2)
+                        wh = tl.exp2(sh * a2 - (mhn * a2)[:, None])
+                        ZH = ZH * ah + tl.sum(wh, 1)
+                        if HAS_V:
+                            vp = (kbase + cols[:, None]) * DV + dv[None, :]
+                            vmk = cmask[:, None] & (dv[None, :] < DV)
+                            vt = tl.load(V + vp, mask=vmk, other=0.0).to(tl.float32)
+                            vht = tl.load(VH + vp, mask=vmk, other=0.0).to(tl.float32)
+                            o = o * alpha[:, None] + tl.dot(w * beta[:, None], vt,
+                                                            input_precision="tf32x3")
+                            oh = oh * ah[:, None] + tl.dot(wh, vht, input_precision="tf32x3")
+                if TOPK_MODE == 3:
+                    # the s list keeps s^ at its entries, the s^ list values only: the overlap is
+                    # the number of kept s entries whose s^ reaches the k-th largest s^, and the
+                    # s^ list needs no index search, only the block's second largest s^ (exact
+                    # while no block holds two of the top k, as for s). An entry replaces the
+                    # slots equal to the smallest kept one: one slot while kept values are
+                    # distinct (empty slots are); equal kept values are flagged at the end
+                    kth = tl.min(ts, 1)
+                    rep = (ts == kth[:, None]) & ((bm > kth) & (bm > NEG))[:, None]
+                    ts = tl.where(rep, bm[:, None], ts)
+                    tsa = tl.where(rep, sh_b[:, None], tsa)
+                    kth = tl.min(tsh, 1)
+                    tsh = tl.where((tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None],
+                                   bmh[:, None], tsh)
                     sec_s = tl.maximum(sec_s, sec)
-                    sec_h = tl.maximum(sec_h, tl.max(workh, 1))
-        m1 = tl.maximum(m1, bm)
-        mh = tl.maximum(mh, bmh)
+                    sec_h = tl.maximum(sec_h, sech)
+                elif TOPK_MODE > 0:
+                    # the block maximum of s (its first index) and of s^ enter the running top-k
+                    ts, ti = _insert(ts, ti, kc, bm, bi)
+                    bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
+                    tsh, tih = _insert(tsh, tih, kc, bmh, bih)
+                    workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
+                    if TOPK_MODE == 1:
+                        ts, ti, tsh, tih = _topk_rest2(ts, ti, tsh, tih, kc, work, sec, workh,
+                                                       tl.max(workh, 1), cols)
+                    else:
+                        sec_s = tl.maximum(sec_s, sec)
+                        sec_h = tl.maximum(sec_h, tl.max(workh, 1))
+            m1 = tl.maximum(m1, bm)
+            mh = tl.maximum(mh, bmh)
     base = OUT + bh.to(tl.int64) * NQ + rows
     if TOPK_MODE == 3 and not FIX:
         tau = tl.min(tsh, 1)                     # the k-th largest s^ (NEG if fewer seen)
         overlap = tl.sum(((tsa >= tau[:, None]) & (kc[None, :] < TOPK)).to(tl.float32), 1)
     else:
         overlap = tl.sum(tl.sum((ti[:, :, None] == tih[:, None, :]).to(tl.float32), 2), 1)
-    if FIX:
-        tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
+    if FIX:     # the flip from the exact lists: s^ at the first argmax of s, max s^
+        kept = kc[None, :] < TOPK
+        top = tl.max(tl.where(kept, ts, -3.0e38), 1)
+        first = tl.min(tl.where(kept & (ts == top[:, None]), ti, 1 << 30), 1)
+        sh_top = tl.max(tl.where(kept & (ti == first[:, None]), tsa, NEG), 1)
+        mh = tl.max(tl.where(kept, tsh, -3.0e38), 1)
+        tl.store(base, (sh_top < mh).to(tl.float32), mask=rmask)
         tl.store(base + 3 * N_OUT, overlap, mask=rmask)
     else:
-        tl.store(base, (sh_at < mh).to(tl.float32), mask=rmask)
+        flip = (sh_at < mh).to(tl.float32)
         if FULL:
             d1 = S1 / W                                  # mu - c
             fisher = tl.maximum(0.5 * (S2 / W - d1 * d1), 0.0)
@@ -419,31 +471,48 @@ def metrics_kernel(
             if WITH_ZH:   # lse(s^) - lse(s) - mu where the series sum is not finite
                 big = (mh - m1) * scale - (c + d1) + tl.log(ZH / W)
                 kl = tl.where(kl < float("inf"), kl, tl.maximum(big, 0.0))
+            if TOPK_MODE == 3 or (TOPK_MODE == 2 and TOPK > 1):
+                # exact unless a block's second entry reaches the k-th kept value (top-1 is
+                # always a block maximum), or, mode 3, two kept entries are alike (tied
+                # logits, or one insertion that filled two slots) or the top of s is tied
+                thr_s = tl.min(ts, 1)
+                thr_h = tl.min(tsh, 1)
+                spill = tie_top
+                if TOPK > 1:
+                    spill = (sec_s >= thr_s) | (sec_h >= thr_h)
+                    if TOPK_MODE == 3:
+                        pair = ((kc[:, None] < kc[None, :]) & (kc[None, :] < TOPK))[None, :, :]
+                        alike_s = tl.max(tl.max((ts[:, :, None] == ts[:, None, :]) & pair, 2),
+                                         1) > 0
+                        alike_h = tl.max(tl.max((tsh[:, :, None] == tsh[:, None, :]) & pair, 2),
+                                         1) > 0
+                        spill = spill | alike_s | alike_h | tie_top
+                        # alike kept values may stand for fewer than k keys: no threshold
+                        thr_s = tl.where(alike_s, NEG, thr_s)
+                        thr_h = tl.where(alike_h, NEG, thr_h)
+                spill = spill & rmask
+                # the second pass's thresholds, in the two slots it overwrites: below the
+                # k-th kept value (k distinct keys reach it, so the exact k-th does too), by
+                # a margin of 2^-12 of the logits' size (the second pass computes the same
+                # logits; the margin only guards against a different rounding there)
+                flip = tl.where(spill, thr_h - (tl.abs(thr_h) + tl.abs(mh)) * 2.44140625e-4,
+                                flip)
+                overlap = tl.where(spill, thr_s - (tl.abs(thr_s) + tl.abs(m1)) * 2.44140625e-4,
+                                   overlap)
+                spill = spill.to(tl.int32)
+                n_spill = tl.sum(spill, 0)
+                if n_spill > 0:     # listed for the second pass, after the head's others
+                    at = tl.atomic_add(COUNT + bh, n_spill) + tl.cumsum(spill, 0) - 1
+                    tl.store(ROWS + bh.to(tl.int64) * NQ + at, rows, mask=spill > 0)
             tl.store(base + N_OUT, (m1 - m2) * scale, mask=rmask)
             tl.store(base + 2 * N_OUT, 1.0 / W, mask=rmask)
             tl.store(base + 3 * N_OUT, overlap, mask=rmask)
             tl.store(base + 4 * N_OUT, kl, mask=rmask)
             tl.store(base + 5 * N_OUT, fisher, mask=rmask)
-            if TOPK_MODE == 3 or (TOPK_MODE == 2 and TOPK > 1):
-                # exact unless a block's second entry reaches the k-th kept value (top-1 is
-                # always a block maximum), or, mode 3, two kept entries are alike (tied
-                # logits, or one insertion that filled two slots) or the top of s is tied
-                spill = tie_top
-                if TOPK > 1:
-                    spill = (sec_s >= tl.min(ts, 1)) | (sec_h >= tl.min(tsh, 1))
-                    if TOPK_MODE == 3:
-                        pair = ((kc[:, None] < kc[None, :]) & (kc[None, :] < TOPK))[None, :, :]
-                        alike = ((ts[:, :, None] == ts[:, None, :])
-                                 | (tsh[:, :, None] == tsh[:, None, :])) & pair
-                        spill = spill | (tl.max(tl.max(alike, 2), 1) > 0) | tie_top
-                spill = (spill & rmask).to(tl.int32)
-                n_spill = tl.sum(spill, 0)
-                if n_spill > 0:     # listed for the second pass, after the head's others
-                    at = tl.atomic_add(COUNT + bh, n_spill) + tl.cumsum(spill, 0) - 1
-                    tl.store(ROWS + bh.to(tl.int64) * NQ + at, rows, mask=spill > 0)
             if HAS_V:
                 ov = o / W[:, None]
                 ohv = oh / ZH[:, None]
                 num = tl.sqrt(tl.sum((ov - ohv) * (ov - ohv), 1))
                 den = tl.sqrt(tl.sum(ov * ov, 1))
                 tl.store(base + 6 * N_OUT, tl.where(num == 0, 0.0, num / den), mask=rmask)
+        tl.store(base, flip, mask=rmask)

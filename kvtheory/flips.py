@@ -208,8 +208,8 @@ def flip_rate(
             rates = (flips * w).sum((0, 2)) / w.sum((0, 2))
             if pending is None:
                 return rates.cpu()
-            host = torch.cat([rates, pending.ext.flatten()]).cpu()   # one transfer
-            if not pending.wide(host[rates.numel():].view(-1, 2).tolist()):
+            host = torch.from_numpy(_to_host(torch.cat([rates, pending.ext.flatten()])))
+            if not pending.wide(host[rates.numel():].view(-1, 2).tolist()):   # one transfer
                 return host[:rates.numel()]
         raise AssertionError("unreachable: the second round validates eagerly")
 
@@ -364,7 +364,7 @@ def _aggregate(per: dict, valid: Tensor, nv: Tensor, m_edges: tuple[float, ...],
     flat = [table.flatten(), *extra.values()]
     # one transfer; the host's part in NumPy (a torch op on the host costs several times more,
     # and the GPU waits for this part of the call)
-    arr = torch.cat(flat).cpu().numpy()
+    arr = _to_host(torch.cat(flat))
     M = len(names)
     tabs = arr[:table.numel()].reshape(table.shape).sum(0)     # the parts added up
     tab, n = tabs[:-1].reshape(H, -1), int(round(tabs[-1]))
@@ -415,6 +415,28 @@ def _table(per: dict, valid: Tensor, vmask: Tensor, names: list[str],
             torch.float64).view(H, -1))
     return torch.cat([torch.cat(cols, 1).flatten(),
                       valid.sum().to(torch.float64).view(1)]).unsqueeze(0)
+
+
+#: how :func:`_to_host` waits for the GPU: ``"poll"`` (default) or ``"cpu"`` (``.cpu()``, the
+#: driver's wait; benchmarks compare them)
+WAIT = ["poll"]
+
+
+def _to_host(x: Tensor) -> np.ndarray:
+    """``x`` (a small result) as a host array. On CUDA by a copy into pinned memory queued
+    behind the work, then polling an event until it is done: the host keeps running through
+    the wait, so the Python after it starts at once (after a blocking ``.cpu()`` of some
+    20 ms the same Python took twice as long on the H200's host; ``benchmarks/KERNEL_NOTES.md``).
+    """
+    if x.device.type != "cuda" or WAIT[0] == "cpu":
+        return x.cpu().numpy()
+    with torch.cuda.device(x.device):   # layers on several GPUs: the stream of x's device
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        done = torch.cuda.current_stream().record_event()
+        while not done.query():
+            pass
+    return buf.numpy()
 
 
 @functools.lru_cache(maxsize=64)

@@ -57,6 +57,8 @@ CASES = {
     "through attention_metrics, window + shared mask": dict(api=True, window=40, mask="shared"),
     "huge delta through attention_metrics (second run)": dict(api=True, eps=40.0),
     "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
+    "keys in equal pairs, topk 1 (thresholds at the top)": dict(pairs=True, topk=1,
+                                                                causal=False),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
     "s^ at the top carried by the reduction (PAYLOAD), pairs": dict(
         pairs=True, topk=4, causal=False, tune={"PAYLOAD": True}),

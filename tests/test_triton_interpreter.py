@@ -70,6 +70,9 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     # a tied top of s: its s^ must be taken at the first index, which the second pass does
     sent, total = interp["keys in equal pairs (tied top of s), topk 4"]["second_pass"]
     assert sent == total
+    # topk 1: flagged for the tie alone; the second pass starts just below the top of s
+    sent, total = interp["keys in equal pairs, topk 1 (thresholds at the top)"]["second_pass"]
+    assert sent == total
 
 
 def test_attention_metrics_runs_the_kernel_again_only_when_a_series_sum_overflows(interp):
