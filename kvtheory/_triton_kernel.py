@@ -45,7 +45,13 @@ Where it flags queries, program :math:`(i, bh)` adds their number to ``COUNT[bh]
 add that returns where they go) and lists their indices in ``ROWS[bh·NQ + …]``: each head's
 flagged queries, in an order that depends on the programs' timing (the results of a query do
 not depend on the others it is grouped with). ``FIX`` runs the kernel on those rows and writes
-only the flip and the top-k overlap: the second pass. Program :math:`p = j\,n_{bh} + bh` takes
+only the flip and the top-k overlap: the second pass. The first pass leaves in a flagged row's
+flip and overlap slots the k-th kept :math:`\hat s` and :math:`s` less a margin of
+:math:`2^{-12}` of the logits' size (−2¹⁰⁰ where kept values are alike and may stand for fewer
+than k keys): k distinct keys reach the kept value, so the exact k-th does too, and the second
+pass's lists start there. A key block then costs its two row maxima unless one holds an entry
+above some row's k-th (:func:`_fix_rounds`); the flip comes from the exact lists (:math:`\hat s`
+at the first largest :math:`s`, against the largest :math:`\hat s`). Program :math:`p = j\,n_{bh} + bh` takes
 entries :math:`j\,` ``BLOCK_M`` to :math:`(j+1)\,` ``BLOCK_M`` :math:`- 1` of head :math:`bh`'s
 list (those below ``COUNT[bh]``); one without rows skips every key block.
 """

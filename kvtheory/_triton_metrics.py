@@ -19,7 +19,9 @@ keeps, online,
   whose top :math:`s` is tied within its block (:math:`\hat s` is then taken at the first
   index), are flagged and get their flip and overlap from a second, exact pass over those
   queries alone (:func:`_second_pass`: index lists, each block inserting entries while some
-  row's next largest beats its k-th, a data-dependent loop);
+  row's next largest beats its k-th, a data-dependent loop; the lists start just below the
+  k-th values the first pass kept, which k distinct keys reach, so most blocks insert
+  nothing);
 * :math:`m = \max s` and :math:`W = \sum_j w_j`, :math:`w_j = e^{s_j - m}` (one ``exp2`` per
   logit, the scale folded in), and about a reference :math:`c` the sums
   :math:`S_1 = \sum_j w_j u_j`, :math:`S_2 = \sum_j w_j u_j^2` and
@@ -189,7 +191,8 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
         with _beside(ready) as made:
             made.extend(while_running())
     if count is not None:
-        _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q)
+        _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q,
+                     descs if bn == CONFIG["fix"][1] else None)
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
@@ -270,6 +273,12 @@ def _side_stream(device: torch.device):
     return torch.cuda.Stream(device)
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, asked once."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tuple:
     """Tensor descriptors of ``k`` and ``k_hat`` as (batch·kv_head·token, d) matrices with
     (``bn``, ``bd``) tiles, for loads by the tensor memory accelerator (Hopper on; the
@@ -278,7 +287,7 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
     16-byte aligned, a pre-Hopper GPU."""
     if TensorDescriptor is None or not tune.get("TMA", True):
         return None, None
-    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+    if k.is_cuda and _capability(k.device)[0] < 9:
         return None, None
     d = k.shape[-1]
     if (d * k.element_size()) % 16 or k.data_ptr() % 16 or k_hat.data_ptr() % 16:
@@ -287,16 +296,18 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
 
 
 def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, common: dict,
-                 n_bh: int, Q: int) -> None:
+                 n_bh: int, Q: int, descs: tuple | None = None) -> None:
     r"""The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
     written into ``out``: program :math:`j\,n_{bh} + bh` takes entries :math:`j\,` ``BLOCK_M``
     onwards of head :math:`bh`'s list (``lists``: the counts and rows the main kernel wrote);
     the grid is fixed (no host sync), the programs past a head's count skip every key block,
-    and the busy ones (small :math:`j`) come first in launch order."""
+    and the busy ones (small :math:`j`) come first in launch order. ``descs``: the main
+    kernel's tensor descriptors where its key tiles have this pass's shape."""
     q, k, k_hat, km, out = tensors
     count, rows = lists
     bm, bn, warps, stages, *nreg = CONFIG["fix"]
-    descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
+    if descs is None:
+        descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
     metrics_kernel[(triton.cdiv(Q, bm) * n_bh,)](
         q, k, k_hat, q, q, km, out, count, rows, *descs, *args, BLOCK_M=bm,
         HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
