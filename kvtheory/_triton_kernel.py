@@ -139,17 +139,19 @@ def _insert_at(ts, ti, ta, kc, cur, cidx, cura):
 
 @triton.jit
 def _fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols):
-    """The second pass's block: rounds while some row's largest remaining entry of ``s`` or
+    r"""The second pass's block: rounds while some row's largest remaining entry of ``s`` or
     ``sh`` beats the smallest kept one, each inserting every row's largest remaining entry (its
     first index) into the lists (``tsa``: :math:`\hat s` at the kept :math:`s` entries). Lists
     that start at the first pass's thresholds make most blocks need no round: the block costs
     its two maxima."""
     NEG: tl.constexpr = -1.2676506002282294e30
-    cur = tl.max(s, 1)
-    curh = tl.max(sh, 1)
-    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
     work = s
     workh = sh
+    cur = tl.max(s, 1)
+    curh = tl.max(sh, 1)
+    # (go is defined last: Triton 3.6's layout pass fails on a while loop whose condition
+    # variable comes before tensors it carries)
+    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
     while go > 0:
         cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
         at = cols[None, :] == cidx[:, None]
