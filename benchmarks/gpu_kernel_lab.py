@@ -73,6 +73,10 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "fix16x64w4s2": ("full", {}, {"fix": (16, 64, 4, 2)}),
     "fix32x128w4s2": ("full", {}, {"fix": (32, 128, 4, 2)}),
     "fix64x128w4s2": ("full", {}, {"fix": (64, 128, 4, 2)}),
+    # the second pass by rounds alone (no candidates' pass), and candidate slots
+    "rounds": ("full", {"CAND": 0}, None),
+    "cand32": ("full", {"CAND": 32}, None),
+    "cand64x32": ("full", {}, {"cand": (64, 32, 4, 3)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
     "nofix": ("full", {}, {"second_pass": False}),
 }
@@ -135,14 +139,15 @@ def main() -> int:
                "ratio": ms / doc["matmul_ms"], "tflops": flops / ms / 1e9,
                "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None),
-               "second_pass": list(tm.second_pass_queries()) if kind == "full" else None}
+               "second_pass": list(tm.second_pass_queries()) if kind == "full" else None,
+               "rounds_pass": tm.rounds_pass_queries() if kind == "full" else None}
         doc["rows"][name] = row
         sp = tm.second_pass_queries()
         print(f"  {name:16s} {ms:7.2f} ms  {row['ratio']:5.2f}x  {row['tflops']:5.0f} TFLOP/s  "
               f"regs {row['n_regs']} spills {row['n_spills']}  compile {comp:4.1f} s  "
-              f"second pass {sp[0]}/{sp[1]}", flush=True)
+              f"second pass {sp[0]}/{sp[1]}, rounds {row['rounds_pass']}", flush=True)
         write_json(a.out, doc, arg="--out")
-        tm.SECOND_PASS[:] = [None, 0]
+        tm.SECOND_PASS[:] = [None, 0, None]
     tm.TUNE.clear()
     tm.CONFIG.update(base_cfg)
     tm._second_pass = second_pass

@@ -44,7 +44,7 @@ def compile_sass(tune: dict) -> tuple[str, str]:
     const = dict(D=128, DV=16, BD=128, BDV=16, BLOCK_M=64, BLOCK_N=64, KP=8, TOPK=5,
                  CAUSAL=False, HAS_WINDOW=False, HAS_KM=False, HAS_V=False, FULL=True,
                  WITH_ZH=False, FIX=False, SUMS=True, TOPK_MODE=3, PHI_MODE=3, TMA=True,
-                 PAYLOAD=False)
+                 PAYLOAD=False, CAND=0)
     const.update(tune)
     # a constexpr left out would be compiled as a run-time int: both branches, a wrong count
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in const
@@ -52,7 +52,8 @@ def compile_sass(tune: dict) -> tuple[str, str]:
     if missing:
         raise SystemExit(f"kernel_sass.py: give a value for the constexpr switches {missing}")
     types = {"Q": "*bf16", "K": "*bf16", "KH": "*bf16", "V": "*bf16", "VH": "*bf16",
-             "KM": "*i8", "OUT": "*fp32", "COUNT": "*i32", "ROWS": "*i32",
+             "KM": "*i8", "OUT": "*fp32", "COUNT": "*i32", "ROWS": "*i32", "CI": "*i32",
+             "CS": "*fp32", "CH": "*fp32", "COUNT2": "*i32", "ROWS2": "*i32",
              "scale": "fp32"}
     sig, consts = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -65,7 +66,8 @@ def compile_sass(tune: dict) -> tuple[str, str]:
                 sig[a], consts[(i,)] = "constexpr", None
         else:
             sig[a] = types.get(a, "i32")
-    div16 = ["Q", "K", "KH", "V", "VH", "KM", "OUT", "COUNT", "ROWS", "NQ", "T",
+    div16 = ["Q", "K", "KH", "V", "VH", "KM", "OUT", "COUNT", "ROWS", "CI", "CS", "CH",
+             "COUNT2", "ROWS2", "NQ", "T",
              "OFF", "HQ", "WINDOW", "N_OUT"]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),

@@ -50,16 +50,19 @@ flip and overlap slots the k-th kept :math:`\hat s` and :math:`s` less a margin 
 :math:`2^{-12}` of the logits' size (−2¹⁰⁰ where kept values are alike and may stand for fewer
 than k keys): k distinct keys reach the kept value, so the exact k-th does too, and the second
 pass's lists start there. A key block then costs its two row maxima unless one holds an entry
-above some row's k-th (:func:`_fix_rounds`); the flip comes from the exact lists (:math:`\hat s`
-at the first largest :math:`s`, against the largest :math:`\hat s`). Program :math:`p = j\,n_{bh} + bh` takes
-entries :math:`j\,` ``BLOCK_M`` to :math:`(j+1)\,` ``BLOCK_M`` :math:`- 1` of head :math:`bh`'s
-list (those below ``COUNT[bh]``); one without rows skips every key block.
+above some row's k-th (:func:`fix_rounds`); the flip comes from the exact lists (:math:`\hat s`
+at the first largest :math:`s`, against the largest :math:`\hat s`). Program
+:math:`p = j\,n_{bh} + bh` takes entries :math:`j\,` ``BLOCK_M`` to
+:math:`(j+1)\,` ``BLOCK_M`` :math:`- 1` of head :math:`bh`'s list (those below ``COUNT[bh]``);
+one without rows skips every key block.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._triton_select import collect, fix_rounds, insert, select, top2, top2_at, topk_rest2
 
 
 @triton.jit
@@ -117,93 +120,16 @@ def _log1p(x):
     return tl.where(x < 1e-3, x * (1.0 - x * (0.5 - x * (1.0 / 3.0))), tl.log(1.0 + x))
 
 
-@triton.jit
-def _insert(ts, ti, kc, cur, cidx):
-    """Each row's candidate ``cur`` (at ``cidx``) replaces the row's smallest kept entry
-    (its first slot if several) when strictly larger."""
-    kth = tl.min(ts, 1)
-    mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
-    rep = (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
-    return tl.where(rep, cur[:, None], ts), tl.where(rep, cidx[:, None], ti)
 
 
-@triton.jit
-def _insert_at(ts, ti, ta, kc, cur, cidx, cura):
-    """:func:`_insert` carrying a payload (``cura`` into ``ta``)."""
-    kth = tl.min(ts, 1)
-    mpos = tl.min(tl.where(ts == kth[:, None], kc[None, :], 1 << 20), 1)
-    rep = (cur > kth)[:, None] & (kc[None, :] == mpos[:, None])
-    return (tl.where(rep, cur[:, None], ts), tl.where(rep, cidx[:, None], ti),
-            tl.where(rep, cura[:, None], ta))
 
 
-@triton.jit
-def _fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols):
-    r"""The second pass's block: rounds while some row's largest remaining entry of ``s`` or
-    ``sh`` beats the smallest kept one, each inserting every row's largest remaining entry (its
-    first index) into the lists (``tsa``: :math:`\hat s` at the kept :math:`s` entries). Lists
-    that start at the first pass's thresholds make most blocks need no round: the block costs
-    its two maxima."""
-    NEG: tl.constexpr = -1.2676506002282294e30
-    work = s
-    workh = sh
-    cur = tl.max(s, 1)
-    curh = tl.max(sh, 1)
-    # (go is defined last: Triton 3.6's layout pass fails on a while loop whose condition
-    # variable comes before tensors it carries)
-    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
-    while go > 0:
-        cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
-        at = cols[None, :] == cidx[:, None]
-        ts, ti, tsa = _insert_at(ts, ti, tsa, kc, cur, cidx, tl.max(tl.where(at, sh, NEG), 1))
-        work = tl.where(at, -3.0e38, work)
-        cur = tl.max(work, 1)
-        cidh = tl.min(tl.where(workh == curh[:, None], cols[None, :], 1 << 30), 1)
-        tsh, tih = _insert(tsh, tih, kc, curh, cidh)
-        workh = tl.where(cols[None, :] == cidh[:, None], -3.0e38, workh)
-        curh = tl.max(workh, 1)
-        go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
-    return ts, ti, tsa, tsh, tih
 
 
-@triton.jit
-def _top2(a1, a2, b1, b2):
-    """Combine of (largest, second largest) pairs, counting ties (``tl.reduce``). NaN-
-    propagating max/min, so that a leaf's second of -inf folds away: three ops an element."""
-    nan: tl.constexpr = tl.PropagateNan.ALL
-    return (tl.maximum(a1, b1, propagate_nan=nan),
-            tl.maximum(tl.maximum(a2, b2, propagate_nan=nan), tl.minimum(a1, b1, propagate_nan=nan),
-                       propagate_nan=nan))
 
 
-@triton.jit
-def _topk_rest2(ts, ti, tsh, tih, kc, work, cur, workh, curh, cols):
-    """Further rounds of the two running top-k while some row's largest remaining entry
-    (``cur`` of ``work``, ``curh`` of ``workh``) beats its smallest kept one."""
-    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
-    while go > 0:
-        cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
-        ts, ti = _insert(ts, ti, kc, cur, cidx)
-        work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
-        cur = tl.max(work, 1)
-        cidh = tl.min(tl.where(workh == curh[:, None], cols[None, :], 1 << 30), 1)
-        tsh, tih = _insert(tsh, tih, kc, curh, cidh)
-        workh = tl.where(cols[None, :] == cidh[:, None], -3.0e38, workh)
-        curh = tl.max(workh, 1)
-        go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
-    return ts, ti, tsh, tih
 
 
-@triton.jit
-def _top2_at(a1, ap, a2, b1, bp, b2):
-    """:func:`_top2` of the first entries with a payload carried along the largest (``ap``,
-    ``bp``: s^ where s is largest; on a tie the left one, which only matters where the row is
-    flagged for the second pass anyway): two ops more an element, against the three of a
-    separate masked maximum."""
-    nan: tl.constexpr = tl.PropagateNan.ALL
-    return (tl.maximum(a1, b1, propagate_nan=nan), tl.where(b1 > a1, bp, ap),
-            tl.maximum(tl.maximum(a2, b2, propagate_nan=nan), tl.minimum(a1, b1, propagate_nan=nan),
-                       propagate_nan=nan))
 
 
 @triton.jit
@@ -238,14 +164,14 @@ def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
 
 @triton.jit
 def metrics_kernel(
-    Q, K, KH, V, VH, KM, OUT, COUNT, ROWS, KD, KHD,
+    Q, K, KH, V, VH, KM, OUT, COUNT, ROWS, CI, CS, CH, COUNT2, ROWS2, KD, KHD,
     NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
-    TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = False,
+    TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = False, CAND: tl.constexpr = 0,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
@@ -310,13 +236,22 @@ def metrics_kernel(
     ti = tl.full([BLOCK_M, KP], -1, tl.int32)
     tih = tl.full([BLOCK_M, KP], -2, tl.int32)
     tsa = tl.full([BLOCK_M, KP], -3.0e38, tl.float32)   # s^ at the kept s entries (mode 3)
-    if FIX:     # the lists start at the first pass's thresholds (in the flip, overlap slots)
-        tsa = tl.full([BLOCK_M, KP], NEG, tl.float32)
+    if FIX:     # the first pass's thresholds (in the flip, overlap slots)
         at_s = OUT + bh.to(tl.int64) * NQ + rows
-        thr_s = tl.maximum(tl.load(at_s + 3 * N_OUT, mask=rmask, other=NEG), NEG)
-        thr_h = tl.maximum(tl.load(at_s, mask=rmask, other=NEG), NEG)
-        ts = tl.where(kc[None, :] < TOPK, thr_s[:, None], 3.0e38)
-        tsh = tl.where(kc[None, :] < TOPK, thr_h[:, None], 3.0e38)
+        raw_s = tl.load(at_s + 3 * N_OUT, mask=rmask, other=NEG)
+        raw_h = tl.load(at_s, mask=rmask, other=NEG)
+        thr_s = tl.maximum(raw_s, NEG)
+        thr_h = tl.maximum(raw_h, NEG)
+        if CAND > 0:    # candidates above both thresholds; below NEG: none, to the rounds
+            bad = (raw_s < NEG) | (raw_h < NEG)
+            thr_s = tl.where(bad, 3.0e38, thr_s)
+            thr_h = tl.where(bad, 3.0e38, thr_h)
+            cnt = tl.zeros([BLOCK_M], tl.int32)
+            cbase = (bh * NQ + idx) * CAND      # int32: the host keeps it below 2^31
+        else:           # the rounds' lists start there
+            tsa = tl.full([BLOCK_M, KP], NEG, tl.float32)
+            ts = tl.where(kc[None, :] < TOPK, thr_s[:, None], 3.0e38)
+            tsh = tl.where(kc[None, :] < TOPK, thr_h[:, None], 3.0e38)
     dv = tl.arange(0, BDV)
     o = tl.zeros([BLOCK_M, BDV], tl.float32)
     oh = tl.zeros([BLOCK_M, BDV], tl.float32)
@@ -355,7 +290,10 @@ def metrics_kernel(
             s = tl.where(vis, s, NEG)
             sh = tl.where(vis, sh, NEG)
         if FIX:
-            ts, ti, tsa, tsh, tih = _fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols)
+            if CAND > 0:
+                cnt = collect(s, sh, cols, thr_s, thr_h, cnt, CI, CS, CH, cbase, CAND)
+            else:
+                ts, ti, tsa, tsh, tih = fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols)
         else:
             if TOPK_MODE == 3 and FULL:
                 # each block's largest and second largest at once (ties counted), and s^ where s
@@ -363,11 +301,11 @@ def metrics_kernel(
                 # flag sends to the exact second pass if it is the running top
                 ninf = tl.full(sh.shape, float("-inf"), tl.float32)
                 if PAYLOAD:     # s^ at the largest s carried through the same reduction
-                    bm, sh_b, sec = tl.reduce((s, sh, ninf), 1, _top2_at)
+                    bm, sh_b, sec = tl.reduce((s, sh, ninf), 1, top2_at)
                 else:
-                    bm, sec = tl.reduce((s, ninf), 1, _top2)
+                    bm, sec = tl.reduce((s, ninf), 1, top2)
                     sh_b = tl.max(tl.where(s == bm[:, None], sh, NEG), 1)
-                bmh, sech = tl.reduce((sh, ninf), 1, _top2)
+                bmh, sech = tl.reduce((sh, ninf), 1, top2)
                 tie_top = tl.where(bm > m1, sec == bm, tie_top)
             else:
                 bm = tl.max(s, 1)
@@ -439,12 +377,12 @@ def metrics_kernel(
                     sec_h = tl.maximum(sec_h, sech)
                 elif TOPK_MODE > 0:
                     # the block maximum of s (its first index) and of s^ enter the running top-k
-                    ts, ti = _insert(ts, ti, kc, bm, bi)
+                    ts, ti = insert(ts, ti, kc, bm, bi)
                     bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
-                    tsh, tih = _insert(tsh, tih, kc, bmh, bih)
+                    tsh, tih = insert(tsh, tih, kc, bmh, bih)
                     workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
                     if TOPK_MODE == 1:
-                        ts, ti, tsh, tih = _topk_rest2(ts, ti, tsh, tih, kc, work, sec, workh,
+                        ts, ti, tsh, tih = topk_rest2(ts, ti, tsh, tih, kc, work, sec, workh,
                                                        tl.max(workh, 1), cols)
                     else:
                         sec_s = tl.maximum(sec_s, sec)
@@ -457,7 +395,18 @@ def metrics_kernel(
         overlap = tl.sum(((tsa >= tau[:, None]) & (kc[None, :] < TOPK)).to(tl.float32), 1)
     else:
         overlap = tl.sum(tl.sum((ti[:, :, None] == tih[:, None, :]).to(tl.float32), 2), 1)
-    if FIX:     # the flip from the exact lists: s^ at the first argmax of s, max s^
+    if FIX and CAND > 0:    # rows with too many candidates go on to the rounds pass
+        tl.debug_barrier()      # the block's candidate stores, visible to all its threads
+        over = (bad | (cnt > CAND)) & rmask
+        flip, overlap = select(CI, CS, CH, cbase, cnt, rmask & ~over, TOPK, CAND)
+        tl.store(base, flip, mask=rmask & ~over)
+        tl.store(base + 3 * N_OUT, overlap, mask=rmask & ~over)
+        ov = over.to(tl.int32)
+        n_ov = tl.sum(ov, 0)
+        if n_ov > 0:
+            at = tl.atomic_add(COUNT2 + bh, n_ov) + tl.cumsum(ov, 0) - 1
+            tl.store(ROWS2 + bh.to(tl.int64) * NQ + at, rows, mask=ov > 0)
+    elif FIX:   # the flip from the exact lists: s^ at the first argmax of s, max s^
         kept = kc[None, :] < TOPK
         top = tl.max(tl.where(kept, ts, -3.0e38), 1)
         first = tl.min(tl.where(kept & (ts == top[:, None]), ti, 1 << 30), 1)

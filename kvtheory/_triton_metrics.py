@@ -82,7 +82,7 @@ TUNE: dict = {}
 LOADS = ["pointers"]
 #: the last call's per-head numbers of queries sent to the exact second pass (or None) and
 #: its number of queries (:func:`second_pass_queries` adds them up)
-SECOND_PASS: list = [None, 0]
+SECOND_PASS: list = [None, 0, None]
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
     import triton
@@ -113,7 +113,8 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 #: override
 CONFIG: dict[str, tuple[int, ...]] = {
     "flip": (128, 64, 8, 3), "full": (64, 64, 4, 3), "values": (64, 32, 4, 2),
-    "fix": (64, 64, 4, 2, 160)}     # three programs an SM (2 stages of shared memory)
+    "fix": (64, 64, 4, 2, 160),     # three programs an SM (2 stages of shared memory)
+    "cand": (64, 64, 4, 3)}
 
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
@@ -167,7 +168,7 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     if full and (mode == 3 or (mode == 2 and topk > 1)):
         count = torch.zeros(B * Hq, dtype=torch.int32, device=q.device)
         rows = torch.empty(B * Hq * Q, dtype=torch.int32, device=q.device)
-    SECOND_PASS[:] = [count, B * Hq * Q]
+    SECOND_PASS[:] = [count, B * Hq * Q, None]
     name = "values" if has_v else ("full" if full else "flip")
     bm, bn, warps, stages, *nreg = CONFIG[name]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),
@@ -184,15 +185,14 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     ready = torch.cuda.current_stream(q.device).record_event() if q.is_cuda else None
     LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
         q, k, k_hat, v, v_hat, km, out, out if count is None else count,
-        out if rows is None else rows, *descs, *args,
+        out if rows is None else rows, out, out, out, out, out, *descs, *args,
         BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
         **{**common, **dict(zip(["maxnreg"], nreg)), **tune})
     if while_running is not None:   # work queued beside the kernel
         with _beside(ready) as made:
             made.extend(while_running())
     if count is not None:
-        _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q,
-                     descs if bn == CONFIG["fix"][1] else None)
+        _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q, descs)
     CALLS[0] += 1
     out = out.view(n_out, B, Hq, Q)
     res = {"flip": out[0] > 0.5}
@@ -238,10 +238,17 @@ def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor
     return table
 
 
+def rounds_pass_queries() -> int:
+    """Queries of the last call that went on to the rounds pass (waits for the GPU)."""
+    count, _, count2 = SECOND_PASS
+    rounds = count2 if count2 is not None else count
+    return 0 if rounds is None else int(rounds.sum())
+
+
 def second_pass_queries() -> tuple[int, int]:
     """Queries of the last call sent to the exact second pass, and all its queries (waits for
     the GPU; for tests and benchmarks)."""
-    count, total = SECOND_PASS
+    count, total, _ = SECOND_PASS
     return (0 if count is None else int(count.sum())), int(total)
 
 
@@ -305,12 +312,35 @@ def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, comm
     kernel's tensor descriptors where its key tiles have this pass's shape."""
     q, k, k_hat, km, out = tensors
     count, rows = lists
+
+    def tiles(bn: int) -> tuple:     # the main kernel's descriptors where the tiles match
+        if bn == common["BLOCK_N"]:
+            return descs
+        return _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
+
+    grid = (triton.cdiv(Q, CONFIG["fix"][0]) * n_bh,)
+    fixed = dict(HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1)
+    cap = TUNE.get("CAND", triton.next_power_of_2(2 * common["TOPK"] + 2))
+    cap = cap if n_bh * Q * cap < 2 ** 31 else 0     # the kernel's slot offsets are int32
+    if cap:     # the candidates' pass; rows with more candidates than slots: list 2
+        bm, bn, warps, stages, *nreg = CONFIG["cand"]
+        ci = torch.empty(n_bh * Q * cap, dtype=torch.int32, device=q.device)
+        cs, ch = (torch.empty(n_bh * Q * cap, dtype=torch.float32, device=q.device)
+                  for _ in range(2))
+        count2 = torch.zeros_like(count)
+        rows2 = torch.empty_like(rows)
+        SECOND_PASS[2] = count2
+        cd = tiles(bn)
+        metrics_kernel[(triton.cdiv(Q, bm) * n_bh,)](
+            q, k, k_hat, q, q, km, out, count, rows, ci, cs, ch, count2, rows2, *cd, *args,
+            BLOCK_M=bm, CAND=cap, TMA=cd[0] is not None, **fixed,
+            **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
+               **dict(zip(["maxnreg"], nreg))})
+        count, rows = count2, rows2
     bm, bn, warps, stages, *nreg = CONFIG["fix"]
-    if descs is None:
-        descs = _descriptors(k, k_hat, bn, common["BD"], dict(TUNE))
-    metrics_kernel[(triton.cdiv(Q, bm) * n_bh,)](
-        q, k, k_hat, q, q, km, out, count, rows, *descs, *args, BLOCK_M=bm,
-        HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1,
-        TMA=descs[0] is not None,
+    descs = tiles(bn)
+    metrics_kernel[grid](
+        q, k, k_hat, q, q, km, out, count, rows, out, out, out, out, out, *descs, *args,
+        BLOCK_M=bm, TMA=descs[0] is not None, **fixed,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
            **dict(zip(["maxnreg"], nreg))})

@@ -126,7 +126,8 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
                  / math.sqrt(d))
     rtol, atol = tol("fused_kernel")
     atol *= max(1.0, smax)
-    out = {"second_pass": list(tm.second_pass_queries()), "errors": {}, "loads": tm.LOADS[0],
+    out = {"second_pass": list(tm.second_pass_queries()), "rounds": tm.rounds_pass_queries(),
+           "errors": {}, "loads": tm.LOADS[0],
            "kernel_calls": kernel_calls}
     for n in NAMES:
         if n not in res:
@@ -208,7 +209,7 @@ def main() -> int:
     if sys.argv[1:] == ["--aggregate"]:
         print(json.dumps({label: aggregate_case(**kw) for label, kw in AGGREGATE.items()}))
         return 0
-    for name in ("full", "values", "fix", "flip"):
+    for name in ("full", "values", "fix", "cand", "flip"):
         tm.CONFIG[name] = (32, 16, 4, 1)
     only = set(sys.argv[1:])
     print(json.dumps({label: run_case(**kw) for label, kw in CASES.items()

@@ -32,7 +32,9 @@ def _launched() -> dict[str, dict]:
 
     return {
         "main kernel": cfg("full"),
-        "second pass": {**cfg("fix"), "FIX": True, "SUMS": False, "TOPK_MODE": 1},
+        "second pass, candidates": {**cfg("cand"), "FIX": True, "SUMS": False,
+                                    "TOPK_MODE": 1, "CAND": 16},
+        "second pass, rounds": {**cfg("fix"), "FIX": True, "SUMS": False, "TOPK_MODE": 1},
         "values": {**cfg("values"), "HAS_V": True, "WITH_ZH": True, "DV": 128, "BDV": 128},
         "log-sum-exp run": {**cfg("full"), "WITH_ZH": True},
         "flip only": {**cfg("flip"), "FULL": False},
