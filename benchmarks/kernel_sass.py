@@ -134,6 +134,7 @@ def main() -> int:
         print(f"{json.dumps(tune)}: {n} instructions a thread a key block "
               f"({n / pairs:.1f} a (query, key) pair); {res}")
         print("   ", ", ".join(f"{k} {v}" for k, v in c.most_common(16)))
+        print(f"    wgmma instructions in the kernel: {sass.count('HGMMA')}")
     return 0
 
 

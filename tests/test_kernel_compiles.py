@@ -52,4 +52,5 @@ def test_kernel_compiles_for_hopper(label):
                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, f"{label}: {out.stderr[-2000:]}"
     assert "instructions a thread a key block" in out.stdout, out.stdout
-    assert "HGMMA" in out.stdout, f"{label}: no wgmma in the loop"   # tensor cores on Hopper
+    n = int(out.stdout.split("wgmma instructions in the kernel:")[1].split()[0])
+    assert n > 0, f"{label}: no wgmma"      # the logit tiles on Hopper's tensor cores
