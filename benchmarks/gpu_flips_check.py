@@ -88,7 +88,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     tm.TUNE.update(tune or {})
     m = flips.attention_metrics(*cuda, **{**kw, "key_mask": kmc}, return_per_query=True)
     torch.cuda.synchronize()
-    second = list(tm.second_pass_queries())
+    second = list(tm.second_pass_queries()) + [tm.rounds_pass_queries()]
     tm.TUNE.clear()
     out: dict = {"label": label, "dtype": str(dtype).removeprefix("torch."), "T": T, "Q": Q, "B": B, "heads": f"{hq}/{hkv}", "d": d,
                  "causal": causal, "window": window, "mask": mask, "values": values,

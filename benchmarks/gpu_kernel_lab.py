@@ -76,6 +76,7 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     # the second pass by rounds alone (no candidates' pass), and candidate slots
     "rounds": ("full", {"CAND": 0}, None),
     "cand32": ("full", {"CAND": 32}, None),
+    "candskip": ("full", {"CAND_SKIP": True}, None),
     "cand64x32": ("full", {}, {"cand": (64, 32, 4, 3)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
     "nofix": ("full", {}, {"second_pass": False}),
@@ -91,14 +92,24 @@ def main() -> int:
     p.add_argument("--base-tune", default="{}", help="JSON switches added to every variant")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the kernel alone, flips._run and attention_metrics")
+    p.add_argument("--local", action="store_true",
+                   help="keys alike in runs (a query's top keys come in runs inside one key "
+                        "block, as in real attention) instead of independent random keys")
     a = p.parse_args()
     import triton.testing
 
     T, hq, hkv, d = a.tokens, 32, 8, 128
     q, k, kh = bench.flip_inputs(T, q_heads=hq, kv_heads=hkv, d=d, device="cuda",
                                  dtype=torch.bfloat16)
+    if a.local:     # as tests/_kernel_interp.py's local keys, K^ = K + the same noise
+        noise = kh - k
+        k = (torch.cumsum(k.float(), 2) / torch.arange(1, T + 1, device="cuda").view(
+            1, 1, T, 1).sqrt()).to(k.dtype)
+        q = (q.float() + 2 * k.float().repeat_interleave(hq // hkv, 1)).to(q.dtype)
+        kh = k + noise
     qg = q.reshape(1, hkv, hq // hkv * T, d)
-    doc: dict = {"machine": bench.machine(), "tokens": T, "shape": [hq, hkv, d], "rows": {}}
+    doc: dict = {"machine": bench.machine(), "tokens": T, "shape": [hq, hkv, d], "rows": {},
+                 "local_keys": a.local}
     def matmuls() -> None:   # one after the other: at 32k one logit matrix is 69 GB
         torch.matmul(qg, k.mT)
         torch.matmul(qg, kh.mT)

@@ -44,7 +44,7 @@ def compile_sass(tune: dict) -> tuple[str, str]:
     const = dict(D=128, DV=16, BD=128, BDV=16, BLOCK_M=64, BLOCK_N=64, KP=8, TOPK=5,
                  CAUSAL=False, HAS_WINDOW=False, HAS_KM=False, HAS_V=False, FULL=True,
                  WITH_ZH=False, FIX=False, SUMS=True, TOPK_MODE=3, PHI_MODE=3, TMA=True,
-                 PAYLOAD=False, CAND=0)
+                 PAYLOAD=False, CAND=0, CAND_SKIP=False)
     const.update(tune)
     # a constexpr left out would be compiled as a run-time int: both branches, a wrong count
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in const

@@ -172,6 +172,7 @@ def metrics_kernel(
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
     TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = False, CAND: tl.constexpr = 0,
+    CAND_SKIP: tl.constexpr = False,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
@@ -291,7 +292,8 @@ def metrics_kernel(
             sh = tl.where(vis, sh, NEG)
         if FIX:
             if CAND > 0:
-                cnt = collect(s, sh, cols, thr_s, thr_h, cnt, CI, CS, CH, cbase, CAND)
+                cnt = collect(s, sh, cols, thr_s, thr_h, cnt, CI, CS, CH, cbase, CAND,
+                              CAND_SKIP)
             else:
                 ts, ti, tsa, tsh, tih = fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols)
         else:

@@ -333,7 +333,8 @@ def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, comm
         cd = tiles(bn)
         metrics_kernel[(triton.cdiv(Q, bm) * n_bh,)](
             q, k, k_hat, q, q, km, out, count, rows, ci, cs, ch, count2, rows2, *cd, *args,
-            BLOCK_M=bm, CAND=cap, TMA=cd[0] is not None, **fixed,
+            BLOCK_M=bm, CAND=cap, CAND_SKIP=TUNE.get("CAND_SKIP", False),
+            TMA=cd[0] is not None, **fixed,
             **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
                **dict(zip(["maxnreg"], nreg))})
         count, rows = count2, rows2

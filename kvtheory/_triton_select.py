@@ -21,18 +21,30 @@ import triton.language as tl
 
 
 @triton.jit
-def collect(s, sh, cols, thr_s, thr_h, cnt, CI, CS, CH, cbase, CAND: tl.constexpr):
+def collect(s, sh, cols, thr_s, thr_h, cnt, CI, CS, CH, cbase, CAND: tl.constexpr,
+            SKIP: tl.constexpr):
     """Append the block's candidates of each row (index, s, s^) at its slots
-    ``cbase + cnt, ...`` (those below ``CAND``); returns the rows' new counts."""
+    ``cbase + cnt, ...`` (those below ``CAND``); returns the rows' new counts. ``SKIP``: test
+    first whether any row has one (a block-wide reduction) and skip the stores if none."""
     c = (s > thr_s[:, None]) | (sh > thr_h[:, None])
     ci = c.to(tl.int32)
+    n = tl.sum(ci, 1)
+    if SKIP:
+        if tl.max(n, 0) > 0:
+            _append(c, ci, s, sh, cols, cnt, CI, CS, CH, cbase, CAND)
+    else:
+        _append(c, ci, s, sh, cols, cnt, CI, CS, CH, cbase, CAND)
+    return cnt + n
+
+
+@triton.jit
+def _append(c, ci, s, sh, cols, cnt, CI, CS, CH, cbase, CAND: tl.constexpr):
     slot = cnt[:, None] + tl.cumsum(ci, 1) - 1
     ok = c & (slot < CAND)
     at = cbase[:, None] + slot
     tl.store(CI + at, tl.zeros(s.shape, tl.int32) + cols[None, :], mask=ok)
     tl.store(CS + at, s, mask=ok)
     tl.store(CH + at, sh, mask=ok)
-    return cnt + tl.sum(ci, 1)
 
 
 @triton.jit
