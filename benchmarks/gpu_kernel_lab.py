@@ -73,11 +73,11 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "fix16x64w4s2": ("full", {}, {"fix": (16, 64, 4, 2)}),
     "fix32x128w4s2": ("full", {}, {"fix": (32, 128, 4, 2)}),
     "fix64x128w4s2": ("full", {}, {"fix": (64, 128, 4, 2)}),
-    # the second pass by rounds alone (no candidates' pass), and candidate slots
-    "rounds": ("full", {"CAND": 0}, None),
+    # a candidates' pass before the rounds (slots a row; block shape; skipping empty blocks)
+    "cand": ("full", {"CAND": 16}, None),
     "cand32": ("full", {"CAND": 32}, None),
-    "candskip": ("full", {"CAND_SKIP": True}, None),
-    "cand64x32": ("full", {}, {"cand": (64, 32, 4, 3)}),
+    "candskip": ("full", {"CAND": 16, "CAND_SKIP": True}, None),
+    "cand64x32": ("full", {"CAND": 16}, {"cand": (64, 32, 4, 3)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
     "nofix": ("full", {}, {"second_pass": False}),
 }

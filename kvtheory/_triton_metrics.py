@@ -320,7 +320,9 @@ def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, comm
 
     grid = (triton.cdiv(Q, CONFIG["fix"][0]) * n_bh,)
     fixed = dict(HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1)
-    cap = TUNE.get("CAND", triton.next_power_of_2(2 * common["TOPK"] + 2))
+    # TUNE["CAND"] (a variant, off: not yet timed on a GPU; benchmarks/KERNEL_NOTES.md): a
+    # candidates' pass with that many slots a row first, the rounds only for rows with more
+    cap = TUNE.get("CAND", 0)
     cap = cap if n_bh * Q * cap < 2 ** 31 else 0     # the kernel's slot offsets are int32
     if cap:     # the candidates' pass; rows with more candidates than slots: list 2
         bm, bn, warps, stages, *nreg = CONFIG["cand"]

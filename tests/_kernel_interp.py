@@ -59,6 +59,9 @@ CASES = {
     "keys in equal pairs (tied top of s), topk 4": dict(pairs=True, topk=4, causal=False),
     "keys in equal pairs, topk 1 (thresholds at the top)": dict(pairs=True, topk=1,
                                                                 causal=False),
+    "candidates' pass before the rounds (CAND 16)": dict(tune={"CAND": 16}),
+    "candidates' pass, local keys, empty blocks skipped": dict(
+        local=True, tune={"CAND": 16, "CAND_SKIP": True}),
     "kernel before (PHI_MODE 0)": dict(eps=0.8, tune={"PHI_MODE": 0}),
     "s^ at the top carried by the reduction (PAYLOAD), pairs": dict(
         pairs=True, topk=4, causal=False, tune={"PAYLOAD": True}),

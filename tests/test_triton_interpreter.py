@@ -70,6 +70,11 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     # a tied top of s: its s^ must be taken at the first index, which the second pass does
     sent, total = interp["keys in equal pairs (tied top of s), topk 4"]["second_pass"]
     assert sent == total
+    # the candidates' variant: most rows settled by their candidates, the rest by the rounds
+    sent = interp["candidates' pass before the rounds (CAND 16)"]["second_pass"][0]
+    assert 0 < interp["candidates' pass before the rounds (CAND 16)"]["rounds"] < sent
+    assert interp["causal, int4-like delta"]["rounds"] == interp["causal, int4-like delta"][
+        "second_pass"][0]       # by default every flagged row takes the rounds
     # topk 1: flagged for the tie alone; the second pass starts just below the top of s
     sent, total = interp["keys in equal pairs, topk 1 (thresholds at the top)"]["second_pass"]
     assert sent == total
