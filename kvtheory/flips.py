@@ -417,16 +417,17 @@ def _table(per: dict, valid: Tensor, vmask: Tensor, names: list[str],
                       valid.sum().to(torch.float64).view(1)]).unsqueeze(0)
 
 
-#: how :func:`_to_host` waits for the GPU: ``"poll"`` (default) or ``"cpu"`` (``.cpu()``, the
-#: driver's wait; benchmarks compare them)
-WAIT = ["poll"]
+#: how :func:`_to_host` waits for the GPU: ``"cpu"`` (default: ``.cpu()``, the driver's wait) or
+#: ``"poll"`` (a variant the benchmarks compare)
+WAIT = ["cpu"]
 
 
 def _to_host(x: Tensor) -> np.ndarray:
-    """``x`` (a small result) as a host array. On CUDA by a copy into pinned memory queued
-    behind the work, then polling an event until it is done: the host keeps running through
-    the wait, so the Python after it starts at once (after a blocking ``.cpu()`` of some
-    20 ms the same Python took twice as long on the H200's host; ``benchmarks/KERNEL_NOTES.md``).
+    """``x`` (a small result) as a host array. ``WAIT[0] == "poll"``: on CUDA by a copy into
+    pinned memory queued behind the work, then polling an event until it is done, so that the
+    host keeps running through the wait (after a blocking ``.cpu()`` of some 20 ms the Python
+    after it took twice as long on the H200's host; on an H100 polling gained nothing,
+    ``benchmarks/KERNEL_NOTES.md``, so it is not the default: it keeps a core busy).
     """
     if x.device.type != "cuda" or WAIT[0] == "cpu":
         return x.cpu().numpy()

@@ -7,8 +7,9 @@ memory of ``attention_metrics`` at 32,768 tokens) and ``capture`` (capture + sav
 Each pair is timed interleaved in this process; the table shows medians, ratios and targets.
 
 Writes ``--json`` (default ``benchmarks/results.json``) after every case, atomically, with
-provenance and the machine description. When ``--gpu-json`` (default ``benchmarks/gpu.json``,
-written by ``benchmarks/gpu_job.py`` on a GPU machine) exists, its rows are printed too.
+provenance and the machine description. The rows of the ``--gpu-json`` files that exist
+(written by ``benchmarks/gpu_job.py`` on a GPU machine: ``benchmarks/gpu.json``, the H200 record,
+and ``benchmarks/gpu_h100.json``) are printed too, each under its card, date and source.
 Exit status 0 when the cases ran (missed targets show as ``NO`` in the table), 2 on bad input.
 """
 
@@ -30,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="corpora folder (else $KVTHEORY_DATA)")
     p.add_argument("--json", default="benchmarks/results.json", metavar="PATH",
                    help="result file (default benchmarks/results.json)")
-    p.add_argument("--gpu-json", default="benchmarks/gpu.json", metavar="PATH",
-                   help="GPU results to print beside this run's (default benchmarks/gpu.json; "
-                        "'none' to skip)")
+    p.add_argument("--gpu-json", default="benchmarks/gpu.json,benchmarks/gpu_h100.json",
+                   metavar="PATH[,PATH]",
+                   help="GPU result files to print beside this run's, each with its card "
+                        "(default benchmarks/gpu.json, the H200 record, and "
+                        "benchmarks/gpu_h100.json; absent ones are skipped; 'none' to skip)")
     p.add_argument("--readme", default="none", metavar="PATH[,PATH]",
                    help="Markdown files whose results section (between the kvtheory bench "
                         "markers) receives this run's printed table (default none; `make bench` "
@@ -110,7 +113,10 @@ def gpu_section(path: Path) -> str | None:
     if merged.get("kept_cases"):
         extra += (f"; rows of {', '.join(merged['kept_cases'])} kept from the run of "
                   f"{merged.get('kept_date', '?')} (source {str(merged.get('kept_from_sha'))[:7]})")
+    sha = str((doc.get("settings") or {}).get("source_git_sha")     # the tree that ran
+              or (doc.get("provenance") or {}).get("git_sha") or "?")[:7]
     return (f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
+            f" (source {sha})"
             f" (random-weight SmolLM2-shaped model; flip-engine rows on synthetic tensors, "
             f"32/8 heads and d=128 being a Mistral-7B layer's shape; from {path.as_posix()})"
             f"{extra}\n\n" + table_text(rows))
@@ -262,9 +268,11 @@ def run(args: argparse.Namespace) -> int:
             + f"\ntargets met: {sum(met)}/{len(met)}; medians of {reps} interleaved reps "
             "(quanto: 1 rep of the token-by-token decode); ratio = measured / baseline, "
             "for quanto the speed-up baseline / measured\n")
-    gpu_text = None if str(args.gpu_json).lower() == "none" else gpu_section(Path(args.gpu_json))
-    if gpu_text is not None:
-        text += "\n" + gpu_text
+    paths = [] if str(args.gpu_json).lower() == "none" else [
+        Path(x) for x in str(args.gpu_json).split(",") if x]
+    for gpu_text in (gpu_section(path) for path in paths):
+        if gpu_text is not None:
+            text += "\n" + gpu_text
     console.print(text)
     for path in readmes:
         record_readme(path, text)
