@@ -62,7 +62,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_select import collect, fix_rounds, insert, select, top2, top2_at, topk_rest2
+from ._triton_select import collect, fix_rounds, insert, select, top2, top2_at
 
 
 @triton.jit
@@ -377,18 +377,16 @@ def metrics_kernel(
                                    bmh[:, None], tsh)
                     sec_s = tl.maximum(sec_s, sec)
                     sec_h = tl.maximum(sec_h, sech)
-                elif TOPK_MODE > 0:
+                elif TOPK_MODE == 1:     # exact: the second pass's rounds, from empty lists
+                    ts, ti, tsa, tsh, tih = fix_rounds(ts, ti, tsa, tsh, tih, kc, s, sh, cols)
+                elif TOPK_MODE == 2:
                     # the block maximum of s (its first index) and of s^ enter the running top-k
                     ts, ti = insert(ts, ti, kc, bm, bi)
                     bih = tl.min(tl.where(sh == bmh[:, None], cols[None, :], 1 << 30), 1)
                     tsh, tih = insert(tsh, tih, kc, bmh, bih)
                     workh = tl.where(cols[None, :] == bih[:, None], -3.0e38, sh)
-                    if TOPK_MODE == 1:
-                        ts, ti, tsh, tih = topk_rest2(ts, ti, tsh, tih, kc, work, sec, workh,
-                                                       tl.max(workh, 1), cols)
-                    else:
-                        sec_s = tl.maximum(sec_s, sec)
-                        sec_h = tl.maximum(sec_h, tl.max(workh, 1))
+                    sec_s = tl.maximum(sec_s, sec)
+                    sec_h = tl.maximum(sec_h, tl.max(workh, 1))
             m1 = tl.maximum(m1, bm)
             mh = tl.maximum(mh, bmh)
     base = OUT + bh.to(tl.int64) * NQ + rows

@@ -143,24 +143,6 @@ def top2(a1, a2, b1, b2):
 
 
 @triton.jit
-def topk_rest2(ts, ti, tsh, tih, kc, work, cur, workh, curh, cols):
-    """Further rounds of the two running top-k while some row's largest remaining entry
-    (``cur`` of ``work``, ``curh`` of ``workh``) beats its smallest kept one."""
-    go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
-    while go > 0:
-        cidx = tl.min(tl.where(work == cur[:, None], cols[None, :], 1 << 30), 1)
-        ts, ti = insert(ts, ti, kc, cur, cidx)
-        work = tl.where(cols[None, :] == cidx[:, None], -3.0e38, work)
-        cur = tl.max(work, 1)
-        cidh = tl.min(tl.where(workh == curh[:, None], cols[None, :], 1 << 30), 1)
-        tsh, tih = insert(tsh, tih, kc, curh, cidh)
-        workh = tl.where(cols[None, :] == cidh[:, None], -3.0e38, workh)
-        curh = tl.max(workh, 1)
-        go = tl.max(((cur > tl.min(ts, 1)) | (curh > tl.min(tsh, 1))).to(tl.int32), 0)
-    return ts, ti, tsh, tih
-
-
-@triton.jit
 def top2_at(a1, ap, a2, b1, bp, b2):
     """:func:`top2` of the first entries with a payload carried along the largest (``ap``,
     ``bp``: s^ where s is largest; on a tie the left one, which only matters where the row is
