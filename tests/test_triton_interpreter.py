@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def interp() -> dict:
     out = subprocess.run([sys.executable, str(HERE / "_kernel_interp.py")], capture_output=True,
-                         text=True, timeout=900)
+                         text=True, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
