@@ -54,7 +54,11 @@ above some row's k-th (:func:`fix_rounds`); the flip comes from the exact lists 
 at the first largest :math:`s`, against the largest :math:`\hat s`). Program
 :math:`p = j\,n_{bh} + bh` takes entries :math:`j\,` ``BLOCK_M`` to
 :math:`(j+1)\,` ``BLOCK_M`` :math:`- 1` of head :math:`bh`'s list (those below ``COUNT[bh]``);
-one without rows skips every key block.
+one without rows skips every key block. ``CAND`` > 0 (a variant, off: 2.2 ms slower on an
+H100, ``benchmarks/KERNEL_NOTES.md``) makes a second pass that collects each row's keys above
+either threshold into ``CAND`` slots (``CI``, ``CS``, ``CH``) and takes the top-k sets from
+them (:mod:`kvtheory._triton_select`), listing rows with more in ``COUNT2``, ``ROWS2`` for
+the rounds.
 """
 
 from __future__ import annotations
