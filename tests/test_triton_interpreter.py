@@ -18,9 +18,6 @@ import pytest
 
 pytest.importorskip("triton")
 
-# one worker runs the module: its fixture (the interpreter, minutes) then runs once, not twice
-pytestmark = pytest.mark.xdist_group("triton_interpreter")
-
 HERE = Path(__file__).resolve().parent
 
 
