@@ -80,8 +80,9 @@ LAST: list = [None]
 TUNE: dict = {}
 #: how the last call loaded its key tiles: ``"tma"`` (tensor descriptors) or ``"pointers"``
 LOADS = ["pointers"]
-#: the last call's per-head numbers of queries sent to the exact second pass (or None) and
-#: its number of queries (:func:`second_pass_queries` adds them up)
+#: the last call's per-head numbers of queries sent to the exact second pass (or None), its
+#: number of queries, and with ``TUNE["CAND"]`` the per-head numbers left to the rounds (or
+#: None; :func:`second_pass_queries` and :func:`rounds_pass_queries` add them up)
 SECOND_PASS: list = [None, 0, None]
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
@@ -303,7 +304,7 @@ def _descriptors(k: Tensor, k_hat: Tensor, bn: int, bd: int, tune: dict) -> tupl
 
 
 def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, common: dict,
-                 n_bh: int, Q: int, descs: tuple | None = None) -> None:
+                 n_bh: int, Q: int, descs: tuple) -> None:
     r"""The exact flip and top-k overlap (one-pass loop, first indices) of the flagged queries,
     written into ``out``: program :math:`j\,n_{bh} + bh` takes entries :math:`j\,` ``BLOCK_M``
     onwards of head :math:`bh`'s list (``lists``: the counts and rows the main kernel wrote);
@@ -320,8 +321,8 @@ def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, comm
 
     grid = (triton.cdiv(Q, CONFIG["fix"][0]) * n_bh,)
     fixed = dict(HAS_V=False, FULL=True, WITH_ZH=False, FIX=True, SUMS=False, TOPK_MODE=1)
-    # TUNE["CAND"] (a variant, off: not yet timed on a GPU; benchmarks/KERNEL_NOTES.md): a
-    # candidates' pass with that many slots a row first, the rounds only for rows with more
+    # TUNE["CAND"] (a variant, off: 22.3 ms against 20.1 on an H100, benchmarks/KERNEL_NOTES.md):
+    # a candidates' pass with that many slots a row first, the rounds only for rows with more
     cap = TUNE.get("CAND", 0)
     cap = cap if n_bh * Q * cap < 2 ** 31 else 0     # the kernel's slot offsets are int32
     if cap:     # the candidates' pass; rows with more candidates than slots: list 2

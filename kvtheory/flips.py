@@ -208,8 +208,9 @@ def flip_rate(
             rates = (flips * w).sum((0, 2)) / w.sum((0, 2))
             if pending is None:
                 return rates.cpu()
+            # one transfer: the rates and the range check's extremes
             host = torch.from_numpy(_to_host(torch.cat([rates, pending.ext.flatten()])))
-            if not pending.wide(host[rates.numel():].view(-1, 2).tolist()):   # one transfer
+            if not pending.wide(host[rates.numel():].view(-1, 2).tolist()):
                 return host[:rates.numel()]
         raise AssertionError("unreachable: the second round validates eagerly")
 
