@@ -88,7 +88,7 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     tm.TUNE.update(tune or {})
     m = flips.attention_metrics(*cuda, **{**kw, "key_mask": kmc}, return_per_query=True)
     torch.cuda.synchronize()
-    second = list(tm.second_pass_queries()) + [tm.rounds_pass_queries()]
+    second = list(tm.second_pass_queries()) + [tm.rounds_pass_queries(), tm.rescan_queries()]
     tm.TUNE.clear()
     out: dict = {"label": label, "dtype": str(dtype).removeprefix("torch."), "T": T, "Q": Q, "B": B, "heads": f"{hq}/{hkv}", "d": d,
                  "causal": causal, "window": window, "mask": mask, "values": values,
@@ -289,6 +289,10 @@ def main() -> int:
             dict(label="s^ at the top carried by the reduction (PAYLOAD)", tune={"PAYLOAD": True}),
             dict(label="PAYLOAD, keys in equal pairs", pairs=True, topk=4, causal=False,
                  tune={"PAYLOAD": True}),
+            dict(label="local keys, rounds for every flagged query (RESCAN off)", local=True,
+                 tune={"RESCAN": False}),
+            dict(label="T=4096, window 300, per-KV-head mask (rescan, no CPU ref)", T=4096,
+                 B=1, window=300, mask="kv", cpu_ref=False),
         ]
         for c in cases:
             if args.no_cpu_ref:

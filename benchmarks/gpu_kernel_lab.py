@@ -80,6 +80,12 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "cand64x32": ("full", {"CAND": 16}, {"cand": (64, 32, 4, 3)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
     "nofix": ("full", {}, {"second_pass": False}),
+    # session 9: flagged queries settled by rescanning their kept blocks (the default) or by
+    # the rounds over all blocks; the rescan kernel's shapes
+    "rounds": ("full", {"RESCAN": False}, None),
+    "rescan64w8": ("full", {}, {"rescan": (64, 8, 2)}),
+    "rescan64s1": ("full", {}, {"rescan": (64, 4, 1)}),
+    "rescan32": ("full", {}, {"rescan": (32, 4, 2)}),
 }
 
 
@@ -118,18 +124,18 @@ def main() -> int:
                                                return_mode="median")
     flops = bench.flip_flops(1, hq, T, T, d)
     print(f"T={T}: 2 bare bf16 matmuls {doc['matmul_ms']:.2f} ms", flush=True)
-    base_cfg, second_pass = dict(tm.CONFIG), tm._second_pass
+    base_cfg, second_pass, rescan = dict(tm.CONFIG), tm._second_pass, tm._rescan
     for name in a.variants.split(","):
         kind, tune, cfg = VARIANTS[name]
         tm.TUNE.clear()
         tune = {**json.loads(a.base_tune), **tune}
         tm.TUNE.update(tune)
         tm.CONFIG.update(base_cfg)
-        tm._second_pass = second_pass
+        tm._second_pass, tm._rescan = second_pass, rescan
         if cfg:
             cfg = dict(cfg) if isinstance(cfg, dict) else {kind: cfg}
             if not cfg.pop("second_pass", True):
-                tm._second_pass = lambda *args: None
+                tm._second_pass = tm._rescan = lambda *args: None
             tm.CONFIG.update(cfg)
         fn = (lambda: tm.fused_metrics(q, k, kh, None, None, None, causal=False, window=None,
                                        scale=d ** -0.5, topk=5, full=kind == "full"))
@@ -151,17 +157,19 @@ def main() -> int:
                "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None),
                "second_pass": list(tm.second_pass_queries()) if kind == "full" else None,
-               "rounds_pass": tm.rounds_pass_queries() if kind == "full" else None}
+               "rounds_pass": tm.rounds_pass_queries() if kind == "full" else None,
+               "rescan": tm.rescan_queries() if kind == "full" else None}
         doc["rows"][name] = row
         sp = tm.second_pass_queries()
         print(f"  {name:16s} {ms:7.2f} ms  {row['ratio']:5.2f}x  {row['tflops']:5.0f} TFLOP/s  "
               f"regs {row['n_regs']} spills {row['n_spills']}  compile {comp:4.1f} s  "
-              f"second pass {sp[0]}/{sp[1]}, rounds {row['rounds_pass']}", flush=True)
+              f"second pass {sp[0]}/{sp[1]}, rounds {row['rounds_pass']}, rescan "
+              f"{row['rescan']}", flush=True)
         write_json(a.out, doc, arg="--out")
-        tm.SECOND_PASS[:] = [None, 0, None]
+        tm.SECOND_PASS[:] = [None, 0, None, None]
     tm.TUNE.clear()
     tm.CONFIG.update(base_cfg)
-    tm._second_pass = second_pass
+    tm._second_pass, tm._rescan = second_pass, rescan
     if a.breakdown:   # where attention_metrics spends its time beyond the kernel
         from kvtheory import flips
 

@@ -10,6 +10,11 @@ pair of the thread's share (32 of a 64×64 block's 4,096 with 4 warps).
 
     PYTHONPATH=. python3 benchmarks/kernel_sass.py                      # the default kernel
     PYTHONPATH=. python3 benchmarks/kernel_sass.py '{"TOPK_MODE": 2}' '{"TMA": false}'
+    PYTHONPATH=. python3 benchmarks/kernel_sass.py '{"KERNEL": "rescan"}' '{"KERNEL": "pick"}'
+
+``KERNEL`` names another kernel of the second pass (:mod:`kvtheory._triton_rescan`): ``rescan``
+(its loop is over a bucket's queries, one key block each) or ``pick`` (no loop: its whole
+body is counted).
 
 Counts are a guide, not a time: ``benchmarks/gpu_kernel_lab.py`` times the variants on the
 GPU (KERNEL_NOTES.md compares both).
@@ -35,16 +40,23 @@ def compile_sass(tune: dict) -> tuple[str, str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kvtheory._triton_kernel import metrics_kernel as fn
+    from kvtheory import _triton_kernel, _triton_rescan
 
     tune = dict(tune)
+    which = tune.pop("KERNEL", "metrics")
+    fn = {"metrics": _triton_kernel.metrics_kernel, "rescan": _triton_rescan.rescan_kernel,
+          "pick": _triton_rescan.pick_kernel}[which]
     opts = {"num_warps": tune.pop("num_warps", 4), "num_stages": tune.pop("num_stages", 3)}
     if "maxnreg" in tune:
         opts["maxnreg"] = tune.pop("maxnreg")
     const = dict(D=128, DV=16, BD=128, BDV=16, BLOCK_M=64, BLOCK_N=64, KP=8, TOPK=5,
                  CAUSAL=False, HAS_WINDOW=False, HAS_KM=False, HAS_V=False, FULL=True,
                  WITH_ZH=False, FIX=False, SUMS=True, TOPK_MODE=3, PHI_MODE=3, TMA=True,
-                 PAYLOAD=False, CAND=0, CAND_SKIP=False)
+                 PAYLOAD=False, CAND=0, CAND_SKIP=False, RESCAN=False)
+    if which != "metrics":
+        const = {"D": 128, "BD": 128, "BLOCK_M": 64, "BLOCK_N": 64, "CAND": 16, "TOPK": 5,
+                 "CAUSAL": False, "HAS_WINDOW": False, "HAS_KM": False, "TMA": True}
+        const = {n: v for n, v in const.items() if n in fn.arg_names}
     const.update(tune)
     # a constexpr left out would be compiled as a run-time int: both branches, a wrong count
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in const
@@ -53,8 +65,8 @@ def compile_sass(tune: dict) -> tuple[str, str]:
         raise SystemExit(f"kernel_sass.py: give a value for the constexpr switches {missing}")
     types = {"Q": "*bf16", "K": "*bf16", "KH": "*bf16", "V": "*bf16", "VH": "*bf16",
              "KM": "*i8", "OUT": "*fp32", "COUNT": "*i32", "ROWS": "*i32", "CI": "*i32",
-             "CS": "*fp32", "CH": "*fp32", "COUNT2": "*i32", "ROWS2": "*i32",
-             "scale": "fp32"}
+             "CS": "*fp32", "CH": "*fp32", "COUNT2": "*i32", "ROWS2": "*i32", "BC": "*i32",
+             "BK": "*i32", "CC": "*i32", "scale": "fp32"}
     sig, consts = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in const:
@@ -67,9 +79,10 @@ def compile_sass(tune: dict) -> tuple[str, str]:
         else:
             sig[a] = types.get(a, "i32")
     div16 = ["Q", "K", "KH", "V", "VH", "KM", "OUT", "COUNT", "ROWS", "CI", "CS", "CH",
-             "COUNT2", "ROWS2", "NQ", "T",
+             "COUNT2", "ROWS2", "BC", "BK", "CC", "NQ", "T",
              "OFF", "HQ", "WINDOW", "N_OUT"]
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16
+             if a in fn.arg_names}
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                         target=GPUTarget("cuda", 90, 32), options=opts)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -102,6 +115,8 @@ def loop_counts(sass: str) -> collections.Counter:
     for i, (pred, op, rest) in enumerate(ins):
         if op == "BRA" and pred and target(rest) < i and i - target(rest) > best:
             lo, hi, best = target(rest), i, i - target(rest)
+    if not best:        # no loop: every instruction once
+        return collections.Counter(op.split(".")[0] for _, op, _ in ins)
     counts: collections.Counter = collections.Counter()
     i, mask_skipped = lo, False
     while i <= hi:

@@ -66,117 +66,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_phi import _block_phi, _log1p, _phi, _psi
+from ._triton_rescan import enlist
 from ._triton_select import collect, fix_rounds, insert, select, top2, top2_at
 
 
 @triton.jit
-def _series(u, DEG: tl.constexpr):
-    r""":math:`\sum_{n=0}^{DEG} u^n/(n+2)!` for ``DEG`` 3, 6 or 8 (Horner, one FMA a term), so
-    that :math:`\varphi(u) = e^u - 1 - u \approx u^2` times it. Three coefficient tables
-    written out: this is the code measured and checked on the H200 (benchmarks/KERNEL_NOTES.md)."""
-    if DEG == 3:
-        p = 1.0 / 120.0
-        p = 1.0 / 24.0 + u * p
-        p = 1.0 / 6.0 + u * p
-        p = 0.5 + u * p
-    elif DEG == 6:
-        p = 1.0 / 40320.0
-        p = 1.0 / 5040.0 + u * p
-        p = 1.0 / 720.0 + u * p
-        p = 1.0 / 120.0 + u * p
-        p = 1.0 / 24.0 + u * p
-        p = 1.0 / 6.0 + u * p
-        p = 0.5 + u * p
-    else:
-        p = 1.0 / 3628800.0
-        p = 1.0 / 362880.0 + u * p
-        p = 1.0 / 40320.0 + u * p
-        p = 1.0 / 5040.0 + u * p
-        p = 1.0 / 720.0 + u * p
-        p = 1.0 / 120.0 + u * p
-        p = 1.0 / 24.0 + u * p
-        p = 1.0 / 6.0 + u * p
-        p = 0.5 + u * p
-    return p
-
-
-@triton.jit
-def _phi(u):
-    """e^u - 1 - u (per row, for the re-referencing)."""
-    return tl.where(tl.abs(u) < 1.0, u * u * _series(u, 8), tl.exp(u) - 1.0 - u)
-
-
-@triton.jit
-def _psi(h):
-    """e^h (1 - h) - 1 (<= 0), accurate near 0 (series for |h| < 1/2)."""
-    p = -1.0 / 5760.0
-    p = -1.0 / 840.0 + h * p
-    p = -1.0 / 144.0 + h * p
-    p = -1.0 / 30.0 + h * p
-    p = -0.125 + h * p
-    p = -1.0 / 3.0 + h * p
-    p = -0.5 + h * p
-    return tl.where(tl.abs(h) < 0.5, h * h * p, tl.exp(h) * (1.0 - h) - 1.0)
-
-
-@triton.jit
-def _log1p(x):
-    return tl.where(x < 1e-3, x * (1.0 - x * (0.5 - x * (1.0 / 3.0))), tl.log(1.0 + x))
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-@triton.jit
-def _block_phi(u, w, t, tu, sh, Wb, S1b, bma, c, a2, PHI_MODE: tl.constexpr):
-    """:math:`\\sum_j w_j\\varphi(u_j)` of one block per row (``t`` = w u, ``tu`` = w u²; see
-    the module)."""
-    LOG2E: tl.constexpr = 1.4426950408889634
-    if PHI_MODE == 3:
-        big = tl.max(tl.max(tl.abs(u), 1), 0)
-        if big < 0.0625:
-            PHb = tl.sum(tu * _series(u, 3), 1)
-        elif big < 0.5:
-            PHb = tl.sum(tu * _series(u, 6), 1)
-        elif big < 1.0:
-            PHb = tl.sum(tu * _series(u, 8), 1)
-        else:   # w e^u = 2^((s^ - m) a2 - c log2 e): no inf * 0
-            ew = tl.exp2(sh * a2 - (bma + c * LOG2E)[:, None])
-            PHb = tl.sum(tl.where(tl.abs(u) < 1.0, tu * _series(u, 8), ew - w - t), 1)
-    elif PHI_MODE == 4:
-        ew = tl.exp2(sh * a2 - (bma + c * LOG2E)[:, None])
-        PHb = tl.sum(ew, 1) - Wb - S1b
-    elif PHI_MODE == 5:
-        PHb = Wb * 0.0
-    else:   # the kernel before: the long series, the exponential form where |u| >= 1
-        if tl.max(tl.max(tl.abs(u), 1), 0) < 1.0:
-            PHb = tl.sum(tu * _series(u, 8), 1)
-        else:
-            ew = tl.exp2(sh * a2 - (bma + c * LOG2E)[:, None])
-            PHb = tl.sum(tl.where(tl.abs(u) < 1.0, tu * _series(u, 8), ew - w - t), 1)
-    return PHb
-
-
-@triton.jit
 def metrics_kernel(
-    Q, K, KH, V, VH, KM, OUT, COUNT, ROWS, CI, CS, CH, COUNT2, ROWS2, KD, KHD,
-    NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT,
+    Q, K, KH, V, VH, KM, OUT, COUNT, ROWS, CI, CS, CH, COUNT2, ROWS2, BC, BK, CC, KD, KHD,
+    NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, scale, N_OUT, LB, CAP,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KM: tl.constexpr,
     HAS_V: tl.constexpr, FULL: tl.constexpr, WITH_ZH: tl.constexpr, FIX: tl.constexpr,
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
     TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = False, CAND: tl.constexpr = 0,
-    CAND_SKIP: tl.constexpr = False,
+    CAND_SKIP: tl.constexpr = False, RESCAN: tl.constexpr = False,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
@@ -241,6 +146,8 @@ def metrics_kernel(
     ti = tl.full([BLOCK_M, KP], -1, tl.int32)
     tih = tl.full([BLOCK_M, KP], -2, tl.int32)
     tsa = tl.full([BLOCK_M, KP], -3.0e38, tl.float32)   # s^ at the kept s entries (mode 3)
+    tb = tl.full([BLOCK_M, KP], -1, tl.int32)       # key block of the kept entries (RESCAN)
+    tbh = tl.full([BLOCK_M, KP], -1, tl.int32)
     if FIX:     # the first pass's thresholds (in the flip, overlap slots)
         at_s = OUT + bh.to(tl.int64) * NQ + rows
         raw_s = tl.load(at_s + 3 * N_OUT, mask=rmask, other=NEG)
@@ -377,8 +284,11 @@ def metrics_kernel(
                     ts = tl.where(rep, bm[:, None], ts)
                     tsa = tl.where(rep, sh_b[:, None], tsa)
                     kth = tl.min(tsh, 1)
-                    tsh = tl.where((tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None],
-                                   bmh[:, None], tsh)
+                    reph = (tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None]
+                    tsh = tl.where(reph, bmh[:, None], tsh)
+                    if RESCAN:
+                        tb = tl.where(rep, start // BLOCK_N, tb)
+                        tbh = tl.where(reph, start // BLOCK_N, tbh)
                     sec_s = tl.maximum(sec_s, sec)
                     sec_h = tl.maximum(sec_h, sech)
                 elif TOPK_MODE == 1:     # exact: the second pass's rounds, from empty lists
@@ -439,6 +349,7 @@ def metrics_kernel(
                 thr_s = tl.min(ts, 1)
                 thr_h = tl.min(tsh, 1)
                 spill = tie_top
+                alike = tie_top & False
                 if TOPK > 1:
                     spill = (sec_s >= thr_s) | (sec_h >= thr_h)
                     if TOPK_MODE == 3:
@@ -448,6 +359,7 @@ def metrics_kernel(
                         alike_h = tl.max(tl.max((tsh[:, :, None] == tsh[:, None, :]) & pair, 2),
                                          1) > 0
                         spill = spill | alike_s | alike_h | tie_top
+                        alike = alike_s | alike_h
                         # alike kept values may stand for fewer than k keys: no threshold
                         thr_s = tl.where(alike_s, NEG, thr_s)
                         thr_h = tl.where(alike_h, NEG, thr_h)
@@ -460,6 +372,15 @@ def metrics_kernel(
                                 flip)
                 overlap = tl.where(spill, thr_s - (tl.abs(thr_s) + tl.abs(m1)) * 2.44140625e-4,
                                    overlap)
+                if RESCAN and TOPK_MODE == 3:
+                    # the rows whose kept values are distinct go to the rescan of their kept
+                    # blocks (_triton_rescan), the rest (and those it cannot list) to the rounds
+                    n_all = tl.sum(spill.to(tl.int32), 0)
+                    if n_all > 0:
+                        tl.atomic_add(COUNT2 + 1, n_all)
+                    spill = enlist(spill & ~alike, spill & alike, tb, tbh, kc, bh * NQ + rows,
+                                   bh, COUNT2, ROWS2, BC, BK, CC, LB, CAP,
+                                   (T + BLOCK_N - 1) // BLOCK_N, TOPK)
                 spill = spill.to(tl.int32)
                 n_spill = tl.sum(spill, 0)
                 if n_spill > 0:     # listed for the second pass, after the head's others

@@ -80,19 +80,22 @@ LAST: list = [None]
 TUNE: dict = {}
 #: how the last call loaded its key tiles: ``"tma"`` (tensor descriptors) or ``"pointers"``
 LOADS = ["pointers"]
-#: the last call's per-head numbers of queries sent to the exact second pass (or None), its
-#: number of queries, and with ``TUNE["CAND"]`` the per-head numbers left to the rounds (or
-#: None; :func:`second_pass_queries` and :func:`rounds_pass_queries` add them up)
-SECOND_PASS: list = [None, 0, None]
+#: the last call's per-head numbers of queries listed for the rounds over all key blocks (or
+#: None), its number of queries, with ``TUNE["CAND"]`` the per-head numbers left to the
+#: rounds after the candidates' pass (or None), and with the rescan the counts of its list
+#: (entries, all flagged queries; or None): :func:`second_pass_queries` and
+#: :func:`rounds_pass_queries` read them
+SECOND_PASS: list = [None, 0, None, None]
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
     import triton
 
     from ._triton_aggregate import aggregate_kernel
     from ._triton_kernel import metrics_kernel
+    from ._triton_rescan import pick_kernel, rescan_kernel
 except Exception:  # noqa: BLE001 - any import failure means: no kernel here
     triton = None
-    metrics_kernel = aggregate_kernel = None
+    metrics_kernel = aggregate_kernel = pick_kernel = rescan_kernel = None
 try:  # pragma: no cover - Triton >= 3.3: tiles of K and K^ by the tensor memory accelerator
     from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception:  # noqa: BLE001
@@ -115,7 +118,11 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 CONFIG: dict[str, tuple[int, ...]] = {
     "flip": (128, 64, 8, 3), "full": (64, 64, 4, 3), "values": (64, 32, 4, 2),
     "fix": (64, 64, 4, 2, 160),     # three programs an SM (2 stages of shared memory)
-    "cand": (64, 64, 4, 3)}
+    "cand": (64, 64, 4, 3), "rescan": (64, 4, 2), "pick": (64, 4)}
+#: the rescan's sizes (:mod:`kvtheory._triton_rescan`): queries a bucket (``cap``), candidate
+#: slots a query (``cand``), and its list's entries: ``entries`` or an ``share`` of all queries,
+#: whichever is more (queries beyond go to the rounds); tests shrink them
+RESCAN_SIZES: dict[str, float] = {"cap": 128, "cand": 16, "entries": 1 << 16, "share": 0.125}
 
 
 def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: Tensor | None,
@@ -169,15 +176,21 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     if full and (mode == 3 or (mode == 2 and topk > 1)):
         count = torch.zeros(B * Hq, dtype=torch.int32, device=q.device)
         rows = torch.empty(B * Hq * Q, dtype=torch.int32, device=q.device)
-    SECOND_PASS[:] = [count, B * Hq * Q, None]
     name = "values" if has_v else ("full" if full else "flip")
     bm, bn, warps, stages, *nreg = CONFIG[name]
+    resc = _rescan_buffers(B * Hq, Q, T, bn, q.device) if (
+        count is not None and mode == 3 and tune.setdefault("RESCAN", True)) else None
+    tune["RESCAN"] = resc is not None
+    SECOND_PASS[:] = [count, B * Hq * Q, None, None if resc is None else resc["count2"]]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),
                   BDV=max(16, triton.next_power_of_2(dvn)), BLOCK_N=bn,
                   KP=triton.next_power_of_2(max(topk, 2)), TOPK=topk, CAUSAL=bool(causal),
                   HAS_WINDOW=window is not None, HAS_KM=key_mask is not None,
                   num_warps=warps, num_stages=stages)
-    args = (Q, T, T - Q, Hq, Hkv, g, hm, km_div, int(window or 0), float(scale), B * Hq * Q)
+    args = (Q, T, T - Q, Hq, Hkv, g, hm, km_div, int(window or 0), float(scale), B * Hq * Q,
+            *((resc["entries"], resc["cap"]) if resc else (1, 1)))
+    r = resc or {}
+    lists = [r.get(n, out) for n in ("ci", "cs", "ch", "count2", "rows2", "bc", "bk", "cc")]
 
     descs = _descriptors(k, k_hat, bn, common["BD"], tune)
     tune["TMA"] = descs[0] is not None
@@ -186,12 +199,14 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     ready = torch.cuda.current_stream(q.device).record_event() if q.is_cuda else None
     LAST[0] = metrics_kernel[(triton.cdiv(Q, bm), B * Hq)](
         q, k, k_hat, v, v_hat, km, out, out if count is None else count,
-        out if rows is None else rows, out, out, out, out, out, *descs, *args,
+        out if rows is None else rows, *lists, *descs, *args,
         BLOCK_M=bm, HAS_V=has_v, FULL=bool(full), WITH_ZH=with_zh, FIX=False,
         **{**common, **dict(zip(["maxnreg"], nreg)), **tune})
     if while_running is not None:   # work queued beside the kernel
         with _beside(ready) as made:
             made.extend(while_running())
+    if resc is not None:
+        _rescan(resc, (count, rows), (q, k, k_hat, km, out), args, common, B * Hq, descs)
     if count is not None:
         _second_pass((count, rows), (q, k, k_hat, km, out), args, common, B * Hq, Q, descs)
     CALLS[0] += 1
@@ -240,16 +255,28 @@ def aggregate(per: dict[str, Tensor], valid: Tensor, nv: Tensor, m_inner: Tensor
 
 
 def rounds_pass_queries() -> int:
-    """Queries of the last call that went on to the rounds pass (waits for the GPU)."""
-    count, _, count2 = SECOND_PASS
+    """Queries of the last call that went on to the rounds over all key blocks (waits for the
+    GPU)."""
+    count, _, count2, _ = SECOND_PASS
     rounds = count2 if count2 is not None else count
     return 0 if rounds is None else int(rounds.sum())
 
 
+def rescan_queries() -> int:
+    """Queries of the last call settled by the rescan of their kept blocks (waits for the
+    GPU): its list's entries less those that went on to the rounds."""
+    count, _, _, resc = SECOND_PASS
+    if resc is None:
+        return 0
+    return second_pass_queries()[0] - int(count.sum())
+
+
 def second_pass_queries() -> tuple[int, int]:
-    """Queries of the last call sent to the exact second pass, and all its queries (waits for
-    the GPU; for tests and benchmarks)."""
-    count, total, _ = SECOND_PASS
+    """Queries of the last call sent to the exact second pass (the rescan or the rounds), and
+    all its queries (waits for the GPU; for tests and benchmarks)."""
+    count, total, _, resc = SECOND_PASS
+    if resc is not None:
+        return int(resc[1]), int(total)
     return (0 if count is None else int(count.sum())), int(total)
 
 
@@ -335,7 +362,8 @@ def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, comm
         SECOND_PASS[2] = count2
         cd = tiles(bn)
         metrics_kernel[(triton.cdiv(Q, bm) * n_bh,)](
-            q, k, k_hat, q, q, km, out, count, rows, ci, cs, ch, count2, rows2, *cd, *args,
+            q, k, k_hat, q, q, km, out, count, rows, ci, cs, ch, count2, rows2, out, out, out,
+            *cd, *args,
             BLOCK_M=bm, CAND=cap, CAND_SKIP=TUNE.get("CAND_SKIP", False),
             TMA=cd[0] is not None, **fixed,
             **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
@@ -344,7 +372,48 @@ def _second_pass(lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple, comm
     bm, bn, warps, stages, *nreg = CONFIG["fix"]
     descs = tiles(bn)
     metrics_kernel[grid](
-        q, k, k_hat, q, q, km, out, count, rows, out, out, out, out, out, *descs, *args,
+        q, k, k_hat, q, q, km, out, count, rows, out, out, out, out, out, out, out, out,
+        *descs, *args,
         BLOCK_M=bm, TMA=descs[0] is not None, **fixed,
         **{**common, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages,
            **dict(zip(["maxnreg"], nreg))})
+
+
+def _rescan_buffers(n_bh: int, Q: int, T: int, bn: int, device: torch.device) -> dict:
+    """The rescan's buffers (:mod:`kvtheory._triton_rescan`) for ``n_bh`` heads of ``Q``
+    queries over ``T`` tokens in blocks of ``bn``: the counters zeroed in one launch."""
+    sizes = RESCAN_SIZES
+    cap, cand = int(sizes["cap"]), int(sizes["cand"])
+    entries = min(n_bh * Q, max(int(sizes["entries"]), int(n_bh * Q * sizes["share"])),
+                  (2 ** 31 - 1) // cand)
+    nb = triton.cdiv(T, bn)
+    zeros = torch.zeros(2 + n_bh * nb + entries, dtype=torch.int32, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    return {"count2": zeros[:2], "bc": zeros[2:2 + n_bh * nb], "cc": zeros[2 + n_bh * nb:],
+            "rows2": torch.empty(entries, **i32), "bk": torch.empty(n_bh * nb * cap, **i32),
+            "ci": torch.empty(entries * cand, **i32),
+            "cs": torch.empty(entries * cand, dtype=torch.float32, device=device),
+            "ch": torch.empty(entries * cand, dtype=torch.float32, device=device),
+            "entries": entries, "cap": cap, "cand": cand, "nb": nb}
+
+
+def _rescan(resc: dict, lists: tuple[Tensor, Tensor], tensors: tuple, args: tuple,
+            common: dict, n_bh: int, descs: tuple) -> None:
+    """The rescan of the flagged queries' kept blocks (:mod:`kvtheory._triton_rescan`): one
+    program a (head, key block) appends candidates, one a ``BLOCK_M`` entries picks the flip and
+    overlap; entries it cannot settle join the rounds' ``lists``. Fixed grids, no host sync."""
+    q, k, k_hat, km, out = tensors
+    count, rows = lists
+    NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, _, N_OUT, LB, CAP = args
+    bm, warps, stages = CONFIG["rescan"]
+    rescan_kernel[(resc["nb"] * n_bh,)](
+        q, k, k_hat, km, out, resc["rows2"], resc["bc"], resc["bk"], resc["cc"], resc["ci"],
+        resc["cs"], resc["ch"], *descs, NQ, T, OFF, HQ, HKV, G, HM, KM_DIV, WINDOW, N_OUT, CAP,
+        D=common["D"], BD=common["BD"], BLOCK_M=bm, BLOCK_N=common["BLOCK_N"],
+        CAND=resc["cand"], CAUSAL=common["CAUSAL"], HAS_WINDOW=common["HAS_WINDOW"],
+        HAS_KM=common["HAS_KM"], TMA=descs[0] is not None, num_warps=warps, num_stages=stages)
+    bm, warps = CONFIG["pick"]
+    pick_kernel[(triton.cdiv(LB, bm),)](
+        out, count, rows, resc["count2"], resc["rows2"], resc["cc"], resc["ci"], resc["cs"],
+        resc["ch"], NQ, N_OUT, LB, TOPK=common["TOPK"], CAND=resc["cand"], BLOCK_M=bm,
+        num_warps=warps)

@@ -68,11 +68,24 @@ CASES = {
     "PAYLOAD, local keys, window": dict(local=True, window=40, tune={"PAYLOAD": True}),
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
     "per-query-head mask, values, batch 2": dict(mask="q", values=True, B=2, causal=False),
+    # the rescan of kept blocks (topk 2 over 4 key blocks: full lists, real thresholds)
+    "rescan, topk 2, T 256, s^ far from s": dict(T=256, topk=2, eps=0.6),
+    "rescan, topk 2, T 256, window + per-KV-head mask, batch 2, local keys": dict(
+        T=256, topk=2, window=150, mask="kv", B=2, local=True),
+    "rescan, topk 2, T 256, per-query-head mask, values": dict(
+        T=256, topk=2, mask="q", values=True, causal=False),
+    "rescan with no room (buckets, slots, list): all to the rounds": dict(
+        T=256, topk=2, sizes={"cap": 1, "cand": 2, "entries": 40, "share": 0.0}),
+    "rounds for every flagged query (RESCAN off)": dict(T=256, topk=2,
+                                                        tune={"RESCAN": False}),
+    "keys repeated two blocks later (alike kept values), topk 2, T 256": dict(
+        T=256, topk=2, repeat=True, causal=False),
 }
 
 
 def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5, local=False,
-             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False, api=False):
+             tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False, api=False,
+             sizes=None, repeat=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
@@ -81,6 +94,8 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
         q = q + 2 * k.repeat_interleave(hq // hkv, 1)
     if pairs:   # tokens 2i and 2i+1 share a key: every block's largest s is tied; not K^
         k = k[:, :, : (T + 1) // 2].repeat_interleave(2, dim=2)[:, :, :T]
+    if repeat:  # blocks 2, 3 copy blocks 0, 1: equal block maxima of s in two blocks
+        k[:, :, T // 2:] = k[:, :, : T // 2]
     kh = k + eps * torch.randn(k.shape, generator=g)
     v = vh = None
     if values:
@@ -96,6 +111,8 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
     x16 = [None if x is None else x.half() for x in (q, k, kh, v, vh)]
     tm.TUNE.clear()
     tm.TUNE.update(tune or {})
+    default_sizes = dict(tm.RESCAN_SIZES)
+    tm.RESCAN_SIZES.update(sizes or {})
     kernel_calls = None
     if api:     # the whole attention_metrics call on the kernel (as on CUDA): per query
         from kvtheory import flips
@@ -122,6 +139,7 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
         if bool((~torch.isfinite(res["kl"]) & torch.isfinite(res["top1_prob"])).any()):
             res = tm.fused_metrics(*x16, km, **kw, zh=True)
     tm.TUNE.clear()
+    tm.RESCAN_SIZES.update(default_sizes)
     ref = dense_metrics(*[None if x is None else x.double() for x in x16], causal=causal,
                         window=window, key_mask=km, topk=topk)
     valid = ref["valid"]
@@ -130,6 +148,7 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
     rtol, atol = tol("fused_kernel")
     atol *= max(1.0, smax)
     out = {"second_pass": list(tm.second_pass_queries()), "rounds": tm.rounds_pass_queries(),
+           "rescan": tm.rescan_queries(),
            "errors": {}, "loads": tm.LOADS[0],
            "kernel_calls": kernel_calls}
     for n in NAMES:

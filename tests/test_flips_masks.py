@@ -276,7 +276,7 @@ def test_fused_kernel_streaming_algebra_matches_the_dense_definitions(block, spr
 
 @pytest.mark.parametrize("deg, bound", [(3, 1 / 16), (6, 1 / 2), (8, 1.0)])
 def test_fused_kernel_series_degrees_stay_within_float32_rounding(deg, bound):
-    """The kernel's per-block choice (kvtheory/_triton_kernel.py, ``_block_phi``): the series
+    """The kernel's per-block choice (kvtheory/_triton_phi.py, ``_block_phi``): the series
     phi(u)/u^2 = sum_n u^n/(n+2)! cut after ``deg`` where max|u| < ``bound``. Its relative
     error in phi stays under 6.3e-8, about half a float32 unit (the module docstring's claim),
     against expm1 in float64 over [-bound, bound]."""

@@ -30,8 +30,18 @@ def _launched() -> dict[str, dict]:
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
                     **dict(zip(["maxnreg"], nreg)))
 
+    bm, warps, stages = tm.CONFIG["rescan"]
     return {
-        "main kernel": cfg("full"),
+        "main kernel": {**cfg("full"), "RESCAN": True},
+        "main kernel, rounds for every flagged query": cfg("full"),
+        "rescan of kept blocks": {"KERNEL": "rescan", "BLOCK_M": bm, "num_warps": warps,
+                                  "num_stages": stages, "BLOCK_N": cfg("full")["BLOCK_N"]},
+        "rescan, causal window, key mask, pointer loads": {
+            "KERNEL": "rescan", "BLOCK_M": bm, "num_warps": warps, "num_stages": stages,
+            "BLOCK_N": cfg("values")["BLOCK_N"], "CAUSAL": True, "HAS_WINDOW": True,
+            "HAS_KM": True, "TMA": False},
+        "candidates' pick": {"KERNEL": "pick", "BLOCK_M": tm.CONFIG["pick"][0],
+                             "num_warps": tm.CONFIG["pick"][1]},
         "second pass, candidates": {**cfg("cand"), "FIX": True, "SUMS": False,
                                     "TOPK_MODE": 1, "CAND": 16},
         "second pass, rounds": {**cfg("fix"), "FIX": True, "SUMS": False, "TOPK_MODE": 1},
@@ -39,7 +49,7 @@ def _launched() -> dict[str, dict]:
         "log-sum-exp run": {**cfg("full"), "WITH_ZH": True},
         "flip only": {**cfg("flip"), "FULL": False},
         "causal window, key mask": {**cfg("full"), "CAUSAL": True, "HAS_WINDOW": True,
-                                    "HAS_KM": True},
+                                    "HAS_KM": True, "RESCAN": True},
     }
 
 
@@ -54,4 +64,7 @@ def test_kernel_compiles_for_hopper(label):
     assert out.returncode == 0, f"{label}: {out.stderr[-2000:]}"
     assert "instructions a thread a key block" in out.stdout, out.stdout
     n = int(out.stdout.split("wgmma instructions in the kernel:")[1].split()[0])
-    assert n > 0, f"{label}: no wgmma"      # the logit tiles on Hopper's tensor cores
+    if _launched()[label].get("KERNEL") == "pick":
+        assert n == 0, f"{label}: {n} wgmma"    # a selection, no matmul
+    else:
+        assert n > 0, f"{label}: no wgmma"      # the logit tiles on Hopper's tensor cores

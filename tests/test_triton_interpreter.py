@@ -73,8 +73,21 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     # the candidates' variant: most rows settled by their candidates, the rest by the rounds
     sent = interp["candidates' pass before the rounds (CAND 16)"]["second_pass"][0]
     assert 0 < interp["candidates' pass before the rounds (CAND 16)"]["rounds"] < sent
-    assert interp["causal, int4-like delta"]["rounds"] == interp["causal, int4-like delta"][
-        "second_pass"][0]       # by default every flagged row takes the rounds
+    # by default a flagged row is settled by the rescan of its kept blocks, or else by the
+    # rounds over all blocks: one of the two, never both or neither
+    for label, r in interp.items():
+        if "CAND" not in label:
+            assert r["rescan"] + r["rounds"] == r["second_pass"][0], label
+    sent = interp["rescan, topk 2, T 256, s^ far from s"]["second_pass"][0]
+    assert interp["rescan, topk 2, T 256, s^ far from s"]["rescan"] == sent > 0
+    # no room in buckets, candidate slots or the list: those rows go to the rounds
+    r = interp["rescan with no room (buckets, slots, list): all to the rounds"]
+    assert r["rounds"] > 0.9 * r["second_pass"][0] > 0
+    r = interp["rounds for every flagged query (RESCAN off)"]
+    assert r["rescan"] == 0 and r["rounds"] == r["second_pass"][0] > 0
+    # alike kept values (equal block maxima in two blocks) go to the rounds
+    r = interp["keys repeated two blocks later (alike kept values), topk 2, T 256"]
+    assert r["rounds"] == r["second_pass"][0] > 0
     # topk 1: flagged for the tie alone; the second pass starts just below the top of s
     sent, total = interp["keys in equal pairs, topk 1 (thresholds at the top)"]["second_pass"]
     assert sent == total
