@@ -59,6 +59,12 @@ H100, ``benchmarks/KERNEL_NOTES.md``) makes a second pass that collects each row
 either threshold into ``CAND`` slots (``CI``, ``CS``, ``CH``) and takes the top-k sets from
 them (:mod:`kvtheory._triton_select`), listing rows with more in ``COUNT2``, ``ROWS2`` for
 the rounds.
+
+``RESCAN`` (mode 3; the default on the host) records the key block of every kept entry
+(``tb``, ``tbh``) and lists a flagged query whose kept values are distinct for the rescan of
+those blocks alone instead (:mod:`kvtheory._triton_rescan`, which states why that is exact;
+``COUNT2``, ``ROWS2`` are then its list, ``BC``, ``BK`` the buckets of (head, key block),
+``CC`` the candidate counts, ``LB`` and ``CAP`` their sizes); only the others go to the rounds.
 """
 
 from __future__ import annotations

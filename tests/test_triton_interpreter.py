@@ -47,8 +47,14 @@ def test_flips_and_topk_overlap_identical(interp):
     # near-ties may differ by the engine's contract; these seeded inputs have none that do
     for label, r in interp.items():
         assert r["flips_differ_not_near_tie"] == 0, label
-        assert r["flips_differ"] == 0, label
+        if "repeated" not in label:
+            assert r["flips_differ"] == 0, label
         assert r["overlap_differ"] == 0, label
+    # keys repeated in two blocks tie exactly in float32 and the kernel takes the first
+    # index; the float64 reference's matmul rounds the two copies apart, so it may take
+    # either: those flips differ, all at near-ties (checked above)
+    assert interp["keys repeated two blocks later (alike kept values), topk 2, T 256"][
+        "flips_differ"] <= 16
 
 
 def test_key_tiles_come_by_descriptor_unless_switched_off(interp):
