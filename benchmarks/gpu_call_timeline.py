@@ -55,13 +55,19 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--waits", default="poll,cpu",
                    help="how the host waits for the results (flips.WAIT), each timed in turn")
+    p.add_argument("--rescan", default="",
+                   help="comma list of off,on: time the second pass's rescan of kept blocks "
+                        "(TUNE['RESCAN']) off and on in turn (default: the library's default)")
     a = p.parse_args()
     q, k, kh = bench.flip_inputs(a.tokens, q_heads=32, kv_heads=8, d=128, device="cuda",
                                  dtype=torch.bfloat16)
     log: list = []
-    saved = tm.metrics_kernel, tm.aggregate_kernel, flips._to_host, flips.WAIT[0]
+    saved = (tm.metrics_kernel, tm.aggregate_kernel, flips._to_host, flips.WAIT[0],
+             tm.rescan_kernel, tm.pick_kernel)
     tm.metrics_kernel = _Marked(saved[0], "metrics_kernel", log)
     tm.aggregate_kernel = _Marked(saved[1], "aggregate_kernel", log)
+    tm.rescan_kernel = _Marked(saved[4], "rescan_kernel", log)
+    tm.pick_kernel = _Marked(saved[5], "pick_kernel", log)
     rows: dict[str, dict[str, list[float]]] = {}
 
     def marked_to_host(x):     # the transfer: events before it and after it
@@ -74,12 +80,16 @@ def main() -> int:
         return res
 
     flips._to_host = marked_to_host
-    waits = a.waits.split(",")
+    waits = [(w, r) for w in a.waits.split(",") for r in (a.rescan.split(",") if a.rescan
+                                                          else [None])]
     try:
         for i in range(a.reps + 3):
-            for wait in waits:      # interleaved: both see the same machine state
+            for wait, resc in waits:      # interleaved: all see the same machine state
                 flips.WAIT[0] = wait
-                row = rows.setdefault(wait, {})
+                tm.TUNE.pop("RESCAN", None)
+                if resc is not None:
+                    tm.TUNE["RESCAN"] = resc == "on"
+                row = rows.setdefault(wait if resc is None else f"{wait}, rescan {resc}", {})
                 torch.cuda.synchronize()
                 log.clear()
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
@@ -100,6 +110,8 @@ def main() -> int:
     finally:
         tm.metrics_kernel, tm.aggregate_kernel, flips._to_host = saved[:3]
         flips.WAIT[0] = saved[3]
+        tm.rescan_kernel, tm.pick_kernel = saved[4:]
+        tm.TUNE.pop("RESCAN", None)
     doc = {"machine": bench.machine(), "tokens": a.tokens, "reps": a.reps,
            "median_ms": {w: {n: statistics.median(v) for n, v in r.items()}
                          for w, r in rows.items()}}

@@ -241,6 +241,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip", default="", help="comma-separated steps to skip: check,sweep,speed")
     p.add_argument("--tokens", default="16384,32768")
+    p.add_argument("--labels", default="",
+                   help="comma-separated words: only the equality cases whose label has one")
     p.add_argument("--no-cpu-ref", action="store_true",
                    help="only the dense float64 reference on the GPU (faster)")
     args = p.parse_args()
@@ -291,10 +293,19 @@ def main() -> int:
                  tune={"PAYLOAD": True}),
             dict(label="local keys, rounds for every flagged query (RESCAN off)", local=True,
                  tune={"RESCAN": False}),
-            dict(label="T=4096, window 300, per-KV-head mask (rescan, no CPU ref)", T=4096,
-                 B=1, window=300, mask="kv", cpu_ref=False),
+            dict(label="rescan of kept blocks, causal", tune={"RESCAN": True}),
+            dict(label="rescan, local keys", local=True, tune={"RESCAN": True}),
+            dict(label="rescan, values, per-KV-head mask", values=True, mask="kv",
+                 tune={"RESCAN": True}),
+            dict(label="rescan, keys in equal pairs, topk 4", pairs=True, topk=4, causal=False,
+                 tune={"RESCAN": True}),
+            dict(label="rescan, T=4096, window 300, per-KV-head mask (no CPU ref)", T=4096,
+                 B=1, window=300, mask="kv", cpu_ref=False, tune={"RESCAN": True}),
         ]
+        words = [w for w in args.labels.split(",") if w]
         for c in cases:
+            if words and not any(w in c["label"] for w in words):
+                continue
             if args.no_cpu_ref:
                 c = {**c, "cpu_ref": False}
             r = step(f"equality {c['label']}", lambda c=c: compare(**c))

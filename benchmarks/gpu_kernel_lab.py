@@ -80,12 +80,13 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "cand64x32": ("full", {"CAND": 16}, {"cand": (64, 32, 4, 3)}),
     # the main kernel alone (no second pass: flips and overlaps of flagged queries inexact)
     "nofix": ("full", {}, {"second_pass": False}),
-    # session 9: flagged queries settled by rescanning their kept blocks (the default) or by
-    # the rounds over all blocks; the rescan kernel's shapes
+    # session 9: flagged queries settled by rescanning their kept blocks or by the rounds over
+    # all blocks; the rescan kernel's shapes
     "rounds": ("full", {"RESCAN": False}, None),
-    "rescan64w8": ("full", {}, {"rescan": (64, 8, 2)}),
-    "rescan64s1": ("full", {}, {"rescan": (64, 4, 1)}),
-    "rescan32": ("full", {}, {"rescan": (32, 4, 2)}),
+    "rescan": ("full", {"RESCAN": True}, None),
+    "rescan64w8": ("full", {"RESCAN": True}, {"rescan": (64, 8, 2)}),
+    "rescan64s1": ("full", {"RESCAN": True}, {"rescan": (64, 4, 1)}),
+    "rescan32": ("full", {"RESCAN": True}, {"rescan": (32, 4, 2)}),
 }
 
 
@@ -173,6 +174,8 @@ def main() -> int:
     if a.breakdown:   # where attention_metrics spends its time beyond the kernel
         from kvtheory import flips
 
+        tm.TUNE.update(json.loads(a.base_tune))     # (the variants' shared switches)
+
         opts = (False, None, d ** -0.5, None)
         fns = {"kernel (fused_metrics, with the second pass)": lambda: tm.fused_metrics(
                    q, k, kh, None, None, None, causal=False, window=None, scale=d ** -0.5,
@@ -186,6 +189,7 @@ def main() -> int:
                                for n, f in fns.items()}
         for n, ms in doc["breakdown_ms"].items():
             print(f"  {n:48s} {ms:7.2f} ms", flush=True)
+    tm.TUNE.clear()
     write_json(a.out, doc, arg="--out")
     print(json.dumps({n: round(r.get("ms", -1), 2) for n, r in doc["rows"].items()}))
     return 0

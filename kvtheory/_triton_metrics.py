@@ -119,6 +119,10 @@ CONFIG: dict[str, tuple[int, ...]] = {
     "flip": (128, 64, 8, 3), "full": (64, 64, 4, 3), "values": (64, 32, 4, 2),
     "fix": (64, 64, 4, 2, 160),     # three programs an SM (2 stages of shared memory)
     "cand": (64, 64, 4, 3), "rescan": (64, 4, 2), "pick": (64, 4)}
+#: whether flagged queries go to the rescan of their kept blocks by default (``TUNE["RESCAN"]``
+#: overrides): off until it is timed on a GPU (exact in Triton's interpreter, compiled for
+#: sm_90 by the tests; benchmarks/KERNEL_NOTES.md, session 9)
+RESCAN_DEFAULT = False
 #: the rescan's sizes (:mod:`kvtheory._triton_rescan`): queries a bucket (``cap``), candidate
 #: slots a query (``cand``), and its list's entries: ``entries`` or an ``share`` of all queries,
 #: whichever is more (queries beyond go to the rounds); tests shrink them
@@ -179,7 +183,7 @@ def fused_metrics(q: Tensor, k: Tensor, k_hat: Tensor, v: Tensor | None, v_hat: 
     name = "values" if has_v else ("full" if full else "flip")
     bm, bn, warps, stages, *nreg = CONFIG[name]
     resc = _rescan_buffers(B * Hq, Q, T, bn, q.device) if (
-        count is not None and mode == 3 and tune.setdefault("RESCAN", True)) else None
+        count is not None and mode == 3 and tune.setdefault("RESCAN", RESCAN_DEFAULT)) else None
     tune["RESCAN"] = resc is not None
     SECOND_PASS[:] = [count, B * Hq * Q, None, None if resc is None else resc["count2"]]
     common = dict(D=d, DV=dvn, BD=max(16, triton.next_power_of_2(d)),

@@ -39,6 +39,7 @@ from kvtheory import _triton_metrics as tm  # noqa: E402
 
 NAMES = ("margin", "top1_prob", "kl", "fisher", "output_rel_err")
 
+_RESCAN = {"RESCAN": True}
 #: label -> options (eps: size of the key perturbation; local: neighbouring keys alike, so the
 #: top keys of a query come in runs inside one key block, as in real attention)
 CASES = {
@@ -69,17 +70,22 @@ CASES = {
     "pointer loads (TMA off), causal window": dict(window=40, tune={"TMA": False}),
     "per-query-head mask, values, batch 2": dict(mask="q", values=True, B=2, causal=False),
     # the rescan of kept blocks (topk 2 over 4 key blocks: full lists, real thresholds)
-    "rescan, topk 2, T 256, s^ far from s": dict(T=256, topk=2, eps=0.6),
+    "rescan, topk 2, T 256, s^ far from s": dict(T=256, topk=2, eps=0.6, tune=_RESCAN),
     "rescan, topk 2, T 256, window + per-KV-head mask, batch 2, local keys": dict(
-        T=256, topk=2, window=150, mask="kv", B=2, local=True),
+        T=256, topk=2, window=150, mask="kv", B=2, local=True, tune=_RESCAN),
     "rescan, topk 2, T 256, per-query-head mask, values": dict(
-        T=256, topk=2, mask="q", values=True, causal=False),
+        T=256, topk=2, mask="q", values=True, causal=False, tune=_RESCAN),
+    "rescan, local keys (runs: more candidates than slots, most to the rounds)": dict(
+        local=True, tune=_RESCAN),
+    "rescan, keys in equal pairs (tied top of s), topk 4": dict(
+        pairs=True, topk=4, causal=False, tune=_RESCAN),
     "rescan with no room (buckets, slots, list): all to the rounds": dict(
-        T=256, topk=2, sizes={"cap": 1, "cand": 2, "entries": 40, "share": 0.0}),
+        T=256, topk=2, sizes={"cap": 1, "cand": 2, "entries": 40, "share": 0.0},
+        tune=_RESCAN),
     "rounds for every flagged query (RESCAN off)": dict(T=256, topk=2,
                                                         tune={"RESCAN": False}),
     "keys repeated two blocks later (alike kept values), topk 2, T 256": dict(
-        T=256, topk=2, repeat=True, causal=False),
+        T=256, topk=2, repeat=True, causal=False, tune=_RESCAN),
 }
 
 
@@ -233,6 +239,7 @@ def main() -> int:
         return 0
     for name in ("full", "values", "fix", "cand", "flip"):
         tm.CONFIG[name] = (32, 16, 4, 1)
+    tm.CONFIG["rescan"], tm.CONFIG["pick"] = (32, 4, 1), (32, 4)
     only = set(sys.argv[1:])
     print(json.dumps({label: run_case(**kw) for label, kw in CASES.items()
                       if not only or label in only}))
