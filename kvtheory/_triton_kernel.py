@@ -360,11 +360,17 @@ def metrics_kernel(
                     spill = (sec_s >= thr_s) | (sec_h >= thr_h)
                     if TOPK_MODE == 3:
                         pair = ((kc[:, None] < kc[None, :]) & (kc[None, :] < TOPK))[None, :, :]
-                        alike_s = tl.max(tl.max((ts[:, :, None] == ts[:, None, :]) & pair, 2),
-                                         1) > 0
-                        alike_h = tl.max(tl.max((tsh[:, :, None] == tsh[:, None, :]) & pair, 2),
-                                         1) > 0
+                        eq_s = (ts[:, :, None] == ts[:, None, :]) & pair
+                        eq_h = (tsh[:, :, None] == tsh[:, None, :]) & pair
+                        alike_s = tl.max(tl.max(eq_s, 2), 1) > 0
+                        alike_h = tl.max(tl.max(eq_h, 2), 1) > 0
                         spill = spill | alike_s | alike_h | tie_top
+                        if RESCAN:  # only one insertion into two slots (a block twice) loses
+                            # a key; alike values of distinct blocks are k distinct keys
+                            alike_s = tl.max(tl.max(eq_s & (tb[:, :, None] == tb[:, None, :]),
+                                                    2), 1) > 0
+                            alike_h = tl.max(tl.max(eq_h & (tbh[:, :, None] == tbh[:, None, :]),
+                                                    2), 1) > 0
                         alike = alike_s | alike_h
                         # alike kept values may stand for fewer than k keys: no threshold
                         thr_s = tl.where(alike_s, NEG, thr_s)

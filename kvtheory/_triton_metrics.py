@@ -120,9 +120,9 @@ CONFIG: dict[str, tuple[int, ...]] = {
     "fix": (64, 64, 4, 2, 160),     # three programs an SM (2 stages of shared memory)
     "cand": (64, 64, 4, 3), "rescan": (64, 4, 2), "pick": (64, 4)}
 #: whether flagged queries go to the rescan of their kept blocks by default (``TUNE["RESCAN"]``
-#: overrides): off until it is timed on a GPU (exact in Triton's interpreter, compiled for
-#: sm_90 by the tests; benchmarks/KERNEL_NOTES.md, session 9)
-RESCAN_DEFAULT = False
+#: overrides; off: the rounds over all key blocks): on since session 9, 19.50 against 20.15 ms
+#: on an H100 at T = 16,384 (benchmarks/KERNEL_NOTES.md)
+RESCAN_DEFAULT = True
 #: the rescan's sizes (:mod:`kvtheory._triton_rescan`): queries a bucket (``cap``), candidate
 #: slots a query (``cand``), and its list's entries: ``entries`` or an ``share`` of all queries,
 #: whichever is more (queries beyond go to the rounds); tests shrink them

@@ -7,7 +7,8 @@ every key of the exact top-k lies in a kept block: a block whose maximum beats t
 value :math:`\theta` was inserted and never evicted (only values equal to the smallest kept
 one are), so the other blocks hold nothing above :math:`\theta`; k distinct keys reach
 :math:`\theta`, so the exact k-th value does too (a key at exactly :math:`\theta` in a later
-block loses the tie to the kept one, which has the lower index). A flagged query (a kept
+block loses the tie to the kept one, which has the lower index; one in an earlier block was
+kept or evicted, and an eviction at a tie keeps one block twice, below). A flagged query (a kept
 block holding two of its top k, or a tied top) is then settled by its kept blocks alone, a
 few against all of them:
 
@@ -22,8 +23,10 @@ few against all of them:
 3. :func:`pick_kernel`: the exact flip and top-k overlap from the candidates
    (:func:`kvtheory._triton_select.select`: largest first, then lowest index).
 
-A query whose kept values are alike, or beyond the list's ``LB`` entries, a full bucket
-(``CAP``) or its ``CAND`` slots, goes on to the rounds over all key blocks
+Kept values may be alike and still stand for k distinct keys (a tie between two blocks):
+only an insertion that replaced two equal slots at once (the same block kept twice) loses a
+key, and only such a query, or one beyond the list's ``LB`` entries, a full bucket (``CAP``) or
+its ``CAND`` slots, goes on to the rounds over all key blocks
 (:func:`kvtheory._triton_select.fix_rounds`), which remain exact for everything.
 """
 

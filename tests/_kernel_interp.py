@@ -84,14 +84,16 @@ CASES = {
         tune=_RESCAN),
     "rounds for every flagged query (RESCAN off)": dict(T=256, topk=2,
                                                         tune={"RESCAN": False}),
-    "keys repeated two blocks later (alike kept values), topk 2, T 256": dict(
-        T=256, topk=2, repeat=True, causal=False, tune=_RESCAN),
+    "keys repeated half a sequence later (alike kept values of two blocks), topk 2, T 256":
+        dict(T=256, topk=2, repeat=True, causal=False, tune=_RESCAN),
+    "a tie then a larger block maximum (one block kept twice: a key lost), topk 3": dict(
+        topk=3, collapse=True, causal=False, B=3, tune=_RESCAN),
 }
 
 
 def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5, local=False,
              tune=None, T=128, B=1, hq=4, hkv=2, d=32, seed=0, pairs=False, api=False,
-             sizes=None, repeat=False):
+             sizes=None, repeat=False, collapse=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, hq, T, d, generator=g)
     k = torch.randn(B, hkv, T, d, generator=g)
@@ -100,8 +102,17 @@ def run_case(eps=0.05, causal=True, window=None, mask=None, values=False, topk=5
         q = q + 2 * k.repeat_interleave(hq // hkv, 1)
     if pairs:   # tokens 2i and 2i+1 share a key: every block's largest s is tied; not K^
         k = k[:, :, : (T + 1) // 2].repeat_interleave(2, dim=2)[:, :, :T]
-    if repeat:  # blocks 2, 3 copy blocks 0, 1: equal block maxima of s in two blocks
+    if repeat:  # the second half copies the first: equal block maxima of s in two blocks
         k[:, :, T // 2:] = k[:, :, : T // 2]
+    if collapse:    # s_j = k_j0: block maxima 5, 3, 3, 4, 4.5 (16-key blocks), the rest near
+        # -1; the top 3 keep 5, 3, 3, then 4 replaces both 3s and 4.5 both 4s: the first pass
+        # keeps 5, 4.5, 4.5 and has lost the 4 (no tie left in the exact top 3)
+        q = torch.zeros_like(q)
+        q[..., 0] = 1.0
+        k = k * 0.1
+        k[..., 0] -= 1.0
+        for j, x in ((0, 5.0), (16, 3.0), (32, 3.0), (48, 4.0), (64, 4.5)):
+            k[:, :, j, 0] = x
     kh = k + eps * torch.randn(k.shape, generator=g)
     v = vh = None
     if values:

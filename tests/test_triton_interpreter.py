@@ -53,8 +53,8 @@ def test_flips_and_topk_overlap_identical(interp):
     # keys repeated in two blocks tie exactly in float32 and the kernel takes the first
     # index; the float64 reference's matmul rounds the two copies apart, so it may take
     # either: those flips differ, all at near-ties (checked above)
-    assert interp["keys repeated two blocks later (alike kept values), topk 2, T 256"][
-        "flips_differ"] <= 16
+    assert interp["keys repeated half a sequence later (alike kept values of two blocks), "
+                  "topk 2, T 256"]["flips_differ"] <= 64
 
 
 def test_key_tiles_come_by_descriptor_unless_switched_off(interp):
@@ -91,9 +91,14 @@ def test_second_pass_serves_the_flagged_queries_only_when_needed(interp):
     assert r["rounds"] > 0.9 * r["second_pass"][0] > 0
     r = interp["rounds for every flagged query (RESCAN off)"]
     assert r["rescan"] == 0 and r["rounds"] == r["second_pass"][0] > 0
-    # alike kept values (equal block maxima in two blocks) go to the rounds
-    r = interp["keys repeated two blocks later (alike kept values), topk 2, T 256"]
-    assert r["rounds"] == r["second_pass"][0] > 0
+    # alike kept values of two blocks are k distinct keys: the rescan settles them; a tie
+    # replaced at once by a larger block maximum keeps one block twice and loses a key: those
+    # rows go to the rounds
+    r = interp["keys repeated half a sequence later (alike kept values of two blocks), topk 2, "
+               "T 256"]
+    assert r["rescan"] == r["second_pass"][0] > 0
+    r = interp["a tie then a larger block maximum (one block kept twice: a key lost), topk 3"]
+    assert r["rounds"] == r["second_pass"][0] == r["second_pass"][1] > 0    # every row
     # topk 1: flagged for the tie alone; the second pass starts just below the top of s
     sent, total = interp["keys in equal pairs, topk 1 (thresholds at the top)"]["second_pass"]
     assert sent == total
