@@ -75,6 +75,7 @@ import triton.language as tl
 from ._triton_phi import _block_phi, _log1p, _phi, _psi
 from ._triton_rescan import enlist
 from ._triton_select import collect, fix_rounds, insert, select, top2, top2_at
+from ._triton_tiles import key_tiles, visible
 
 
 @triton.jit
@@ -173,20 +174,11 @@ def metrics_kernel(
     dv = tl.arange(0, BDV)
     o = tl.zeros([BLOCK_M, BDV], tl.float32)
     oh = tl.zeros([BLOCK_M, BDV], tl.float32)
-    if HAS_KM:
-        hm = h // KM_DIV
-        kmbase = (b * HM + hm).to(tl.int64) * T
+    kmbase = (b * HM + h // KM_DIV).to(tl.int64) * T     # the key mask's row (HAS_KM)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = (cols < T) & (cols >= 0)
-        if TMA:     # descriptors over (batch kv_head token, d): a tile of BLOCK_N rows
-            k = KD.load([(kbase + start).to(tl.int32), 0])
-            kh = KHD.load([(kbase + start).to(tl.int32), 0])
-        else:
-            kp = (kbase + cols[:, None]) * D + dd[None, :]
-            kmk = cmask[:, None] & (dd[None, :] < D)
-            k = tl.load(K + kp, mask=kmk, other=0.0)
-            kh = tl.load(KH + kp, mask=kmk, other=0.0)
+        k, kh = key_tiles(K, KH, KD, KHD, kbase, start, cols, cmask, dd, D, TMA)
         s = tl.dot(q, tl.trans(k))
         sh = tl.dot(q, tl.trans(kh))
         need = (start + BLOCK_N > T) | (start < 0)
@@ -197,14 +189,8 @@ def metrics_kernel(
         if HAS_KM:      # (the second pass's rows bound pos_lo, pos_hi like a block's)
             need = True
         if need:
-            vis = cmask[None, :] & rmask[:, None]
-            if CAUSAL:
-                vis = vis & (cols[None, :] <= pos[:, None])
-            if HAS_WINDOW:
-                vis = vis & (cols[None, :] > pos[:, None] - WINDOW)
-            if HAS_KM:
-                km = tl.load(KM + kmbase + cols, mask=cmask, other=0)
-                vis = vis & (km[None, :] != 0)
+            vis = visible(cmask[None, :] & rmask[:, None], cols, pos, WINDOW, KM, kmbase, cmask,
+                          CAUSAL, HAS_WINDOW, HAS_KM)
             s = tl.where(vis, s, NEG)
             sh = tl.where(vis, sh, NEG)
         if FIX:

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._triton_select import select
+from ._triton_tiles import key_tiles, visible
 
 #: added to a query's candidate count where one of its buckets was full: it then goes to the
 #: rounds (the count stays above ``CAND``)
@@ -109,25 +110,11 @@ def rescan_kernel(
         pos = grow - bh * NQ + OFF
         q = tl.load(Q + grow[:, None].to(tl.int64) * D + dd[None, :],
                     mask=live[:, None] & (dd[None, :] < D), other=0.0)
-        if TMA:
-            k = KD.load([(kbase + start).to(tl.int32), 0])
-            kh = KHD.load([(kbase + start).to(tl.int32), 0])
-        else:
-            kp = (kbase + cols[:, None]) * D + dd[None, :]
-            kmk = cmask[:, None] & (dd[None, :] < D)
-            k = tl.load(K + kp, mask=kmk, other=0.0)
-            kh = tl.load(KH + kp, mask=kmk, other=0.0)
+        k, kh = key_tiles(K, KH, KD, KHD, kbase, start, cols, cmask, dd, D, TMA)
         s = tl.dot(q, tl.trans(k))
         sh = tl.dot(q, tl.trans(kh))
-        vis = cmask[None, :] & live[:, None]
-        if CAUSAL:
-            vis = vis & (cols[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (cols[None, :] > pos[:, None] - WINDOW)
-        if HAS_KM:
-            km = tl.load(KM + (b * HM + h // KM_DIV).to(tl.int64) * T + cols, mask=cmask,
-                         other=0)
-            vis = vis & (km[None, :] != 0)
+        vis = visible(cmask[None, :] & live[:, None], cols, pos, WINDOW, KM,
+                      (b * HM + h // KM_DIV).to(tl.int64) * T, cmask, CAUSAL, HAS_WINDOW, HAS_KM)
         thr_h = tl.load(OUT + grow, mask=live, other=-NEG)
         thr_s = tl.load(OUT + 3 * N_OUT + grow, mask=live, other=-NEG)
         c = vis & ((s > thr_s[:, None]) | (sh > thr_h[:, None]))
