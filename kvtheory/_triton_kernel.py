@@ -61,8 +61,8 @@ them (:mod:`kvtheory._triton_select`), listing rows with more in ``COUNT2``, ``R
 the rounds.
 
 ``RESCAN`` (mode 3; the default on the host) records the key block of every kept entry
-(``tb``, ``tbh``) and lists a flagged query whose kept values are distinct for the rescan of
-those blocks alone instead (:mod:`kvtheory._triton_rescan`, which states why that is exact;
+(``tb``, ``tbh``) and lists a flagged query for the rescan of those blocks alone instead,
+unless a list holds one block twice (a key lost) (:mod:`kvtheory._triton_rescan`, which states why that is exact;
 ``COUNT2``, ``ROWS2`` are then its list, ``BC``, ``BK`` the buckets of (head, key block),
 ``CC`` the candidate counts, ``LB`` and ``CAP`` their sizes); only the others go to the rounds.
 """

@@ -121,7 +121,7 @@ CONFIG: dict[str, tuple[int, ...]] = {
     "cand": (64, 64, 4, 3), "rescan": (64, 4, 2), "pick": (64, 4)}
 #: whether flagged queries go to the rescan of their kept blocks by default (``TUNE["RESCAN"]``
 #: overrides; off: the rounds over all key blocks): on since session 9, 19.50 against 20.15 ms
-#: on an H100 at T = 16,384 (benchmarks/KERNEL_NOTES.md)
+#: on an H100 at T = 16,384 (68b5f28; benchmarks/KERNEL_NOTES.md)
 RESCAN_DEFAULT = True
 #: the rescan's sizes (:mod:`kvtheory._triton_rescan`): queries a bucket (``cap``), candidate
 #: slots a query (``cand``), and its list's entries: ``entries`` or an ``share`` of all queries,
@@ -268,7 +268,7 @@ def rounds_pass_queries() -> int:
 
 def rescan_queries() -> int:
     """Queries of the last call settled by the rescan of their kept blocks (waits for the
-    GPU): its list's entries less those that went on to the rounds."""
+    GPU): the flagged queries less those listed for the rounds."""
     count, _, _, resc = SECOND_PASS
     if resc is None:
         return 0
