@@ -69,6 +69,7 @@ def main() -> int:
     tm.rescan_kernel = _Marked(saved[4], "rescan_kernel", log)
     tm.pick_kernel = _Marked(saved[5], "pick_kernel", log)
     rows: dict[str, dict[str, list[float]]] = {}
+    counts: dict[str, dict[str, int]] = {}     # the last call's queries by second-pass route
 
     def marked_to_host(x):     # the transfer: events before it and after it
         ea = torch.cuda.Event(enable_timing=True)
@@ -97,6 +98,10 @@ def main() -> int:
                 flips.attention_metrics(q, k, kh, causal=False)
                 end.record()
                 torch.cuda.synchronize()
+                flagged, total = tm.second_pass_queries()
+                counts[wait if resc is None else f"{wait}, rescan {resc}"] = {
+                    "queries": total, "flagged": flagged, "rescan": tm.rescan_queries(),
+                    "rounds": tm.rounds_pass_queries()}
                 if i < 3:
                     continue
                 prev = start
@@ -114,13 +119,15 @@ def main() -> int:
         tm.TUNE.pop("RESCAN", None)
     doc = {"machine": bench.machine(), "tokens": a.tokens, "reps": a.reps,
            "median_ms": {w: {n: statistics.median(v) for n, v in r.items()}
-                         for w, r in rows.items()}}
+                         for w, r in rows.items()},
+           "second_pass_queries": counts}
     for w, r in doc["median_ms"].items():
         print(f"wait: {w}")
         for n, ms in r.items():
             print(f"  {n:48s} {ms:8.3f} ms")
     write_json(a.out, doc, arg="--out")
     print(json.dumps(doc["median_ms"]))
+    print(json.dumps(counts))
     return 0
 
 
