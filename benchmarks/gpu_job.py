@@ -94,6 +94,28 @@ def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None
     return bench._case("eval-diag", timing, rows, windows=[w, n])
 
 
+def _row_key(row: dict) -> tuple:
+    return row.get("case"), row.get("what"), row.get("device"), row.get("dtype")
+
+
+def merge_kept(old_cases: list[dict], new_cases: list[dict]) -> list[dict]:
+    """The cases of an earlier result file that this run did not measure again: those none of
+    whose rows (by case, description, device and dtype) this run's rows repeat."""
+    new = {_row_key(r) for c in new_cases for r in c["rows"]}
+    return [c for c in old_cases if not any(_row_key(r) in new for r in c["rows"])]
+
+
+def kept_names(kept: list[dict]) -> list[str]:
+    """Short names of kept cases for the table's heading: the case, with its heads and head
+    dimension where it has a shape ("flips (9/3 heads, d=64)")."""
+    names = set()
+    for c in kept:
+        sh = c.get("shape") or {}
+        names.add(f"{c['case']} ({sh['q_heads']}/{sh['kv_heads']} heads, d={sh['d']})"
+                  if {"q_heads", "kv_heads", "d"} <= set(sh) else str(c.get("case")))
+    return sorted(names)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/gpu.json")
@@ -147,31 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         doc["provenance"]["git_sha"] = args.git_sha
     doc["errors"] = []
 
-    kept: list[dict] = []
+    old_cases: list[dict] = []
+    before: dict = {}       # the earlier file's own merge
     if args.merge:
         from kvtheory.io import read_json
 
         old = read_json(args.merge, arg="--merge")
-        rerun = ({"eval", "eval-diag"} if "eval" in only else set()) | (
-            {"flips"} if only & {"flips", "flips7b"} else set()) | (
-            {"memory"} if only & {"memory", "flips7b"} else set())
-        kept = [c for c in old.get("cases", []) if c.get("case") not in rerun]
-        names = sorted({c.get("case") for c in kept})
+        old_cases = list(old.get("cases", []))
         before = old.get("merged") or {}
-        if names and set(names) <= set(before.get("kept_cases") or []):
-            # every kept case was itself kept by that file's merge: its source is older
-            src = {"kept_from_sha": before.get("kept_from_sha"),
-                   "kept_date": before.get("kept_date")}
-        else:
-            src = {"kept_from_sha": old.get("settings", {}).get("source_git_sha"),
-                   "kept_date": old.get("machine", {}).get("date")}
-        doc["merged"] = {"from": args.merge, "kept_cases": names, **src}
+        doc["merged"] = {"from": args.merge, "kept_cases": [],
+                         "kept_from_sha": old.get("settings", {}).get("source_git_sha"),
+                         "kept_date": old.get("machine", {}).get("date")}
         if "peak" not in only:
             doc["matmul_peak"] = old.get("matmul_peak")
-        cases.extend(kept)
 
     def save() -> None:
-        doc["rows"] = [r for c in cases for r in c["rows"]]
+        kept = merge_kept(old_cases, cases)
+        if args.merge:
+            names = kept_names(kept)
+            if names and set(names) <= set(before.get("kept_cases") or []):
+                # every kept case was itself kept by that file's merge: its source is older
+                doc["merged"].update(kept_from_sha=before.get("kept_from_sha"),
+                                     kept_date=before.get("kept_date"))
+            doc["merged"]["kept_cases"] = names
+        doc["cases"] = kept + cases
+        doc["rows"] = [r for c in doc["cases"] for r in c["rows"]]
         write_json(args.out, doc, arg="--out")
 
     def step(name: str, fn) -> object:
