@@ -301,13 +301,8 @@ def main() -> int:
                  tune={"RESCAN": True}),
             dict(label="rescan, T=4096, window 300, per-KV-head mask (no CPU ref)", T=4096,
                  B=1, window=300, mask="kv", cpu_ref=False, tune={"RESCAN": True}),
-            dict(label="rescan, evict one (EVICT_ONE), causal",
-                 tune={"RESCAN": True, "EVICT_ONE": True}),
-            dict(label="rescan, evict one (EVICT_ONE), keys in equal pairs, topk 4", pairs=True,
-                 topk=4, causal=False, tune={"RESCAN": True, "EVICT_ONE": True}),
-            dict(label="rescan, evict one (EVICT_ONE), T=4096, local keys (no CPU ref)",
-                 T=4096, B=1, local=True, cpu_ref=False,
-                 tune={"RESCAN": True, "EVICT_ONE": True}),
+            dict(label="rescan, T=4096, local keys (no CPU ref)", T=4096, B=1, local=True,
+                 cpu_ref=False, tune={"RESCAN": True}),
         ]
         words = [w for w in args.labels.split(",") if w]
         for c in cases:

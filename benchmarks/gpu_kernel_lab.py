@@ -87,9 +87,6 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "rescan64w8": ("full", {"RESCAN": True}, {"rescan": (64, 8, 2)}),
     "rescan64s1": ("full", {"RESCAN": True}, {"rescan": (64, 4, 1)}),
     "rescan32": ("full", {"RESCAN": True}, {"rescan": (32, 4, 2)}),
-    # of equal smallest kept slots only the latest block's is replaced: no list holds a block
-    # twice, so no row goes to the rounds for it (+36 SASS instructions a key block)
-    "evict1": ("full", {"RESCAN": True, "EVICT_ONE": True}, None),
 }
 
 

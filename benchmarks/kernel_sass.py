@@ -52,7 +52,7 @@ def compile_sass(tune: dict) -> tuple[str, str]:
     const = dict(D=128, DV=16, BD=128, BDV=16, BLOCK_M=64, BLOCK_N=64, KP=8, TOPK=5,
                  CAUSAL=False, HAS_WINDOW=False, HAS_KM=False, HAS_V=False, FULL=True,
                  WITH_ZH=False, FIX=False, SUMS=True, TOPK_MODE=3, PHI_MODE=3, TMA=True,
-                 PAYLOAD=False, CAND=0, CAND_SKIP=False, RESCAN=False, EVICT_ONE=False)
+                 PAYLOAD=False, CAND=0, CAND_SKIP=False, RESCAN=False)
     if which != "metrics":
         const = {"D": 128, "BD": 128, "BLOCK_M": 64, "BLOCK_N": 64, "CAND": 16, "TOPK": 5,
                  "CAUSAL": False, "HAS_WINDOW": False, "HAS_KM": False, "TMA": True}

@@ -89,7 +89,6 @@ def metrics_kernel(
     SUMS: tl.constexpr = True, TOPK_MODE: tl.constexpr = 3, PHI_MODE: tl.constexpr = 3,
     TMA: tl.constexpr = False, PAYLOAD: tl.constexpr = False, CAND: tl.constexpr = 0,
     CAND_SKIP: tl.constexpr = False, RESCAN: tl.constexpr = False,
-    EVICT_ONE: tl.constexpr = False,
 ):
     # logits stay unscaled (raw q.k) in the loop; weights are exp2(s a2 - m a2), a2 = scale log2 e.
     # Hidden logits are NEG = -2^100: a power of two, so NEG a2 is exact and a row that sees
@@ -274,15 +273,10 @@ def metrics_kernel(
                     # distinct (empty slots are); equal kept values are flagged at the end
                     kth = tl.min(ts, 1)
                     rep = (ts == kth[:, None]) & ((bm > kth) & (bm > NEG))[:, None]
-                    kth = tl.min(tsh, 1)
-                    reph = (tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None]
-                    if RESCAN and EVICT_ONE:
-                        # of equal smallest slots only the latest block's goes: a list never
-                        # holds a block twice, so no row goes to the rounds for it
-                        rep = rep & (tb == tl.max(tl.where(rep, tb, -1), 1)[:, None])
-                        reph = reph & (tbh == tl.max(tl.where(reph, tbh, -1), 1)[:, None])
                     ts = tl.where(rep, bm[:, None], ts)
                     tsa = tl.where(rep, sh_b[:, None], tsa)
+                    kth = tl.min(tsh, 1)
+                    reph = (tsh == kth[:, None]) & ((bmh > kth) & (bmh > NEG))[:, None]
                     tsh = tl.where(reph, bmh[:, None], tsh)
                     if RESCAN:
                         tb = tl.where(rep, start // BLOCK_N, tb)

@@ -88,8 +88,6 @@ CASES = {
         dict(T=256, topk=2, repeat=True, causal=False, tune=_RESCAN),
     "a tie then a larger block maximum (one block kept twice: a key lost), topk 3": dict(
         topk=3, collapse=True, causal=False, B=3, tune=_RESCAN),
-    "the same tie, only the latest equal slot replaced (EVICT_ONE: no block kept twice)": dict(
-        topk=3, collapse=True, causal=False, B=3, tune={**_RESCAN, "EVICT_ONE": True}),
 }
 
 
