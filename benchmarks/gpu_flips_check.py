@@ -49,7 +49,8 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
             hkv: int = 2, d: int = 128, causal: bool = True, window: int | None = None,
             mask: str | None = None, values: bool = False, topk: int = 5, cpu_ref: bool = True,
             seed: int = 0, dtype: torch.dtype = torch.bfloat16, local: bool = False,
-            tune: dict | None = None, pairs: bool = False, huge: float = 0.0) -> dict:
+            tune: dict | None = None, pairs: bool = False, huge: float = 0.0,
+            sizes: dict | None = None) -> dict:
     g = torch.Generator().manual_seed(seed)
     Q = T if Q is None else Q
     q = torch.randn(B, hq, Q, d, generator=g)
@@ -86,14 +87,20 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
     calls = tm.CALLS[0]
     tm.TUNE.clear()
     tm.TUNE.update(tune or {})
-    m = flips.attention_metrics(*cuda, **{**kw, "key_mask": kmc}, return_per_query=True)
-    torch.cuda.synchronize()
+    saved = dict(tm.RESCAN_SIZES)
+    tm.RESCAN_SIZES.update(sizes or {})      # the rescan's room (lists, buckets, slots)
+    try:
+        m = flips.attention_metrics(*cuda, **{**kw, "key_mask": kmc}, return_per_query=True)
+        torch.cuda.synchronize()
+    finally:
+        tm.RESCAN_SIZES.update(saved)
     second = list(tm.second_pass_queries()) + [tm.rounds_pass_queries(), tm.rescan_queries()]
     tm.TUNE.clear()
     out: dict = {"label": label, "dtype": str(dtype).removeprefix("torch."), "T": T, "Q": Q, "B": B, "heads": f"{hq}/{hkv}", "d": d,
                  "causal": causal, "window": window, "mask": mask, "values": values,
                  "topk": topk, "fused_calls": tm.CALLS[0] - calls, "local_keys": local,
-                 "tune": tune or {}, "second_pass_queries": second}
+                 "tune": tune or {}, "rescan_sizes": {**saved, **(sizes or {})},
+                 "second_pass_queries": second}
     out.update(aggregation_check(m))
     fused = {n: getattr(m.per_query, n) for n in NAMES if getattr(m.per_query, n) is not None}
     fused = {n: x.double().cpu() for n, x in fused.items()}
@@ -303,6 +310,13 @@ def main() -> int:
                  B=1, window=300, mask="kv", cpu_ref=False, tune={"RESCAN": True}),
             dict(label="rescan, T=4096, local keys (no CPU ref)", T=4096, B=1, local=True,
                  cpu_ref=False, tune={"RESCAN": True}),
+            dict(label="rescan with room for runs (every query listed, buckets of 512, 32 "
+                 "slots), T=4096, local keys (no CPU ref)", T=4096, B=1, local=True,
+                 cpu_ref=False, tune={"RESCAN": True},
+                 sizes={"cap": 512, "cand": 32, "entries": 65536, "share": 1.0}),
+            dict(label="rescan with room for runs, local keys", local=True,
+                 tune={"RESCAN": True},
+                 sizes={"cap": 512, "cand": 32, "entries": 65536, "share": 1.0}),
         ]
         words = [w for w in args.labels.split(",") if w]
         for c in cases:

@@ -87,6 +87,12 @@ VARIANTS: dict[str, tuple[str, dict, tuple | None]] = {
     "rescan64w8": ("full", {"RESCAN": True}, {"rescan": (64, 8, 2)}),
     "rescan64s1": ("full", {"RESCAN": True}, {"rescan": (64, 4, 1)}),
     "rescan32": ("full", {"RESCAN": True}, {"rescan": (32, 4, 2)}),
+    # session 10: room for keys alike in runs (every query listed, bigger buckets, more
+    # candidate slots a query): RESCAN_SIZES
+    "rescanL32": ("full", {"RESCAN": True},
+                  {"sizes": {"cap": 512, "cand": 32, "entries": 65536, "share": 1.0}}),
+    "rescanL64": ("full", {"RESCAN": True},
+                  {"sizes": {"cap": 512, "cand": 64, "entries": 65536, "share": 1.0}}),
 }
 
 
@@ -126,6 +132,7 @@ def main() -> int:
     flops = bench.flip_flops(1, hq, T, T, d)
     print(f"T={T}: 2 bare bf16 matmuls {doc['matmul_ms']:.2f} ms", flush=True)
     base_cfg, second_pass, rescan = dict(tm.CONFIG), tm._second_pass, tm._rescan
+    base_sizes = dict(tm.RESCAN_SIZES)
     for name in a.variants.split(","):
         kind, tune, cfg = VARIANTS[name]
         tm.TUNE.clear()
@@ -133,8 +140,10 @@ def main() -> int:
         tm.TUNE.update(tune)
         tm.CONFIG.update(base_cfg)
         tm._second_pass, tm._rescan = second_pass, rescan
+        tm.RESCAN_SIZES.update(base_sizes)
         if cfg:
             cfg = dict(cfg) if isinstance(cfg, dict) else {kind: cfg}
+            tm.RESCAN_SIZES.update(cfg.pop("sizes", {}))
             if not cfg.pop("second_pass", True):
                 tm._second_pass = tm._rescan = lambda *args: None
             tm.CONFIG.update(cfg)
@@ -153,7 +162,7 @@ def main() -> int:
             continue
         kern = tm.LAST[0]
         row = {"loads": tm.LOADS[0], "kind": kind, "tune": tune,
-               "config": list(tm.CONFIG[kind]), "ms": ms,
+               "config": list(tm.CONFIG[kind]), "rescan_sizes": dict(tm.RESCAN_SIZES), "ms": ms,
                "ratio": ms / doc["matmul_ms"], "tflops": flops / ms / 1e9,
                "compile_s": comp, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None),
@@ -170,6 +179,7 @@ def main() -> int:
         tm.SECOND_PASS[:] = [None, 0, None, None]
     tm.TUNE.clear()
     tm.CONFIG.update(base_cfg)
+    tm.RESCAN_SIZES.update(base_sizes)
     tm._second_pass, tm._rescan = second_pass, rescan
     if a.breakdown:   # where attention_metrics spends its time beyond the kernel
         from kvtheory import flips
