@@ -40,7 +40,9 @@ def dense_metrics(q, k, k_hat, v=None, v_hat=None, *, causal=True, window=None, 
                   topk=5, scale=None):
     """Per-query metrics (batch, q_head, query), float64, NaN / False where not valid; also
     ``gap_s`` (top-1 minus top-2 of :math:`s`), ``gap_flip`` (:math:`\\max\\hat s - \\hat s_t`)
-    and ``gap_sh`` (top-1 minus top-2 of :math:`\\hat s`) to find near-ties."""
+    and ``gap_sh`` (top-1 minus top-2 of :math:`\\hat s`) to find near-ties, and ``gap_ks``,
+    ``gap_ksh`` (the k-th minus the (k+1)-th of :math:`s`, :math:`\\hat s`) for the top-k
+    overlap's."""
     q, k, k_hat = (x.double() for x in (q, k, k_hat))
     B, Hq, Q, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -89,4 +91,12 @@ def dense_metrics(q, k, k_hat, v=None, v_hat=None, *, causal=True, window=None, 
     out["gap_s"] = torch.where(two, srt[..., 0] - torch.where(two, srt[..., 1], 0), math.inf)
     out["gap_flip"] = (shm.amax(-1, keepdim=True) - shm.gather(-1, top)).squeeze(-1)
     out["gap_sh"] = torch.where(two, srth[..., 0] - torch.where(two, srth[..., 1], 0), math.inf)
+    # the k-th minus the (k+1)-th of s and of s^: a top-k set (and so the overlap) may differ
+    # at a near-tie there
+    more = nv > kk
+    if kk < T:
+        out["gap_ks"] = torch.where(more, srt[..., kk - 1] - srt[..., kk], math.inf)
+        out["gap_ksh"] = torch.where(more, srth[..., kk - 1] - srth[..., kk], math.inf)
+    else:
+        out["gap_ks"] = out["gap_ksh"] = torch.full_like(margin, math.inf)
     return out
