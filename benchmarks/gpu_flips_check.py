@@ -96,7 +96,8 @@ def compare(label: str, *, T: int = 2048, Q: int | None = None, B: int = 2, hq: 
         tm.RESCAN_SIZES.update(saved)
     second = list(tm.second_pass_queries()) + [tm.rounds_pass_queries(), tm.rescan_queries()]
     tm.TUNE.clear()
-    out: dict = {"label": label, "dtype": str(dtype).removeprefix("torch."), "T": T, "Q": Q, "B": B, "heads": f"{hq}/{hkv}", "d": d,
+    out: dict = {"label": label, "dtype": str(dtype).removeprefix("torch."), "T": T, "Q": Q,
+                 "B": B, "heads": f"{hq}/{hkv}", "d": d,
                  "causal": causal, "window": window, "mask": mask, "values": values,
                  "topk": topk, "fused_calls": tm.CALLS[0] - calls, "local_keys": local,
                  "tune": tune or {}, "rescan_sizes": {**saved, **(sizes or {})},
