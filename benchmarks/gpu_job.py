@@ -7,6 +7,8 @@ random, and the flip engine gets synthetic tensors. Runs, for float32 and bfloat
   (4 windows × 1024 and 2 × 4096 tokens; the PCA basis is fitted once on 1 random window);
 * ``flips``: ``attention_metrics`` vs the two bare matmuls at T = 8192 and 16384;
 * ``memory``: peak ``torch.cuda.max_memory_allocated`` of ``attention_metrics`` at 32,768 tokens;
+* ``eval7b``: ``eval`` (int4-kivi and rank32-pca, matched storage at d = 128) at 4 × 4096
+  tokens and ``capture`` at 1 × 2048 on a Mistral-7B-shaped model (random weights, bf16);
 * ``flips7b``: the fused metrics kernel at a Mistral-7B layer's shape (32 query / 8 KV heads,
   d=128, bf16) at T = 4,096 ... 32,768 against the two bare bf16 matmuls, with TFLOP/s against
   the measured peak, and its peak memory at 32,768 tokens (issue 12);
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny sizes: a dry run of the plumbing")
     p.add_argument("--git-sha", default=None,
                    help="commit of the working tree sent (the GPU machine gets no .git)")
-    p.add_argument("--only", default="peak,eval,flips,memory,flips7b",
-                   help="comma-separated steps: peak, eval, flips, memory, flips7b")
+    p.add_argument("--only", default="peak,eval,flips,memory,flips7b,eval7b",
+                   help="comma-separated steps: peak, eval, flips, memory, flips7b, eval7b")
     p.add_argument("--kernel-config", default=None, metavar="PATH",
                    help="JSON {full: [BLOCK_M, BLOCK_N, warps, stages], tune: {...}} for the "
                         "fused kernel (block shapes and switches as in gpu_kernel_lab.py)")
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="an earlier result file whose rows of the cases not re-run are kept")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
-    bad = only - {"peak", "eval", "flips", "memory", "flips7b"}
+    bad = only - {"peak", "eval", "flips", "memory", "flips7b", "eval7b"}
     if bad:
         p.error(f"--only: unknown steps {sorted(bad)}")
     dev = torch.device(args.device)
@@ -276,6 +278,29 @@ def main(argv: list[str] | None = None) -> int:
             tokens=mem_tokens, device=dev, dtype=torch.bfloat16, **big))
         if res is not None:
             cases.append(res)
+        save()
+    if "eval7b" in only:    # issue 12: a Mistral-7B-shaped model, bf16, random weights
+        tiny = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1000)
+        model = step("model 7b", lambda: bench.mistral7b_shaped_model(
+            dev, torch.bfloat16, **(tiny if small else {})))
+        if model is not None:
+            vocab7 = model.config.vocab_size
+            w, n = (2, 128) if small else (4, 4096)
+            windows = bench.random_ids(n, vocab7, batch=w, seed=1)
+            calib = bench.random_ids(n, vocab7, batch=1, seed=2)
+            # matched storage at d = 128: rank 32 of 128 directions against 4 bits
+            res = step(f"eval7b {w}x{n}", lambda: bench.case_eval(
+                model, windows, calib, methods=("int4-kivi", "rank32-pca"), reps=args.reps,
+                shape=", Mistral-7B shape"))
+            if res is not None:
+                cases.append(res)
+            ids = bench.random_ids(128 if small else 2048, vocab7, batch=1, seed=3).to(dev)
+            res = step("capture7b", lambda: bench.case_capture(model, ids, reps=3,
+                                                               shape=", Mistral-7B shape"))
+            if res is not None:
+                cases.append(res)
+            del model
         save()
     print(bench.table_text(doc["rows"]))
     if peak:

@@ -51,8 +51,9 @@ from .errors import KVTheoryError, bad_argument
 from .timing import Timing, side_by_side, sync
 
 __all__ = [
-    "CASES", "ROW_KEYS", "TARGETS", "SMOLLM2_SHAPE", "flip_flops", "make_row", "ratio_row",
-    "machine", "smollm2_shaped_model", "quanto_available", "quanto_decode_nll", "onepass_nll",
+    "CASES", "ROW_KEYS", "TARGETS", "SMOLLM2_SHAPE", "MISTRAL7B_SHAPE", "flip_flops",
+    "make_row", "ratio_row", "machine", "smollm2_shaped_model", "mistral7b_shaped_model",
+    "quanto_available", "quanto_decode_nll", "onepass_nll",
     "quanto_spec", "random_ids",
     "case_eval", "case_quanto", "case_flips", "case_memory", "case_capture", "matmul_peak",
     "flip_inputs", "render_table", "table_text", "results_document", "compressor_share",
@@ -79,6 +80,11 @@ SMOLLM2_SHAPE: dict[str, Any] = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
+)
+#: Mistral-7B's shape (MistralConfig keywords): the GPU benchmarks' 7B-shaped model
+MISTRAL7B_SHAPE: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
 )
 _GIB = 2**30
 
@@ -235,6 +241,20 @@ def smollm2_shaped_model(device: Any = "cpu", dtype: Any = torch.float32, seed: 
     return model.to(dtype=_as_dtype(dtype)).eval()
 
 
+def mistral7b_shaped_model(device: Any = "cpu", dtype: Any = torch.bfloat16, seed: int = 0,
+                           **overrides: Any) -> torch.nn.Module:
+    """A ``MistralForCausalLM`` of Mistral-7B's shape (:data:`MISTRAL7B_SHAPE`, 7.2e9
+    parameters) with random weights, made on ``device`` in ``dtype`` (no float32 copy first);
+    ``overrides`` change the shape (a dry run uses a tiny one)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(**{**MISTRAL7B_SHAPE, **overrides})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=_as_dtype(dtype))
+    return model.eval()
+
+
 def random_ids(n: int, vocab: int, *, batch: int | None = None, seed: int = 0) -> Tensor:
     """Seeded random token ids in 1..vocab-1, shaped (n,) or (batch, n)."""
     g = torch.Generator().manual_seed(seed)
@@ -248,13 +268,14 @@ EVAL_METHODS = ("int4-kivi", "rank16-pca")
 
 def case_eval(model: torch.nn.Module, windows: Int[Tensor, "batch token"],
               calibration: Int[Tensor, "..."], *, methods: tuple[str, ...] = EVAL_METHODS,
-              reps: int = 5, warmup: int = 1) -> dict[str, Any]:
+              reps: int = 5, warmup: int = 1, shape: str = "") -> dict[str, Any]:
     """PPL evaluation (:func:`~kvtheory.evaluate.window_nll`) under each method vs uncompressed.
 
     Bases learnt from data are fitted once on ``calibration`` before timing (fit time on its own
     row, against one uncompressed evaluation of ``windows``); the timed function is what a user
     runs per evaluation: enter :func:`~kvtheory.patch.compressed_kv` with the fitted compressors,
-    score the windows. Keys and values both get the method.
+    score the windows. Keys and values both get the method. ``shape`` names the model's shape
+    in the rows (", Mistral-7B shape") where it is not the default benchmark model.
     """
     from .compress import make_compressor
     from .evaluate import window_nll
@@ -294,14 +315,16 @@ def case_eval(model: torch.nn.Module, windows: Int[Tensor, "batch token"],
     for m in methods:
         extra = " (basis fitted once, not timed)" if m in fit_s else ""
         inside, total = share[m]
-        rows.append(ratio_row("eval", f"{m} PPL eval vs fp forward, {w}×{n} tok{extra}", timing,
+        rows.append(ratio_row("eval", f"{m} PPL eval vs fp forward, {w}×{n} tok{shape}{extra}",
+                              timing,
                               m, "fp", target=TARGETS.get(m), note=f"PPL {ppl[m]:.3f} vs fp "
                               f"{ppl['fp']:.3f}; {reps} reps; compressors "
                               f"{100 * inside / total:.1f}% of an instrumented run", **kw))
     for m, t in fit_s.items():
         c = tuple(calibration.shape)
         rows.append(make_row(
-            "eval", f"{m} basis fit, once ({c[0]}×{c[1]} calibration tok)", baseline="fp "
+            "eval", f"{m} basis fit, once ({c[0]}×{c[1]} calibration tok{shape})",
+            baseline="fp "
             + _secs(timing.median("fp")), baseline_s=timing.median("fp"), measured=_secs(t),
             measured_s=t, ratio=t / timing.median("fp"), note="one forward + eigh per layer; "
             "cached by fit_compressors", **kw))
@@ -762,9 +785,10 @@ def case_memory(*, tokens: int = 32768, q_heads: int = 9, kv_heads: int = 3, d: 
 
 # ----------------------------------------------------------------------------- 4. capture
 def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, warmup: int = 1,
-                 out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                 out_dir: str | os.PathLike | None = None, shape: str = "") -> dict[str, Any]:
     """``capture(model, ids)`` (q, k, v of every layer, float32 on the CPU) followed by
-    ``save_capture`` (safetensors + SHA-256 manifest) vs a plain forward of the same ids."""
+    ``save_capture`` (safetensors + SHA-256 manifest) vs a plain forward of the same ids;
+    ``shape`` as in :func:`case_eval`."""
     from ._hf import check_ids as _check_ids, forward as _forward, unwrap as _unwrap
     from .capture import capture, capture_size, save_capture
 
@@ -789,8 +813,8 @@ def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, 
     finally:
         tmp.cleanup()
     b, n = ids.shape
-    row = ratio_row("capture", f"capture + save_capture vs plain forward, {b}×{n} tok, all layers",
-                    timing, "capture+save", "forward", target=TARGETS["capture"],
+    row = ratio_row("capture", f"capture + save_capture vs plain forward, {b}×{n} tok, all "
+                    f"layers{shape}", timing, "capture+save", "forward", target=TARGETS["capture"],
                     device=dev.type, dtype=_dtype_name(dtype),
                     note=f"{size['bytes'] / 2**20:.0f} MiB of q/k/v written; {reps} reps")
     return _case("capture", timing, [row], tokens=[b, n], bytes=size["bytes"])

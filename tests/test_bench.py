@@ -158,6 +158,25 @@ def test_case_capture_tiny(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary capture is removed
 
 
+def test_mistral7b_shape_and_shape_label_in_rows(tmp_path):
+    # the real shape's parameter count by hand (no weights made): embeddings and head, per
+    # layer q, o (4096²), k, v (4096·1024), the MLP's three 4096·14336, two norms; final norm
+    sh = bench.MISTRAL7B_SHAPE
+    h, f, v, kv = sh["hidden_size"], sh["intermediate_size"], sh["vocab_size"], 8 * 128
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    assert 2 * v * h + sh["num_hidden_layers"] * per_layer + h == 7_241_732_096
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=50)
+    model = bench.mistral7b_shaped_model("cpu", "bfloat16", **tiny)
+    assert type(model).__name__ == "MistralForCausalLM" and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 2 * 50 * 32 + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
+    ids = bench.random_ids(8, 50, batch=1, seed=1)
+    res = bench.case_capture(model, ids, reps=1, warmup=0, out_dir=tmp_path, shape=", 7B")
+    assert res["rows"][0]["what"].endswith("all layers, 7B")
+
+
 def test_case_memory_cpu_subprocess():
     res = bench.case_memory(tokens=64, queries=16, q_heads=2, kv_heads=1, d=8)
     _check_rows(res)
