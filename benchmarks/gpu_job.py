@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "LlamaForCausalLM, SmolLM2-135M shape, random weights (seed 0)",
                 "model_shape": {**bench.SMOLLM2_SHAPE, **shape},
                 "model_7b": ("MistralForCausalLM, Mistral-7B shape, random weights (seed 0), "
-                             "bf16, for eval7b" if "eval7b" in only else None), "eval_windows": eval_sizes,
+                             "bf16, for eval7b" if "eval7b" in only else None),
+                "eval_windows": eval_sizes,
                 "calib_windows": 1, "tokens": "random ids (seeded)", "flip_tokens": flip_tokens,
                 "memory_tokens": mem_tokens, "matmul_n": peak_n,
                 "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
