@@ -90,7 +90,8 @@ def main() -> int:
                 tm.TUNE.pop("RESCAN", None)
                 if resc is not None:
                     tm.TUNE["RESCAN"] = resc == "on"
-                row = rows.setdefault(wait if resc is None else f"{wait}, rescan {resc}", {})
+                label = wait if resc is None else f"{wait}, rescan {resc}"
+                row = rows.setdefault(label, {})
                 torch.cuda.synchronize()
                 log.clear()
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
@@ -99,7 +100,7 @@ def main() -> int:
                 end.record()
                 torch.cuda.synchronize()
                 flagged, total = tm.second_pass_queries()
-                counts[wait if resc is None else f"{wait}, rescan {resc}"] = {
+                counts[label] = {
                     "queries": total, "flagged": flagged, "rescan": tm.rescan_queries(),
                     "rounds": tm.rounds_pass_queries()}
                 if i < 3:

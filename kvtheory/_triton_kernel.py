@@ -62,9 +62,10 @@ the rounds.
 
 ``RESCAN`` (mode 3; the default on the host) records the key block of every kept entry
 (``tb``, ``tbh``) and lists a flagged query for the rescan of those blocks alone instead,
-unless a list holds one block twice (a key lost) (:mod:`kvtheory._triton_rescan`, which states why that is exact;
-``COUNT2``, ``ROWS2`` are then its list, ``BC``, ``BK`` the buckets of (head, key block),
-``CC`` the candidate counts, ``LB`` and ``CAP`` their sizes); only the others go to the rounds.
+unless a list holds one block twice, a key lost (:mod:`kvtheory._triton_rescan`, which states
+why that is exact; ``COUNT2``, ``ROWS2`` are then its list, ``BC``, ``BK`` the buckets of
+(head, key block), ``CC`` the candidate counts, ``LB`` and ``CAP`` their sizes); only the others
+go to the rounds.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ import triton.language as tl
 from ._triton_phi import _block_phi, _log1p, _phi, _psi
 from ._triton_rescan import enlist
 from ._triton_select import collect, fix_rounds, insert, select, top2, top2_at
-from ._triton_tiles import key_tiles, visible
+from ._triton_tiles import key_tiles, mask_row, visible
 
 
 @triton.jit
@@ -174,7 +175,7 @@ def metrics_kernel(
     dv = tl.arange(0, BDV)
     o = tl.zeros([BLOCK_M, BDV], tl.float32)
     oh = tl.zeros([BLOCK_M, BDV], tl.float32)
-    kmbase = (b * HM + h // KM_DIV).to(tl.int64) * T     # the key mask's row (HAS_KM)
+    kmbase = mask_row(b, h, HM, KM_DIV, T)             # the key mask's row (HAS_KM)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = (cols < T) & (cols >= 0)

@@ -8,9 +8,9 @@ value :math:`\theta` was inserted and never evicted (only values equal to the sm
 one are), so the other blocks hold nothing above :math:`\theta`; k distinct keys reach
 :math:`\theta`, so the exact k-th value does too (a key at exactly :math:`\theta` in a later
 block loses the tie to the kept one, which has the lower index; one in an earlier block was
-kept or evicted, and an eviction at a tie keeps one block twice, below). A flagged query (a kept
-block holding two of its top k, or a tied top) is then settled by its kept blocks alone, a
-few against all of them:
+kept or evicted, and an eviction at a tie keeps one block twice, below). A flagged query (a
+kept block holding two of its top k, or a tied top) is then settled by its kept blocks alone,
+a few against all of them:
 
 1. :func:`enlist` (end of the first pass): the query gets an entry ``e`` of a global list
    (``ROWS2[e]`` = its (batch, head, query) index ``bh·NQ + row``; ``COUNT2[0]`` counts them,
@@ -25,8 +25,8 @@ few against all of them:
 
 Kept values may be alike and still stand for k distinct keys (a tie between two blocks):
 only an insertion that replaced two equal slots at once (the same block kept twice) loses a
-key, and only such a query, or one beyond the list's ``LB`` entries, a full bucket (``CAP``) or
-its ``CAND`` slots, goes on to the rounds over all key blocks
+key, and only such a query, or one beyond the list's ``LB`` entries, a full bucket (``CAP``)
+or its ``CAND`` slots, goes on to the rounds over all key blocks
 (:func:`kvtheory._triton_select.fix_rounds`), which remain exact for everything.
 """
 
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._triton_select import select
-from ._triton_tiles import key_tiles, visible
+from ._triton_tiles import key_tiles, mask_row, visible
 
 #: added to a query's candidate count where one of its buckets was full: it then goes to the
 #: rounds (the count stays above ``CAND``)
@@ -114,7 +114,7 @@ def rescan_kernel(
         s = tl.dot(q, tl.trans(k))
         sh = tl.dot(q, tl.trans(kh))
         vis = visible(cmask[None, :] & live[:, None], cols, pos, WINDOW, KM,
-                      (b * HM + h // KM_DIV).to(tl.int64) * T, cmask, CAUSAL, HAS_WINDOW, HAS_KM)
+                      mask_row(b, h, HM, KM_DIV, T), cmask, CAUSAL, HAS_WINDOW, HAS_KM)
         thr_h = tl.load(OUT + grow, mask=live, other=-NEG)
         thr_s = tl.load(OUT + 3 * N_OUT + grow, mask=live, other=-NEG)
         c = vis & ((s > thr_s[:, None]) | (sh > thr_h[:, None]))

@@ -1,6 +1,6 @@
 r"""Triton helpers shared by the fused metrics kernel (:mod:`kvtheory._triton_kernel`) and the
-rescan of kept blocks (:mod:`kvtheory._triton_rescan`): a key block's two tiles and which of
-its logits a row sees; imported only where Triton is importable."""
+rescan of kept blocks (:mod:`kvtheory._triton_rescan`): a key block's two tiles, the key
+mask's row and which of its logits a row sees; imported only where Triton is importable."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def key_tiles(K, KH, KD, KHD, kbase, start, cols, cmask, dd, D: tl.constexpr,
         k = tl.load(K + kp, mask=kmk, other=0.0)
         kh = tl.load(KH + kp, mask=kmk, other=0.0)
     return k, kh
+
+
+@triton.jit
+def mask_row(b, h, HM, KM_DIV, T):
+    """Offset of query head ``h``'s key-mask row in batch ``b``: ``HM`` mask rows a batch
+    (1 shared, one a KV head or one a query head), query heads ``KM_DIV`` to a row."""
+    return (b * HM + h // KM_DIV).to(tl.int64) * T
 
 
 @triton.jit

@@ -289,3 +289,18 @@ def test_fused_kernel_series_degrees_stay_within_float32_rounding(deg, bound):
         exact = (math.expm1(u) - u) / u ** 2
         worst = max(worst, abs(kept - exact) / exact)
     assert 1e-8 < worst < 6.3e-8
+
+
+def test_dense_reference_gaps_by_hand():
+    # one query, d = 1, scale 1: s = q·k = the keys themselves, s^ = the perturbed keys
+    q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor([3.0, 1.0, 2.5, 0.5]).view(1, 1, 4, 1)
+    kh = torch.tensor([2.0, 2.75, 1.0, 0.0]).view(1, 1, 4, 1)
+    ref = dense_metrics(q, k, kh, causal=False, topk=2, scale=1.0)
+    # s sorted 3, 2.5, 1, 0.5; s^ sorted 2.75, 2, 1, 0
+    assert float(ref["gap_s"]) == 0.5 and float(ref["gap_sh"]) == 0.75
+    assert float(ref["gap_ks"]) == 1.5 and float(ref["gap_ksh"]) == 1.0   # 2nd minus 3rd
+    assert float(ref["gap_flip"]) == 0.75       # max s^ (2.75) minus s^ at the top of s (2.0)
+    # top k of all 4 keys: no k+1-th to tie with
+    full = dense_metrics(q, k, kh, causal=False, topk=4, scale=1.0)
+    assert math.isinf(float(full["gap_ks"])) and math.isinf(float(full["gap_ksh"]))
