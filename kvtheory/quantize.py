@@ -27,7 +27,9 @@ Groups (``axis``):
   partial group is allowed), as KIVI quantizes keys.
 
 A group whose range is zero (a constant) is reconstructed exactly with :math:`\Delta = 0`.
-Computation runs in float32, or float64 for float64 input; the result has the input dtype.
+Computation runs in float32, or float64 for float64 input; the result has the input dtype. On
+CUDA one fused Triton kernel (:mod:`kvtheory._triton_quant`) does the same float32 arithmetic in
+one pass (``KVTHEORY_FUSED=never`` keeps the torch path).
 
 Source: Liu et al. 2024, *KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache*
 (arXiv 2402.02750) for the per-channel key / per-token value grouping; the grids are the
@@ -105,6 +107,12 @@ def _grid(x: Tensor, bits: int, axis: str, group: int | None, symmetric: bool,
     """The arithmetic of :func:`_core` on validated arguments; the steps only when asked
     (merging them back to ``x``'s shape copies a tensor of that size)."""
     g = resolve_group(axis, group, x.shape[-2], x.shape[-1])
+    if not steps and x.is_cuda:  # one fused pass (kvtheory._triton_quant), same arithmetic
+        from ._triton_quant import quantize_fused
+
+        fused = quantize_fused(x, bits, axis, g, symmetric)
+        if fused is not None:
+            return fused, None
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xg, dim = _split(x.to(work), axis, g)
     if symmetric:

@@ -1,0 +1,142 @@
+"""On a CUDA machine: the fused quantization kernel (:mod:`kvtheory._triton_quant`) against
+torch's CUDA path, then both timed.
+
+1. **Equality.** ``quantize(x, ...)`` on CUDA (the kernel) against the same call with
+   ``KVTHEORY_FUSED=never`` (torch's element-wise path on the same GPU), for KIVI keys (128-token
+   groups of each channel, a last partial group), per-token groups of all d or of 8 channels,
+   symmetric and not, 1 to 16 bits, float32 and bf16: elements whose value differs, and the
+   largest difference in units of the group's step. The kernel divides the range by the levels
+   as torch's CUDA division by a Python scalar does (a float32 reciprocal multiplied in); the
+   exact-division variant is compared too, for the record.
+2. **Speed.** Median of ``reps`` CUDA-event timings of each path at the Mistral-7B eval shape
+   (4 × 8 KV heads × 4096 tokens × d = 128, float32 as ``compressed_kv`` hands it), keys
+   (``int4-kivi``: channel groups of 128) and values (per token), with the bytes each must move
+   (one read and one write of ``x``) as GB/s.
+
+    PYTHONPATH=. python3 benchmarks/gpu_quant_check.py --out $OUT/gpu_quant.json --git-sha SHA
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+import torch  # noqa: E402
+
+from kvtheory import _triton_quant as tq  # noqa: E402
+from kvtheory import bench  # noqa: E402
+from kvtheory.io import provenance, write_json  # noqa: E402
+from kvtheory.quantize import quant_steps, quantize, resolve_group  # noqa: E402
+
+CASES = [((4, 8, 4096, 128), "channel", 128), ((1, 2, 300, 128), "channel", 128),
+         ((2, 3, 37, 64), "channel", 16), ((1, 3, 40, 24), "channel", 7),
+         ((4, 8, 4096, 128), "token", None), ((1, 2, 33, 32), "token", 8),
+         ((1, 1, 50, 24), "token", None)]
+
+
+def torch_path(fn):
+    os.environ["KVTHEORY_FUSED"] = "never"
+    try:
+        return fn()
+    finally:
+        os.environ.pop("KVTHEORY_FUSED")
+
+
+def equality() -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape, axis, group in CASES:
+        base = torch.randn(*shape, generator=gen) * 3 + 0.5
+        base[..., 1, :] = 1.25
+        base[..., :, 0] = -2.0
+        for dtype in (torch.float32, torch.bfloat16):
+            x = base.to(dtype).cuda()
+            for sym in (False, True):
+                for bits in (1, 2, 3, 4, 8, 16):
+                    if sym and bits < 2:
+                        continue
+                    kw = dict(axis=axis, group=group, symmetric=sym)
+                    ref = torch_path(lambda: quantize(x, bits, **kw))
+                    step = quant_steps(x, bits, **kw).clamp_min(1e-30)
+                    before = tq.CALLS[0]
+                    y = quantize(x, bits, **kw)
+                    served = tq.CALLS[0] == before + 1
+                    g = resolve_group(axis, group, shape[-2], shape[-1])
+                    y_exact = tq.quantize_fused(x, bits, axis, g, sym, recip=False)
+                    row = {"shape": list(shape), "axis": axis, "group": group, "symmetric": sym,
+                           "bits": bits, "dtype": str(dtype).split(".")[-1], "served": served,
+                           "elements": x.numel()}
+                    for name, out in (("kernel", y), ("exact_division", y_exact)):
+                        d = (out.float() - ref.float()).abs()
+                        row[f"{name}_differ"] = int((d > 0).sum())
+                        row[f"{name}_max_steps"] = float((d / step).max())
+                    rows.append(row)
+    return rows
+
+
+def speed(reps: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 8, 4096, 128, device="cuda", generator=gen)
+    out = []
+    for what, kw in (("keys, int4-kivi (channel groups of 128 tokens)",
+                      dict(axis="channel", group=128)),
+                     ("values, int4-kivi (per token)", dict(axis="token"))):
+        def fused():
+            return quantize(x, 4, **kw)
+
+        def eager():
+            return torch_path(lambda: quantize(x, 4, **kw))
+
+        med = {}
+        for name, fn in (("torch", eager), ("kernel", fused)):
+            for _ in range(3):
+                fn()
+            times = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            med[name] = sorted(times)[len(times) // 2]
+        moved = 2 * x.numel() * x.element_size()
+        out.append({"what": what, "shape": list(x.shape), "dtype": "float32",
+                    "torch_s": med["torch"], "kernel_s": med["kernel"],
+                    "speedup": med["torch"] / med["kernel"],
+                    "kernel_GBps": moved / med["kernel"] / 1e9,
+                    "torch_GBps_at_one_read_one_write": moved / med["torch"] / 1e9})
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="gpu_quant.json")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--git-sha", default=None)
+    args = p.parse_args()
+    doc = {"provenance": provenance(seed=0, git_sha_sent=args.git_sha),
+           "machine": bench.machine()}
+    doc["equality"] = equality()
+    doc["speed"] = speed(args.reps)
+    write_json(args.out, doc, arg="--out")
+    bad = [r for r in doc["equality"] if r["kernel_differ"] or not r["served"]]
+    print(f"equality: {len(doc['equality'])} cases, {len(bad)} with differing elements or "
+          "not served by the kernel")
+    for r in bad[:10]:
+        print("  ", r)
+    exact = sum(r["exact_division_differ"] > 0 for r in doc["equality"])
+    print(f"exact-division variant: {exact} cases differ from torch's CUDA path")
+    for r in doc["speed"]:
+        print(f"{r['what']}: torch {1e3 * r['torch_s']:.3f} ms, kernel {1e3 * r['kernel_s']:.3f} "
+              f"ms ({r['speedup']:.1f}x; {r['kernel_GBps']:.0f} GB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
