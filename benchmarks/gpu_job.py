@@ -39,16 +39,18 @@ from kvtheory import bench  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
 
 
-def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None) -> dict:
-    """Where the compressed-eval time goes: int4-kivi / rank16-pca with and without the
-    compressors' finite-value check (a host sync per call on a GPU), and a torch.profiler
-    table of one evaluation of each (written to ``profile_path``)."""
+def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None,
+                     methods: tuple[str, str] = ("int4-kivi", "rank16-pca"),
+                     shape: str = "") -> dict:
+    """Where the compressed-eval time goes: ``methods`` (a quantizer and a PCA rank) with and
+    without the compressors' finite-value check (a host sync per call on a GPU), and a
+    torch.profiler table of one evaluation of each (written to ``profile_path``)."""
     from kvtheory.methods import compressor as compress  # where Compressor.__call__ reads _check_kv
     from kvtheory.evaluate import window_nll
     from kvtheory.patch import compressed_kv, fit_compressors
     from kvtheory.timing import side_by_side
 
-    plan = fit_compressors(model, "rank16-pca", "rank16-pca", calib)
+    plan = fit_compressors(model, methods[1], methods[1], calib)
     check = compress._check_kv
 
     def evaluation(method: str, checked: bool = True):
@@ -66,14 +68,15 @@ def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None
         return run
 
     fns = {"fp": evaluation("fp")}
-    for m in ("int4-kivi", "rank16-pca"):
+    for m in methods:
         fns[m] = evaluation(m)
         fns[f"{m} unchecked"] = evaluation(m, False)
     dev = next(model.parameters()).device
     timing = side_by_side(fns, reps=reps, warmup=1, device=dev)
     dt = str(next(model.parameters()).dtype).removeprefix("torch.")
     w, n = windows.shape
-    rows = [bench.ratio_row("eval-diag", f"{lab} PPL eval vs fp forward, {w}×{n} tok", timing, lab,
+    rows = [bench.ratio_row("eval-diag", f"{lab} PPL eval vs fp forward, {w}×{n} tok{shape}",
+                            timing, lab,
                             "fp", device=dev.type, dtype=dt,
                             note="diagnostic: compressors' finite check off" if "unchecked" in lab
                             else "diagnostic: as shipped")
@@ -83,11 +86,14 @@ def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         parts = []
-        for lab in ("fp", "int4-kivi", "rank16-pca"):
+        for lab in ("fp",) + tuple(methods):
+            t0 = time.perf_counter()
             with profile(activities=acts) as prof:
                 fns[lab]()
                 bench.sync(dev)
+            wall = time.perf_counter() - t0
             ka = prof.key_averages()
+            parts.append(f"===== {lab}: {wall * 1e3:.1f} ms wall under the profiler")
             for key in (("self_cuda_time_total",) if dev.type == "cuda" else ()) + (
                     "self_cpu_time_total",):
                 parts.append(f"===== {lab} ({dt}, {w}x{n}), sorted by {key}\n"
@@ -299,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             if res is not None:
                 cases.append(res)
             ids = bench.random_ids(128 if small else 2048, vocab7, batch=1, seed=3).to(dev)
+            if not small:
+                res = step("eval7b diagnostics", lambda: eval_diagnostics(
+                    model, windows, calib, args.reps, Path(args.out).with_name("profile_7b.txt"),
+                    methods=("int4-kivi", "rank32-pca"), shape=", Mistral-7B shape"))
+                if res is not None:
+                    cases.append(res)
             res = step("capture7b", lambda: bench.case_capture(model, ids, reps=3,
                                                                shape=", Mistral-7B shape"))
             if res is not None:
