@@ -405,6 +405,9 @@ def compressed_kv(
             ck0.needs_fit or cv0.needs_fit) else {layer: (ck0, cv0) for layer in chosen}
     pre = rope == "pre" and _pre_rope(model)
     seen: dict[str, Any] = {}  # the 2D attention mask of the running forward (pre-RoPE keys)
+    from .methods.compressor import KeyValidityMemo
+
+    validity = KeyValidityMemo()  # one host decision per mask object, not one per layer
 
     def attention(layer):
         ck, cv = plan[layer]
@@ -413,25 +416,21 @@ def compressed_kv(
         grouped = any(getattr(c, "token_grouped", False) for c in (ck, cv) if c is not None)
 
         def handler(q, k, v, attention_mask=None):
-            from .methods.compressor import key_validity
-
-            mask = key_validity(attention_mask, k.shape[0], k.shape[-2]) if grouped else None
+            mask = validity(attention_mask, k.shape[0], k.shape[-2]) if grouped else None
             return (k if ck is None else _apply(ck, k, mask)), (v if cv is None else _apply(cv, v, mask))
 
         handler.wants_mask = True
         return handler
 
     projections = {}
-    hooks = []
+    hooks = [model.register_forward_pre_hook(lambda *_: validity.clear())]
     if pre and not all(_is_fp(plan[layer][0]) for layer in chosen):
         def pre_keys(layer):
             ck = plan[layer][0]
             grouped = getattr(ck, "token_grouped", False)
 
             def f(heads):
-                from .methods.compressor import key_validity
-
-                mask = key_validity(seen.get("mask"), heads.shape[0], heads.shape[-2]) if grouped else None
+                mask = validity(seen.get("mask"), heads.shape[0], heads.shape[-2]) if grouped else None
                 return _apply(ck, heads, mask)
             return f
 

@@ -136,6 +136,23 @@ def test_padded_batch_equals_passages_one_at_a_time_under_kivi(llama, side, rope
     assert not torch.allclose(unmasked[1][mask[1].bool()], batch[1][mask[1].bool()], atol=1e-6)
 
 
+@pytest.mark.parametrize("rope", ["post", "pre"])
+def test_padding_is_read_once_a_forward_not_once_a_layer(llama, monkeypatch, rope):
+    # deciding that nothing is hidden syncs a GPU with its host: once per mask, not per layer
+    from kvtheory.methods import compressor as cm
+
+    calls, real = [], cm.key_validity
+    monkeypatch.setattr(cm, "key_validity", lambda *a: calls.append(a[1:]) or real(*a))
+    ids, mask, pos = _batch(_ids(), "right")
+    assert llama.config.num_hidden_layers >= 2
+    with torch.no_grad(), compressed_kv(llama, keys="int4-kivi-g4", values="int4-kivi",
+                                        rope=rope):
+        llama(input_ids=ids, attention_mask=mask, position_ids=pos)
+        assert len(calls) == 1
+        llama(input_ids=ids, attention_mask=mask, position_ids=pos)
+        assert len(calls) == 2    # a new forward reads its mask again (it may have changed)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_fit_compressors_fits_on_real_tokens_only(llama, side):
     clear_fit_cache()
