@@ -118,10 +118,28 @@ def kept_names(kept: list[dict]) -> list[str]:
     dimension where it has a shape ("flips (9/3 heads, d=64)")."""
     names = set()
     for c in kept:
-        sh = c.get("shape") or {}
+        sh = c.get("shape") or {n: c[n] for n in ("q_heads", "kv_heads", "d") if n in c}
         names.add(f"{c['case']} ({sh['q_heads']}/{sh['kv_heads']} heads, d={sh['d']})"
                   if {"q_heads", "kv_heads", "d"} <= set(sh) else str(c.get("case")))
     return sorted(names)
+
+
+def stamp_source(cases: list[dict], sha: str | None, date: str | None) -> list[dict]:
+    """Record on each case that has none the run that measured it (``source``: sha, date)."""
+    for c in cases:
+        c.setdefault("source", {"sha": sha, "date": date})
+    return cases
+
+
+def kept_sources(kept: list[dict]) -> list[dict]:
+    """The kept cases grouped by the run that measured them, oldest first:
+    ``[{"cases": names, "sha": ..., "date": ...}]`` (each case's ``source``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in kept:
+        src = c.get("source") or {}
+        groups.setdefault((src.get("date") or "", src.get("sha")), []).append(c)
+    return [{"cases": kept_names(cs), "sha": sha, "date": date or None}
+            for (date, sha), cs in sorted(groups.items(), key=lambda kv: kv[0][0])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         old = read_json(args.merge, arg="--merge")
         old_cases = list(old.get("cases", []))
         before = old.get("merged") or {}
+        older = set(before.get("kept_cases") or [])     # files written before cases had a source
+        for c in old_cases:
+            if "source" not in c and kept_names([c])[0] in older:
+                c["source"] = {"sha": before.get("kept_from_sha"), "date": before.get("kept_date")}
+        stamp_source(old_cases, old.get("settings", {}).get("source_git_sha"),
+                     old.get("machine", {}).get("date"))
         doc["merged"] = {"from": args.merge, "kept_cases": [],
                          "kept_from_sha": old.get("settings", {}).get("source_git_sha"),
                          "kept_date": old.get("machine", {}).get("date")}
@@ -196,13 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         kept = merge_kept(old_cases, cases)
+        stamp_source(cases, doc["settings"].get("source_git_sha"), doc["machine"].get("date"))
         if args.merge:
-            names = kept_names(kept)
-            if names and set(names) <= set(before.get("kept_cases") or []):
-                # every kept case was itself kept by that file's merge: its source is older
-                doc["merged"].update(kept_from_sha=before.get("kept_from_sha"),
-                                     kept_date=before.get("kept_date"))
-            doc["merged"]["kept_cases"] = names
+            groups = kept_sources(kept)
+            doc["merged"].update(kept_cases=kept_names(kept), kept=groups)
+            if groups:     # the oldest run's, as files before per-case sources said
+                doc["merged"].update(kept_from_sha=groups[0]["sha"], kept_date=groups[0]["date"])
         doc["cases"] = kept + cases
         doc["rows"] = [r for c in doc["cases"] for r in c["rows"]]
         write_json(args.out, doc, arg="--out")

@@ -110,14 +110,17 @@ def gpu_section(path: Path) -> str | None:
     peak = doc.get("matmul_peak") or {}
     extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
     merged = doc.get("merged") or {}
-    if merged.get("kept_cases"):
-        extra += (f"; rows of {', '.join(merged['kept_cases'])} kept from the run of "
-                  f"{merged.get('kept_date', '?')} (source {str(merged.get('kept_from_sha'))[:7]})")
+    groups = merged.get("kept") or ([{"cases": merged["kept_cases"], "sha": merged.get(
+        "kept_from_sha"), "date": merged.get("kept_date")}] if merged.get("kept_cases") else [])
+    for g in groups:
+        extra += (f"; rows of {', '.join(g['cases'])} kept from the run of "
+                  f"{g.get('date') or '?'} (source {str(g.get('sha'))[:7]})")
     sha = str((doc.get("settings") or {}).get("source_git_sha")     # the tree that ran
               or (doc.get("provenance") or {}).get("git_sha") or "?")[:7]
     return (f"GPU rows recorded by benchmarks/gpu_job.py on {gpu}, {mach.get('date', '?')}"
             f" (source {sha})"
-            f" (random-weight SmolLM2-shaped model; flip-engine rows on synthetic tensors, "
+            f" (random-weight SmolLM2-shaped model where a row names no other shape; flip-engine"
+            f" rows on synthetic tensors, "
             f"32/8 heads and d=128 being a Mistral-7B layer's shape; from {path.as_posix()})"
             f"{extra}\n\n" + table_text(rows))
 
