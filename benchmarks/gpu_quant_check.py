@@ -79,6 +79,45 @@ def equality() -> list[dict]:
     return rows
 
 
+def _median_s(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+#: tile shapes timed against the default (``kvtheory._triton_quant.CONFIG``)
+VARIANTS = [dict(channel_block=cb, warps=w) for cb in (128, 64, 32) for w in (4, 8)] + [
+    dict(token_rows=tr, warps=w) for tr in (64, 32, 16) for w in (4, 8)]
+
+
+def tiles(reps: int) -> list[dict]:
+    """The kernel alone at the 7B eval shape under each of :data:`VARIANTS`."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 8, 4096, 128, device="cuda", generator=gen)
+    default = dict(tq.CONFIG)
+    out = []
+    try:
+        for v in VARIANTS:
+            tq.CONFIG.clear()
+            tq.CONFIG.update({**default, **v})
+            kw = dict(axis="channel", group=128) if "channel_block" in v else dict(axis="token")
+            s = _median_s(lambda: quantize(x, 4, **kw), reps)
+            out.append({**v, "axis": kw["axis"], "kernel_s": s,
+                        "GBps": 2 * x.numel() * 4 / s / 1e9})
+    finally:
+        tq.CONFIG.clear()
+        tq.CONFIG.update(default)
+    return out
+
+
 def speed(reps: int) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4, 8, 4096, 128, device="cuda", generator=gen)
@@ -92,19 +131,7 @@ def speed(reps: int) -> list[dict]:
         def eager():
             return torch_path(lambda: quantize(x, 4, **kw))
 
-        med = {}
-        for name, fn in (("torch", eager), ("kernel", fused)):
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            med[name] = sorted(times)[len(times) // 2]
+        med = {name: _median_s(fn, reps) for name, fn in (("torch", eager), ("kernel", fused))}
         moved = 2 * x.numel() * x.element_size()
         out.append({"what": what, "shape": list(x.shape), "dtype": "float32",
                     "torch_s": med["torch"], "kernel_s": med["kernel"],
@@ -122,16 +149,27 @@ def main() -> int:
     args = p.parse_args()
     doc = {"provenance": provenance(seed=0, git_sha_sent=args.git_sha),
            "machine": bench.machine()}
+    doc["config"] = dict(tq.CONFIG)
     doc["equality"] = equality()
+    default = dict(tq.CONFIG)
+    tq.CONFIG.update(channel_block=32, token_rows=16)      # split tiles: the same results
+    doc["equality_split_tiles"] = {"config": dict(tq.CONFIG), "rows": equality()}
+    tq.CONFIG.clear()
+    tq.CONFIG.update(default)
     doc["speed"] = speed(args.reps)
+    doc["tiles"] = tiles(args.reps)
     write_json(args.out, doc, arg="--out")
     bad = [r for r in doc["equality"] if r["kernel_differ"] or not r["served"]]
     print(f"equality: {len(doc['equality'])} cases, {len(bad)} with differing elements or "
           "not served by the kernel")
     for r in bad[:10]:
         print("  ", r)
+    split = [r for r in doc["equality_split_tiles"]["rows"] if r["kernel_differ"]]
+    print(f"split tiles: {len(split)} cases with differing elements")
     exact = sum(r["exact_division_differ"] > 0 for r in doc["equality"])
     print(f"exact-division variant: {exact} cases differ from torch's CUDA path")
+    for r in doc["tiles"]:
+        print(f"tiles {r}")
     for r in doc["speed"]:
         print(f"{r['what']}: torch {1e3 * r['torch_s']:.3f} ms, kernel {1e3 * r['kernel_s']:.3f} "
               f"ms ({r['speedup']:.1f}x; {r['kernel_GBps']:.0f} GB/s)")

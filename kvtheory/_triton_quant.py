@@ -37,6 +37,11 @@ __all__ = ["quantize_fused", "CALLS", "MAX_TILE"]
 CALLS = [0]
 #: largest tile (elements) a program holds in registers; larger groups use the torch path
 MAX_TILE = 1 << 15
+#: tile shapes: channels a program takes of a token group (``axis="channel"``; each channel
+#: is its own group, so any split gives the same result), rows a program takes
+#: (``axis="token"``), and warps for tiles of 4,096 elements or more (4 below);
+#: ``benchmarks/gpu_quant_check.py`` times the alternatives
+CONFIG: dict[str, int] = {"channel_block": 128, "token_rows": 64, "warps": 8}
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
     import triton
@@ -57,7 +62,7 @@ if triton is not None:  # pragma: no cover - compiled on CUDA, interpreted in a 
         r = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         i = tl.arange(0, BT)
-        cols = tl.arange(0, BD)
+        cols = tl.program_id(2) * BD + tl.arange(0, BD)   # channel groups: a block of channels
         if CHANNEL:
             rows = blk * G + i
             rmask = (i < G) & (rows < T)
@@ -117,13 +122,13 @@ def quantize_fused(x: Tensor, bits: int, axis: str, g: int, symmetric: bool, *,
         return None
     t, d = x.shape[-2:]
     if axis == "channel":
-        bt, bd, rows, cols = _pow2(g), _pow2(d), t, d
-        grid_t = -(-t // g)
+        bt, bd, rows, cols = _pow2(g), min(_pow2(d), _pow2(CONFIG["channel_block"])), t, d
+        grid_t, grid_c = -(-t // g), -(-d // bd)
     else:  # rows of g channels: contiguous groups of a token
         bd = _pow2(g)
-        bt = max(1, min(MAX_TILE // bd, 64))
+        bt = max(1, min(MAX_TILE // bd, _pow2(CONFIG["token_rows"])))
         rows, cols = t * (d // g), g
-        grid_t = -(-rows // bt)
+        grid_t, grid_c = -(-rows // bt), 1
     if bt * bd > MAX_TILE or grid_t > 65535:  # the grid's second axis is 16-bit
         return None
     xc = x.contiguous()
@@ -133,9 +138,9 @@ def quantize_fused(x: Tensor, bits: int, axis: str, g: int, symmetric: bool, *,
     levels = float(2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1)
     inv = float(np.float32(1.0) / np.float32(levels))
     recip = x.is_cuda if recip is None else recip
-    quant_kernel[(r, grid_t)](
+    quant_kernel[(r, grid_t, grid_c)](
         xc, y, rows, cols, g, inv, levels, SYM=symmetric, CHANNEL=axis == "channel",
-        RECIP=bool(recip), BT=bt, BD=bd, num_warps=8 if bt * bd >= 4096 else 4,
+        RECIP=bool(recip), BT=bt, BD=bd, num_warps=CONFIG["warps"] if bt * bd >= 4096 else 4,
         enable_fp_fusion=False)
     CALLS[0] += 1
     return y if x.dtype == torch.float32 else y.to(x.dtype)
