@@ -17,10 +17,11 @@ divided by the number of levels: multiplied by the float32 reciprocal (``torch``
 by a Python scalar, the default here) or divided exactly (its CPU division; the interpreter test
 compares each to torch on its own device).
 
-Groups: ``axis="channel"`` groups ``G`` consecutive tokens of each channel (one program a group
-of every channel: a ``(next_pow2(G), next_pow2(d))`` tile, the last group maybe partial);
-``axis="token"`` groups ``g`` consecutive channels of a token (viewed as rows of length ``g``;
-a program takes a block of rows). Tiles over :data:`MAX_TILE` elements fall back to torch.
+Groups: ``axis="channel"`` groups ``G`` consecutive tokens of each channel (a program takes one
+token group of a block of channels: a ``(next_pow2(G), channel_block)`` tile, the last group
+maybe partial); ``axis="token"`` groups ``g`` consecutive channels of a token (viewed as rows of
+length ``g``; a program takes a block of rows). Tile shapes are in :data:`CONFIG`; a tile over
+:data:`MAX_TILE` elements falls back to torch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["quantize_fused", "CALLS", "MAX_TILE"]
+__all__ = ["quantize_fused", "CALLS", "CONFIG", "MAX_TILE"]
 
 #: calls served by the kernel (tests and benchmarks check that it ran)
 CALLS = [0]
