@@ -14,6 +14,8 @@ torch's CUDA path, then both timed.
    dispatch included) and per call of 50 queued calls (the device's time), with the bytes each
    must move (one read and one write of ``x``) as GB/s; then the kernel alone under each tile
    shape of :data:`VARIANTS`.
+3. **End to end.** :func:`integration`: ``compressed_kv`` on padded batches of tiny models,
+   logits with the kernel against torch's CUDA path.
 
     PYTHONPATH=. python3 benchmarks/gpu_quant_check.py --out $OUT/gpu_quant.json --git-sha SHA
 """
@@ -152,6 +154,61 @@ def speed(reps: int) -> list[dict]:
     return out
 
 
+def integration(device: str = "cuda") -> list[dict]:
+    """``compressed_kv`` end to end on CUDA: tiny models (``tests/_tiny.py``) of three
+    architectures on a batch of three passages padded left or right, int4-kivi with 4-token
+    key groups (so groups span the padding), keys compressed after or before RoPE, float32 and
+    bf16: logits with the kernel against logits with torch's CUDA path (``KVTHEORY_FUSED=never``).
+    The same arithmetic gives the same logits; the count of ``key_validity`` decisions is one a
+    forward pass (not one a layer)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny import tiny_model
+
+    from kvtheory.methods import compressor as cm
+    from kvtheory.patch import compressed_kv
+
+    gen = torch.Generator().manual_seed(3)
+    passages = [torch.randint(1, 64, (n,), generator=gen) for n in (11, 6, 9)]
+    calls, real = [], cm.key_validity
+    cm.key_validity = lambda *a: calls.append(1) or real(*a)
+    out = []
+    try:
+        for arch in ("llama", "qwen3", "gemma3"):
+            for dtype in (torch.float32, torch.bfloat16):
+                model = tiny_model(arch).to(device, dtype)
+                for side in ("right", "left"):
+                    t = max(len(p) for p in passages)
+                    ids = torch.zeros(3, t, dtype=torch.long)
+                    mask = torch.zeros(3, t, dtype=torch.long)
+                    for b, p in enumerate(passages):
+                        sl = slice(0, len(p)) if side == "right" else slice(t - len(p), t)
+                        ids[b, sl], mask[b, sl] = p, 1
+                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                    kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=pos.to(device))
+                    for rope in ("post", "pre"):
+                        def run():
+                            with torch.no_grad(), compressed_kv(model, "int4-kivi-g4",
+                                                                "int4-kivi", rope=rope):
+                                return model(**kw).logits.float()
+                        calls.clear()
+                        before = tq.CALLS[0]
+                        fused = run()
+                        decisions, served = len(calls), tq.CALLS[0] - before
+                        eager = torch_path(run)
+                        real_tok = mask.bool().to(device)
+                        diff = (fused - eager).abs()[real_tok]
+                        out.append({"arch": arch, "dtype": str(dtype).split(".")[-1],
+                                    "side": side, "rope": rope, "kernel_calls": served,
+                                    "key_validity_decisions": decisions,
+                                    "layers": model.config.num_hidden_layers,
+                                    "max_abs_diff": float(diff.max()),
+                                    "equal": bool(torch.equal(fused[real_tok], eager[real_tok]))})
+    finally:
+        cm.key_validity = real
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_quant.json")
@@ -167,6 +224,7 @@ def main() -> int:
     doc["equality_split_tiles"] = {"config": dict(tq.CONFIG), "rows": equality()}
     tq.CONFIG.clear()
     tq.CONFIG.update(default)
+    doc["integration"] = integration()
     doc["speed"] = speed(args.reps)
     doc["tiles"] = tiles(args.reps)
     write_json(args.out, doc, arg="--out")
@@ -179,6 +237,12 @@ def main() -> int:
     print(f"split tiles: {len(split)} cases with differing elements")
     exact = sum(r["exact_division_differ"] > 0 for r in doc["equality"])
     print(f"exact-division variant: {exact} cases differ from torch's CUDA path")
+    bad = [r for r in doc["integration"] if not r["equal"] or not r["kernel_calls"]]
+    print(f"compressed_kv end to end: {len(doc['integration'])} runs, {len(bad)} with logits "
+          "that differ from torch's CUDA path or no kernel call; key_validity decisions a "
+          f"forward: {sorted({r['key_validity_decisions'] for r in doc['integration']})}")
+    for r in bad[:10]:
+        print("  ", r)
     for r in doc["tiles"]:
         print(f"tiles {r}")
     for r in doc["speed"]:
