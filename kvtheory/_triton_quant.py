@@ -42,7 +42,7 @@ MAX_TILE = 1 << 15
 #: is its own group, so any split gives the same result), rows a program takes
 #: (``axis="token"``), and warps for tiles of 4,096 elements or more (4 below). On an H100 at
 #: (4, 8, 4096, 128) float32 (``benchmarks/gpu_quant.json``): KIVI keys 54 µs with blocks of 32
-#: channels against 88 µs with 128, values 50 µs with 32 rows (2.5-2.7 TB/s)
+#: channels against 88 µs with 128, values 50-56 µs with 32 rows (2.4-2.7 TB/s; two runs)
 CONFIG: dict[str, int] = {"channel_block": 32, "token_rows": 32, "warps": 8}
 
 try:  # pragma: no cover - exercised on a CUDA machine (or Triton's interpreter) only
