@@ -785,15 +785,17 @@ def case_memory(*, tokens: int = 32768, q_heads: int = 9, kv_heads: int = 3, d: 
 
 # ----------------------------------------------------------------------------- 4. capture
 def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, warmup: int = 1,
-                 out_dir: str | os.PathLike | None = None, shape: str = "") -> dict[str, Any]:
+                 out_dir: str | os.PathLike | None = None, shape: str = "",
+                 breakdown: bool | None = None) -> dict[str, Any]:
     """``capture(model, ids)`` (q, k, v of every layer, float32 on the CPU) followed by
     ``save_capture`` (safetensors + SHA-256 manifest) vs a plain forward of the same ids;
     ``shape`` as in :func:`case_eval`.
 
-    On an accelerator two more rows say where the time goes: the capture alone (to the CPU in
-    float32, not saved) and the capture kept on the device as computed
-    (``capture(..., dtype=None, device=None)``). The ≤ 1.3× target is the CPU case's
-    (benchmarks/README.md); on a GPU writing the file is disk-bound, so those rows carry none."""
+    On an accelerator (``breakdown``, default: the model is not on the CPU) two more rows say
+    where the time goes: the capture alone (to the CPU in float32, not saved) and the capture
+    kept on the device as computed (``capture(..., dtype=None, device=None)``). The ≤ 1.3×
+    target is the CPU case's (benchmarks/README.md); on a GPU writing the file is disk-bound, so
+    those rows carry none."""
     from ._hf import check_ids as _check_ids, forward as _forward, unwrap as _unwrap
     from .capture import capture, capture_size, save_capture
 
@@ -813,7 +815,8 @@ def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, 
         save_capture(cap, Path(tmp.name) / "cap")
 
     fns = {"forward": forward, "capture+save": cap_save}
-    if dev.type != "cpu":
+    gpu = dev.type != "cpu" if breakdown is None else bool(breakdown)
+    if gpu:
         fns["capture"] = lambda: capture(model, ids)
         fns["capture_on_device"] = lambda: capture(model, ids, dtype=None, device=None)
     try:
@@ -823,7 +826,6 @@ def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, 
     b, n = ids.shape
     mib = size["bytes"] / 2**20
     kw = dict(device=dev.type, dtype=_dtype_name(dtype))
-    gpu = dev.type != "cpu"
     save_s = timing.median("capture+save") - (timing.median("capture") if gpu else 0.0)
     rows = [ratio_row("capture", f"capture + save_capture vs plain forward, {b}×{n} tok, all "
                       f"layers{shape}", timing, "capture+save", "forward",

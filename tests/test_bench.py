@@ -158,6 +158,22 @@ def test_case_capture_tiny(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary capture is removed
 
 
+def test_case_capture_breakdown_rows(tmp_path):
+    # the rows a GPU run adds (here on the CPU): capture alone and kept as computed, the
+    # save's time by difference, and no CPU target on the disk-bound row
+    model = tiny_model("llama")
+    res = bench.case_capture(model, tiny_ids(batch=1, tokens=12), reps=2, warmup=0,
+                             out_dir=tmp_path, breakdown=True)
+    _check_rows(res)
+    full, alone, kept = res["rows"]
+    assert full["target"] == "—" and full["met"] is None
+    save = _median(res, "capture+save") - _median(res, "capture")
+    assert f"saving {save:.2f} s" in full["note"]
+    assert alone["ratio"] == _median(res, "capture") / _median(res, "forward")
+    assert kept["ratio"] == _median(res, "capture_on_device") / _median(res, "forward")
+    assert kept["target"] == "≤ 1.3×" and kept["met"] == (kept["ratio"] <= 1.3)
+
+
 def test_mistral7b_shape_and_shape_label_in_rows(tmp_path):
     # the real shape's parameter count by hand (no weights made): embeddings and head, per
     # layer q, o (4096²), k, v (4096·1024), the MLP's three 4096·14336, two norms; final norm
