@@ -113,14 +113,16 @@ def quantize_fused(x: Tensor, bits: int, axis: str, g: int, symmetric: bool, *,
                    recip: bool | None = None) -> Tensor | None:
     """:func:`kvtheory.quantize.quantize` of a validated ``x`` (\\*batch, token, d) with the
     resolved group size ``g``, by the kernel; ``None`` where the kernel does not serve the call
-    (no Triton, not CUDA outside the interpreter, ``KVTHEORY_FUSED=never``, float64, or a
-    group too large for one tile). ``recip`` (default: on CUDA) as the module says."""
+    (no Triton, not CUDA outside the interpreter, ``KVTHEORY_FUSED=never``, float64, an input
+    that requires grad while autograd records, or a group too large for one tile). ``recip`` (default: on CUDA) as the module says."""
     if triton is None or os.environ.get("KVTHEORY_FUSED", "auto") == "never":
         return None
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     if not (x.is_cuda or interp):
+        return None
+    if x.requires_grad and torch.is_grad_enabled():   # the torch path keeps the autograd graph
         return None
     t, d = x.shape[-2:]
     if axis == "channel":

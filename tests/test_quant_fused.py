@@ -71,6 +71,8 @@ def test_fallbacks_leave_the_torch_path(monkeypatch):
     assert tq.quantize_fused(x.double(), 4, "token", 4, False) is None       # float64
     big = torch.zeros(1, 1, tq.MAX_TILE, 4)                 # a token group over one tile
     assert tq.quantize_fused(big, 4, "channel", tq.MAX_TILE, False) is None
+    grad = x.clone().requires_grad_()                      # autograd keeps the torch path
+    assert tq.quantize_fused(grad, 4, "channel", 8, False) is None
     monkeypatch.setenv("KVTHEORY_FUSED", "never")
     assert tq.quantize_fused(x, 4, "channel", 8, False) is None
 
