@@ -206,15 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         old = read_json(args.merge, arg="--merge")
         old_cases = list(old.get("cases", []))
         before = old.get("merged") or {}
-        older = set(before.get("kept_cases") or [])     # files written before cases had a source
+        older = set(before.get("kept_cases") or [])     # files written before session 11
         for c in old_cases:
             if "source" not in c and kept_names([c])[0] in older:
                 c["source"] = {"sha": before.get("kept_from_sha"), "date": before.get("kept_date")}
         stamp_source(old_cases, old.get("settings", {}).get("source_git_sha"),
                      old.get("machine", {}).get("date"))
-        doc["merged"] = {"from": args.merge, "kept_cases": [],
-                         "kept_from_sha": old.get("settings", {}).get("source_git_sha"),
-                         "kept_date": old.get("machine", {}).get("date")}
+        doc["merged"] = {"from": args.merge, "kept": []}
         if "peak" not in only:
             doc["matmul_peak"] = old.get("matmul_peak")
 
@@ -222,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = merge_kept(old_cases, cases)
         stamp_source(cases, doc["settings"].get("source_git_sha"), doc["machine"].get("date"))
         if args.merge:
-            groups = kept_sources(kept)
-            doc["merged"].update(kept_cases=kept_names(kept), kept=groups)
-            if groups:     # the oldest run's, as files before per-case sources said
-                doc["merged"].update(kept_from_sha=groups[0]["sha"], kept_date=groups[0]["date"])
+            doc["merged"]["kept"] = kept_sources(kept)
         doc["cases"] = kept + cases
         doc["rows"] = [r for c in doc["cases"] for r in c["rows"]]
         write_json(args.out, doc, arg="--out")

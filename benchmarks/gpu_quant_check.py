@@ -23,7 +23,6 @@ torch's CUDA path, then both timed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
 
+from kvtheory import _triton_metrics as tm  # noqa: E402
 from kvtheory import _triton_quant as tq  # noqa: E402
 from kvtheory import bench  # noqa: E402
 from kvtheory.io import provenance, write_json  # noqa: E402
@@ -44,11 +44,9 @@ CASES = [((4, 8, 4096, 128), "channel", 128), ((1, 2, 300, 128), "channel", 128)
 
 
 def torch_path(fn):
-    os.environ["KVTHEORY_FUSED"] = "never"
-    try:
+    """``fn()`` on torch's CUDA path (``KVTHEORY_FUSED=never``)."""
+    with tm.torch_path():
         return fn()
-    finally:
-        os.environ.pop("KVTHEORY_FUSED")
 
 
 def equality() -> list[dict]:

@@ -66,10 +66,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fused_metrics", "aggregate", "second_pass_queries", "ENV"]
+__all__ = ["available", "fused_mode", "torch_path", "fused_metrics", "aggregate",
+           "second_pass_queries", "ENV"]
 
 #: environment switch: ``auto`` (default: fused kernel on CUDA for bf16/fp16 when Triton is
-#: importable) or ``never`` (always the torch path)
+#: importable; :mod:`kvtheory._triton_quant` reads it too) or ``never`` (always the torch path)
 ENV = "KVTHEORY_FUSED"
 #: calls served by the kernel (tests and benchmarks check that it ran)
 CALLS = [0]
@@ -102,13 +103,35 @@ except Exception:  # noqa: BLE001
     TensorDescriptor = None
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused kernel serves a call on ``device`` with ``dtype`` inputs."""
+def fused_mode() -> str:
+    """The switch :data:`ENV` of every Triton kernel here (metrics and :mod:`kvtheory.quantize`'s):
+    ``"auto"`` (unset) or ``"never"``; any other value is refused."""
     mode = os.environ.get(ENV, "auto")
     if mode not in ("auto", "never"):
         from .errors import bad_argument
 
         raise bad_argument(ENV, mode, "auto or never")
+    return mode
+
+
+@contextlib.contextmanager
+def torch_path():
+    """Inside the block the torch paths serve every call (``KVTHEORY_FUSED=never``); the
+    variable is restored as it was after it (benchmarks time both paths side by side)."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "never"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel serves a call on ``device`` with ``dtype`` inputs."""
+    mode = fused_mode()
     return (mode == "auto" and triton is not None and device.type == "cuda"
             and dtype in (torch.bfloat16, torch.float16))
 

@@ -11,11 +11,13 @@ The arithmetic is the torch path's, operation by operation, in float32 (ties to 
    \hat x = \operatorname{clip}\!\big(\operatorname{rint}((x - \min) \oslash \Delta'), 0, 2^b-1\big)
    \,\Delta + \min
 
-with :math:`\oslash` the IEEE division, :math:`\Delta' = \Delta` or 1 where :math:`\Delta = 0`,
-no fused multiply-add (``enable_fp_fusion=False``). ``RECIP`` picks how :math:`\Delta` is
-divided by the number of levels: multiplied by the float32 reciprocal (``torch``'s CUDA division
-by a Python scalar, the default here) or divided exactly (its CPU division; the interpreter test
-compares each to torch on its own device).
+(symmetric: :math:`\Delta = \max|x|\cdot\mathrm{fl}(1/L)`,
+:math:`\hat x = \operatorname{clip}(\operatorname{rint}(x \oslash \Delta'), -L, L)\,\Delta`,
+:math:`L = 2^{b-1}-1`), with :math:`\oslash` the IEEE division, :math:`\Delta' = \Delta` or 1
+where :math:`\Delta = 0`, no fused multiply-add (``enable_fp_fusion=False``). ``RECIP`` picks
+how :math:`\Delta` is divided by the number of levels: multiplied by the float32 reciprocal
+(``torch``'s CUDA division by a Python scalar, the default here) or divided exactly (its CPU
+division; the interpreter test compares each to torch on its own device).
 
 Groups: ``axis="channel"`` groups ``G`` consecutive tokens of each channel (a program takes one
 token group of a block of channels: a ``(next_pow2(G), channel_block)`` tile, the last group
@@ -114,13 +116,15 @@ def quantize_fused(x: Tensor, bits: int, axis: str, g: int, symmetric: bool, *,
     """:func:`kvtheory.quantize.quantize` of a validated ``x`` (\\*batch, token, d) with the
     resolved group size ``g``, by the kernel; ``None`` where the kernel does not serve the call
     (no Triton, not CUDA outside the interpreter, ``KVTHEORY_FUSED=never``, float64, an input
-    that requires grad while autograd records, or a group too large for one tile). ``recip`` (default: on CUDA) as the module says."""
-    if triton is None or os.environ.get("KVTHEORY_FUSED", "auto") == "never":
+    that requires grad while autograd records, or a group too large for one tile). ``recip``
+    (default: on CUDA) as the module says."""
+    if triton is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
-    if not (x.is_cuda or interp):
+    from ._triton_metrics import fused_mode
+
+    if fused_mode() == "never":
         return None
     if x.requires_grad and torch.is_grad_enabled():   # the torch path keeps the autograd graph
         return None

@@ -593,16 +593,11 @@ def case_flips(*, tokens: int = 2048, q_heads: int = 9, kv_heads: int = 3, d: in
         fns["matmul_fp32"] = matmuls_fp32
     timing = side_by_side(fns, reps=reps, warmup=warmup, device=dev)
     if torch_row:
-        import os
+        from ._triton_metrics import torch_path
 
-        old = os.environ.get("KVTHEORY_FUSED")
-        os.environ["KVTHEORY_FUSED"] = "never"
-        try:
+        with torch_path():
             slow = side_by_side({"attention_metrics_torch": fns["attention_metrics"]}, reps=1,
                                 warmup=1, device=dev)
-        finally:
-            os.environ.pop("KVTHEORY_FUSED") if old is None else os.environ.update(
-                KVTHEORY_FUSED=old)
         timing = Timing({**timing.times, **slow.times})
     flops = flip_flops(1, q_heads, tokens, tokens, d)
     tflops = {lab: flops / timing.median(lab) / 1e12 for lab in timing.times}

@@ -20,7 +20,8 @@ import os
 import sys
 import warnings
 
-MODE = sys.argv[1] if len(sys.argv) > 1 else "interp"
+# only as a script: the tests import CASES and BITS from here and must not inherit the switch
+MODE = (sys.argv[1] if len(sys.argv) > 1 else "interp") if __name__ == "__main__" else None
 if MODE == "interp":
     os.environ["TRITON_INTERPRET"] = "1"
 

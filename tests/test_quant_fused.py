@@ -64,17 +64,30 @@ def test_kernel_compiles_for_hopper_without_fused_multiply_add():
 def test_fallbacks_leave_the_torch_path(monkeypatch):
     from kvtheory import _triton_quant as tq
 
-    x = torch.randn(1, 1, 8, 4)
+    launches = []
+
+    class _Recorder:                      # stands in for the kernel: records a launch's grid
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(grid)
+
+    monkeypatch.setattr(tq, "quant_kernel", _Recorder())
+    x = torch.randn(1, 1, 8, 4, dtype=torch.float32)
     assert tq.quantize_fused(x, 4, "token", 4, False) is None                # CPU, no interpreter
-    # with the interpreter on, each of these alone keeps the torch path (None before a launch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # control: the same call launches once the interpreter is on (grid: 1 row block, 1 column)
+    assert tq.quantize_fused(x, 4, "channel", 8, False) is not None
+    assert launches == [(1, 1, 1)]
+    # each of these alone keeps the torch path (None, no launch)
     assert tq.quantize_fused(x.double(), 4, "token", 4, False) is None       # float64
-    big = torch.zeros(1, 1, tq.MAX_TILE, 4)                 # a token group over one tile
+    big = torch.zeros(1, 1, tq.MAX_TILE, 4, dtype=torch.float32)  # a token group over a tile
     assert tq.quantize_fused(big, 4, "channel", tq.MAX_TILE, False) is None
     grad = x.clone().requires_grad_()                      # autograd keeps the torch path
     assert tq.quantize_fused(grad, 4, "channel", 8, False) is None
+    with torch.no_grad():                                  # ... but not outside autograd
+        assert tq.quantize_fused(grad, 4, "channel", 8, False) is not None
     monkeypatch.setenv("KVTHEORY_FUSED", "never")
     assert tq.quantize_fused(x, 4, "channel", 8, False) is None
+    assert len(launches) == 2
 
 
 def test_torch_path_on_cpu_is_untouched():
@@ -86,3 +99,26 @@ def test_torch_path_on_cpu_is_untouched():
     y = quantize(torch.tensor([[0.0, 0.3, 1.0]], dtype=torch.float64), 2)
     assert y.tolist() == [[0.0, 1 / 3, 1.0]]
     assert tq.CALLS[0] == before
+
+
+def test_one_switch_for_both_kernels(monkeypatch):
+    # KVTHEORY_FUSED is read by one function: a bad value is refused by the quantize kernel's
+    # dispatch as by the metrics kernel's, and torch_path() restores the variable as it was
+    from kvtheory import _triton_metrics as tm
+    from kvtheory import _triton_quant as tq
+    from kvtheory.errors import KVTheoryError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(tm.ENV, "nevr")
+    x = torch.randn(1, 1, 8, 4, dtype=torch.float32)
+    with pytest.raises(KVTheoryError, match="KVTHEORY_FUSED"):
+        tq.quantize_fused(x, 4, "channel", 8, False)
+    with pytest.raises(KVTheoryError, match="KVTHEORY_FUSED"):
+        tm.available(torch.device("cuda"), torch.bfloat16)
+    with tm.torch_path():
+        assert tm.fused_mode() == "never" and tq.quantize_fused(x, 4, "channel", 8, False) is None
+    assert os.environ[tm.ENV] == "nevr"
+    monkeypatch.delenv(tm.ENV)
+    with tm.torch_path():
+        assert os.environ[tm.ENV] == "never"
+    assert tm.ENV not in os.environ
