@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from kvtheory import bench  # noqa: E402
 from kvtheory.io import write_json  # noqa: E402
+from kvtheory.timing import sync  # noqa: E402
 
 
 def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None,
@@ -90,7 +91,7 @@ def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None
             t0 = time.perf_counter()
             with profile(activities=acts) as prof:
                 fns[lab]()
-                bench.sync(dev)
+                sync(dev)
             wall = time.perf_counter() - t0
             ka = prof.key_averages()
             parts.append(f"===== {lab}: {wall * 1e3:.1f} ms wall under the profiler")
@@ -99,7 +100,7 @@ def eval_diagnostics(model, windows, calib, reps: int, profile_path: Path | None
                 parts.append(f"===== {lab} ({dt}, {w}x{n}), sorted by {key}\n"
                              + ka.table(sort_by=key, row_limit=22))
         profile_path.write_text("\n\n".join(parts))
-    return bench._case("eval-diag", timing, rows, windows=[w, n])
+    return bench.case_result("eval-diag", timing, rows, windows=[w, n])
 
 
 def _row_key(row: dict) -> tuple:

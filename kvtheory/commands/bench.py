@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         _readme_parts(path)
     if "quanto" in cases and not bench.quanto_available():
         if explicit:
-            bench._require_quanto()
+            bench.require_quanto()
         _say("kvtheory bench: skipping quanto: optimum-quanto is not installed "
              "(pip install 'kvtheory[quanto]')")
         cases.remove("quanto")
