@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from ._checks import check_int
 from .errors import KVTheoryError, bad_argument
-from .evaljob import Job, compute_row, roles
+from .evaljob import Job, compute_row
 from .io import check_output_file, file_lock, provenance, read_json, to_jsonable, write_json
 from .store import result_sha256
 

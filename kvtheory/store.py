@@ -10,7 +10,6 @@ files.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable

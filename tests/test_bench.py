@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -79,6 +80,30 @@ def test_case_flips_keys_and_ratios():
     flops = 2 * 2 * 1 * 4 * 24 * 24 * 8
     assert res["flops_per_call"] == flops
     assert res["tflops"]["matmul"] == flops / _median(res, "matmul") / 1e12
+
+
+def test_case_flips_torch_row_times_the_torch_path_once(monkeypatch):
+    # the row of attention_metrics with the fused kernel off: one timed call, inside
+    # torch_path() (KVTHEORY_FUSED=never while it runs, restored after)
+    from kvtheory import _triton_metrics as tm
+    from kvtheory import flips
+
+    seen = []
+    real = flips.attention_metrics
+
+    def spy(*a, **k):
+        seen.append(os.environ.get(tm.ENV))
+        return real(*a, **k)
+
+    monkeypatch.setattr(flips, "attention_metrics", spy)
+    monkeypatch.delenv(tm.ENV, raising=False)
+    res = bench.case_flips(tokens=16, q_heads=2, kv_heads=1, d=8, reps=2, warmup=0,
+                           causal_row=False, torch_row=True)
+    assert res["timings"]["attention_metrics_torch"]["reps"] == 1
+    row = next(r for r in res["rows"] if "torch path" in r["what"])
+    assert row["ratio"] == _median(res, "attention_metrics_torch") / _median(res, "matmul")
+    assert seen.count("never") == 2 and seen.count(None) == 2    # warm-up + 1 rep; 2 reps
+    assert tm.ENV not in os.environ
 
 
 def test_case_flips_bf16_adds_fp32_baseline():

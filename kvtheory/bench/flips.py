@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..errors import KVTheoryError, bad_argument
-from ..timing import side_by_side, sync
+from ..timing import Timing, side_by_side, sync
 from .rows import (
     _GIB,
     TARGETS,
@@ -94,7 +94,7 @@ def case_flips(*, tokens: int = 2048, q_heads: int = 9, kv_heads: int = 3, d: in
         fns["matmul_fp32"] = matmuls_fp32
     timing = side_by_side(fns, reps=reps, warmup=warmup, device=dev)
     if torch_row:
-        from ._triton_metrics import torch_path
+        from .._triton_metrics import torch_path
 
         with torch_path():
             slow = side_by_side({"attention_metrics_torch": fns["attention_metrics"]}, reps=1,
