@@ -124,7 +124,7 @@ class EvalConfig:
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise bad_argument("device", self.device, "cpu, cuda, cuda:N or mps")
         if self.device_map is not None:  # a strategy or JSON text (kept as text: hashable, saved)
-            from .models import parse_device_map
+            from .placement import parse_device_map
 
             if not isinstance(self.device_map, str):
                 raise bad_argument("device_map", self.device_map, "None, a strategy name or JSON text")

@@ -54,7 +54,7 @@ _PLACEMENT: dict[str, Any] = {}
 def set_placement(name: str, device_map: str | dict | None) -> None:
     """Load ``name`` with this accelerate ``device_map`` from now on in this process (None: on
     one device); a model already loaded with another placement is loaded again."""
-    from .models import parse_device_map
+    from .placement import parse_device_map
 
     device_map = parse_device_map(device_map)
     if _PLACEMENT.get(name) != device_map:

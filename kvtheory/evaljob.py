@@ -99,7 +99,7 @@ class Job:
         except ImportError:  # pragma: no cover
             pass
         cfg = self.cfg
-        from .models import parse_device_map
+        from .placement import parse_device_map
 
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
                         device_map=parse_device_map(cfg.device_map))

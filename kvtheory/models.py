@@ -44,6 +44,7 @@ from torch import nn
 from ._hf import attention_modules, text_config
 from ._packaged import PACKAGED, PackagedModel, cache_root, converted_dir, install_state
 from .errors import KVTheoryError, bad_argument
+from .placement import parse_device_map
 
 __all__ = ["ModelInfo", "LoadedModel", "REGISTRY", "PackagedModel", "load_model", "model_info",
            "cache_root", "registry_dir", "install_state", "suggest", "registry_status", "facts_line"]
@@ -302,6 +303,7 @@ def load_model(
         raise bad_argument("model", name,
                            "a registry name (" + ", ".join(REGISTRY) + "), a folder or a Hub id")
     dtype = _as_dtype(dtype)
+    device_map = parse_device_map(device_map)
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -471,31 +473,3 @@ def registry_status(cache_dir: str | os.PathLike | None = None, convert: bool = 
             "info": None if info is None else asdict(info), "facts": None if info is None else facts_line(info),
         })
     return rows
-
-
-#: placement strategies accelerate understands for ``device_map``
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_device_map(text: str | dict | None, name: str = "device_map") -> str | dict | None:
-    """A ``device_map`` from the command line or a config: None, a placement strategy
-    (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``), a JSON object
-    ``{module: device}`` as text, or such a dict.
-
-    >>> parse_device_map("auto"), parse_device_map('{"": "cpu"}')
-    ('auto', {'': 'cpu'})
-    """
-    if text is None or text in DEVICE_MAP_STRATEGIES:
-        return text
-    value = text
-    if isinstance(text, str):
-        import json
-
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = None
-    if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
-        raise bad_argument(name, text, f"{', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object "
-                           'such as {"": "cpu"}')
-    return value

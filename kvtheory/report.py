@@ -81,7 +81,7 @@ class ReportConfig:
         if self.address is not None and self.executor != "ray":
             raise bad_argument("address", self.address, "no address unless executor='ray'")
         if self.device_map is not None:
-            from .models import parse_device_map
+            from .placement import parse_device_map
 
             parse_device_map(self.device_map)
         if not isinstance(self.force, bool):

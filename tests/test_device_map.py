@@ -11,7 +11,7 @@ import pytest
 from test_eval_runs import cfg, one_thread, tiny  # noqa: F401  (fixtures)
 
 from kvtheory.errors import KVTheoryError
-from kvtheory.models import parse_device_map
+from kvtheory.placement import parse_device_map
 from kvtheory.runs import run_eval
 
 
@@ -21,6 +21,20 @@ def test_parse_device_map_accepts_strategies_and_json_objects():
     for bad in ("everywhere", "[1, 2]", "{}", "{bad json"):
         with pytest.raises(KVTheoryError, match="device_map"):
             parse_device_map(bad)
+    good = {"a": 0, "b": "cuda:1", "c": "cpu", "d": "disk", "": 1}
+    assert parse_device_map(json.dumps(good)) == good and parse_device_map(good) == good
+    # each bad placement is named with its module: a device torch does not know, a negative
+    # or boolean index, a list
+    for module, bad in (("model.layers.3", "gpu7"), ("lm_head", -1), ("", True), ("x", [1])):
+        with pytest.raises(KVTheoryError, match=rf"device_map\['{module}'\]: got "):
+            parse_device_map({module: bad})
+
+
+def test_load_model_refuses_a_bad_map_before_loading():
+    from kvtheory.models import load_model
+
+    with pytest.raises(KVTheoryError, match=r"device_map\['lm_head'\]: got 'gpu'"):
+        load_model("no-such-model", device_map={"lm_head": "gpu"})
 
 
 def test_eval_config_validates_device_map_and_keeps_old_identities(tiny):

@@ -50,7 +50,7 @@ def _ints(name: str, text: str | None) -> list[int] | None:
 
 def _device_map(text: str | None):
     """``--device-map``: None, a placement strategy name, or a JSON object {module: device}."""
-    from ..models import parse_device_map
+    from ..placement import parse_device_map
 
     return parse_device_map(text, "--device-map")
 
