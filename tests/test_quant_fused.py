@@ -71,6 +71,7 @@ def test_fallbacks_leave_the_torch_path(monkeypatch):
             return lambda *a, **k: launches.append(grid)
 
     monkeypatch.setattr(tq, "quant_kernel", _Recorder())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(1, 1, 8, 4, dtype=torch.float32)
     assert tq.quantize_fused(x, 4, "token", 4, False) is None                # CPU, no interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "1")

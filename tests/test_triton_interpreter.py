@@ -43,12 +43,19 @@ def test_metrics_within_float32_rounding_of_the_dense_reference(interp):
     assert "output_rel_err" in interp["non-causal, values"]["errors"]
 
 
+#: flips a case may differ in at near-ties (the engine's contract allows any there): the
+#: interpreter's float32 dots go through NumPy's BLAS, whose summation order depends on the
+#: CPU's vector kernels, so a near-tie can go either way from one CPU to another (0 of them on
+#: the AMD EPYC machines of sessions 1-11, 1 near-tie flip on the Intel Xeon of session 12)
+NEAR_TIE_FLIPS = 2
+
+
 def test_flips_and_topk_overlap_identical(interp):
-    # near-ties may differ by the engine's contract; these seeded inputs have none that do
+    # flips differ only at near-ties, and only a few of them; top-k overlaps are identical
     for label, r in interp.items():
         assert r["flips_differ_not_near_tie"] == 0, label
         if "repeated" not in label:
-            assert r["flips_differ"] == 0, label
+            assert r["flips_differ"] <= min(NEAR_TIE_FLIPS, r["near_ties"]), label
         assert r["overlap_differ"] == 0, label
     # keys repeated in two blocks tie exactly in float32 and the kernel takes the first
     # index; the float64 reference's matmul rounds the two copies apart, so it may take
