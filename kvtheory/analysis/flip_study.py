@@ -44,7 +44,6 @@ from .common import load_or_capture, method_grid, small
 __all__ = ["FlipStudyConfig", "independent_coflip", "equal_rate_coflip", "coflip_stats",
            "coflip_groups", "certified_queries", "analyse", "run", "plot", "summary"]
 
-_CAUSAL = {"smollm2-135m": True, "minilm-l6": False}
 _FIELDS = ("flip_rate", "kl", "fisher", "topk_overlap", "output_rel_err")
 
 
@@ -313,7 +312,10 @@ def _one(name: str, n: int, cfg: FlipStudyConfig, layers, control, data_dir, roo
     off = cfg.calib_offset if cfg.calib_offset is not None else n
     cap = load_or_capture(name, n, data_dir=data_dir, root=root)
     cal = load_or_capture(name, n, offset=off, data_dir=data_dir, root=root)
-    causal = _CAUSAL.get(name)
+    from ..models import REGISTRY
+
+    entry = REGISTRY.get(name)      # a registry model says so; any other is loaded and asked
+    causal = entry.causal if entry is not None else None
     if causal is None:
         from .common import get_model
 
