@@ -17,9 +17,10 @@ whatever the report ran. Verdicts are computed, never typed:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from . import analysis  # noqa: F401  (registers the report's stages)
 

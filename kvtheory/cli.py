@@ -22,7 +22,7 @@ import pkgutil
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import KVTheoryError
 

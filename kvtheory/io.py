@@ -13,9 +13,10 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import KVTheoryError, bad_argument
 

@@ -29,7 +29,8 @@ import hashlib
 import inspect
 import sys
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int

@@ -6,9 +6,9 @@ Figures are always drawn from saved results by a function; nothing is edited by 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .io import atomic_write
 

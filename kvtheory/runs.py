@@ -31,8 +31,9 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ._checks import check_int
 from .errors import KVTheoryError, bad_argument

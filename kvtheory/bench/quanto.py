@@ -4,7 +4,8 @@ against kvtheory's one-pass causal simulation (part of :mod:`kvtheory.bench`).""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Int

@@ -45,8 +45,9 @@ import contextlib
 import importlib
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
