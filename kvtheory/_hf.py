@@ -22,7 +22,7 @@ from .errors import KVTheoryError, bad_argument
 
 __all__ = ["unwrap", "model_device", "forward", "check_ids", "check_fits", "context_length",
            "routes", "attention_modules", "configs", "text_config", "pre_rope_site", "head_view",
-           "head_hook"]
+           "head_hook", "cache_kwargs"]
 
 _ROUTES_CACHE: dict[type, bool] = {}
 
@@ -54,6 +54,13 @@ def forward(model: nn.Module, ids: Tensor, attention_mask: Tensor | None = None)
     if "use_cache" in params:
         kwargs["use_cache"] = False
     return model(**kwargs)
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that hands ``model``'s forward a KV cache: ``cache`` from transformers 5.3
+    on, ``past_key_values`` before (the old name warns that it goes in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def check_ids(ids: Any, name: str) -> Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import tiny_ids, tiny_model
+from tol import assert_close
 
 from kvtheory import _hf
 from kvtheory.errors import KVTheoryError
@@ -77,3 +78,28 @@ def test_model_access_helpers():
     plain.config = model.config  # a module with a config but no AttentionInterface attention
     with pytest.raises(KVTheoryError, match="ALL_ATTENTION_FUNCTIONS"):
         _hf.attention_modules(plain)
+
+
+def test_cache_kwargs_follows_the_forward_signature():
+    # transformers 5.3+ takes the cache as ``cache``; a forward that only knows
+    # ``past_key_values`` (older versions) gets that name
+    model = tiny_model("llama")
+    assert _hf.cache_kwargs(model, "C") == {"cache": "C"}
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    assert _hf.cache_kwargs(Old(), "C") == {"past_key_values": "C"}
+    # the keyword reaches the model's cache: one token decoded after a 3-token prefill
+    from transformers import DynamicCache
+
+    ids = tiny_ids()[:1, :4]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :3], use_cache=True, **_hf.cache_kwargs(model, cache))
+        step = model(input_ids=ids[:, 3:], use_cache=True, **_hf.cache_kwargs(model, cache))
+        full = model(input_ids=ids, use_cache=False)
+    assert cache.get_seq_length() == 4
+    assert step.logits.dtype == torch.float32          # the tiny model's dtype
+    assert_close(step.logits[:, -1], full.logits[:, -1], "float32")

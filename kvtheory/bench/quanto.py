@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .._hf import cache_kwargs
 from ..errors import KVTheoryError, bad_argument
 from ..timing import Timing
 from .rows import TARGETS, _device, _dtype_name, _secs, case_result, make_row, ratio_row, time_once
@@ -65,8 +66,8 @@ def quanto_decode_nll(model: torch.nn.Module, ids: Int[Tensor, " token"], *, cac
     ids = ids.to(dev)
     losses = []
     for t in range(ids.numel() - 1):
-        out = model(input_ids=ids[None, t:t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=ids[None, t:t + 1], use_cache=True, **cache_kwargs(model, past))
+        past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         losses.append(torch.nn.functional.cross_entropy(out.logits[0, -1].float(), ids[t + 1]))
     return float(torch.stack(losses).double().sum()), len(losses)
 

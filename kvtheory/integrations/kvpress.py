@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .._checks import check_group, check_int, check_tensor
+from .._hf import cache_kwargs
 from ..errors import KVTheoryError, bad_argument
 
 __all__ = ["KVPRESS_RANGE", "KVPRESS_TESTED", "ARCHS_TESTED", "supports", "require_kvpress", "make_press", "PRESSES",
@@ -344,19 +344,18 @@ def score_window(model: Any, w: Int[Tensor, " token"], n_context: int, press: An
     w = w.to(dev)
     ctx, cont = w[None, :n_context], w[None, n_context:]
     cache = DynamicCache(config=model.config)
-    # transformers >= 5.3 names the argument ``cache``; older versions ``past_key_values``
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = cache_kwargs(model, cache)
     rec = None
     if press is not None:
         with press_context(press, model, record=record) as rec:
-            first = model(input_ids=ctx, use_cache=True, **{name: cache}).logits[:, -1:]
+            first = model(input_ids=ctx, use_cache=True, **kw).logits[:, -1:]
     else:
-        first = model(input_ids=ctx, use_cache=True, **{name: cache}).logits[:, -1:]
+        first = model(input_ids=ctx, use_cache=True, **kw).logits[:, -1:]
     m = cont.shape[1]
     logits = first
     if m > 1:
         pos = torch.arange(n_context, n_context + m - 1, device=dev)[None]
-        rest = model(input_ids=cont[:, :-1], use_cache=True, position_ids=pos, **{name: cache}).logits
+        rest = model(input_ids=cont[:, :-1], use_cache=True, position_ids=pos, **kw).logits
         logits = torch.cat([first, rest], 1)
     ce = torch.nn.functional.cross_entropy(logits[0].float(), cont[0], reduction="none")
     return ce.double().sum().cpu(), (rec if record else None)
