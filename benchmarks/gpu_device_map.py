@@ -65,7 +65,8 @@ def main() -> None:
     model = dispatch_model(model, device_map=dmap,
                            main_device="cpu" if mode == "split" or gpu == "cpu" else None)
     out["build_s"] = time.perf_counter() - t
-    out["device_map"] = {"cuda:0": n - len(cpu_layers), "cpu": len(cpu_layers)}
+    placed = [str(dmap[f"model.layers.{i}"]) for i in range(n)]
+    out["device_map"] = {d: placed.count(d) for d in sorted(set(placed))}   # layers per place
     first, last = 0, n - 1
     T = int(os.environ.get("TOKENS", "512"))
     where = "cpu" if mode == "split" else gpu        # inputs go where the first hook wants them
@@ -102,9 +103,8 @@ def main() -> None:
         out["fp_identical"] = bool(torch.equal(plain, same))
         with compressed_kv(model, keys="int4-kivi", values="int4"):
             kivi, out["int4_kivi_s"] = timed(lambda: model(ids).logits.float())
-        plan, out["rank32_fit_s"] = timed(
-            lambda: fit_compressors(model, "rank32-pca" if not tiny else "rank4-pca",
-                                    "rank32-pca" if not tiny else "rank4-pca", calib))
+        pca = out["pca"] = "rank4-pca" if tiny else "rank32-pca"    # matched storage at d
+        plan, out["rank32_fit_s"] = timed(lambda: fit_compressors(model, pca, pca, calib))
         out["fitted_basis_device"] = {str(i): str(plan[i][0].fitted.rotation.device)
                                       for i in (first, last)}
         with compressed_kv(model, calibration=plan):

@@ -200,17 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     doc["errors"] = []
 
     old_cases: list[dict] = []
-    before: dict = {}       # the earlier file's own merge
     if args.merge:
         from kvtheory.io import read_json
 
         old = read_json(args.merge, arg="--merge")
         old_cases = list(old.get("cases", []))
-        before = old.get("merged") or {}
-        older = set(before.get("kept_cases") or [])     # files written before session 11
-        for c in old_cases:
-            if "source" not in c and kept_names([c])[0] in older:
-                c["source"] = {"sha": before.get("kept_from_sha"), "date": before.get("kept_date")}
         stamp_source(old_cases, old.get("settings", {}).get("source_git_sha"),
                      old.get("machine", {}).get("date"))
         doc["merged"] = {"from": args.merge, "kept": []}

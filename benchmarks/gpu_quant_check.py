@@ -23,6 +23,7 @@ torch's CUDA path, then both timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -106,22 +107,28 @@ VARIANTS = [dict(channel_block=cb, warps=w) for cb in (128, 64, 32) for w in (4,
     dict(token_rows=tr, warps=w) for tr in (64, 32, 16) for w in (4, 8)]
 
 
+@contextlib.contextmanager
+def tile_config(**change):
+    """:data:`kvtheory._triton_quant.CONFIG` with ``change`` inside the block, as it was after."""
+    default = dict(tq.CONFIG)
+    tq.CONFIG.update(change)
+    try:
+        yield dict(tq.CONFIG)
+    finally:
+        tq.CONFIG.clear()
+        tq.CONFIG.update(default)
+
+
 def tiles(reps: int) -> list[dict]:
     """The kernel alone at the 7B eval shape under each of :data:`VARIANTS`."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4, 8, 4096, 128, device="cuda", generator=gen)
-    default = dict(tq.CONFIG)
     out = []
-    try:
-        for v in VARIANTS:
-            tq.CONFIG.clear()
-            tq.CONFIG.update({**default, **v})
-            axis, g = ("channel", 128) if "channel_block" in v else ("token", 128)
+    for v in VARIANTS:
+        axis, g = ("channel", 128) if "channel_block" in v else ("token", 128)
+        with tile_config(**v):
             s = _median_s(lambda: tq.quantize_fused(x, 4, axis, g, False), reps, calls=50)
-            out.append({**v, "axis": axis, "kernel_s": s, "GBps": 2 * x.numel() * 4 / s / 1e9})
-    finally:
-        tq.CONFIG.clear()
-        tq.CONFIG.update(default)
+        out.append({**v, "axis": axis, "kernel_s": s, "GBps": 2 * x.numel() * 4 / s / 1e9})
     return out
 
 
@@ -217,11 +224,8 @@ def main() -> int:
            "machine": bench.machine()}
     doc["config"] = dict(tq.CONFIG)
     doc["equality"] = equality()
-    default = dict(tq.CONFIG)
-    tq.CONFIG.update(channel_block=32, token_rows=16)      # split tiles: the same results
-    doc["equality_split_tiles"] = {"config": dict(tq.CONFIG), "rows": equality()}
-    tq.CONFIG.clear()
-    tq.CONFIG.update(default)
+    with tile_config(channel_block=32, token_rows=16) as cfg:   # split tiles: same results
+        doc["equality_split_tiles"] = {"config": cfg, "rows": equality()}
     doc["integration"] = integration()
     doc["speed"] = speed(args.reps)
     doc["tiles"] = tiles(args.reps)

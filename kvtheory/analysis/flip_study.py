@@ -313,13 +313,10 @@ def _one(name: str, n: int, cfg: FlipStudyConfig, layers, control, data_dir, roo
     cap = load_or_capture(name, n, data_dir=data_dir, root=root)
     cal = load_or_capture(name, n, offset=off, data_dir=data_dir, root=root)
     from ..models import REGISTRY
+    from .common import get_model
 
     entry = REGISTRY.get(name)      # a registry model says so; any other is loaded and asked
-    causal = entry.causal if entry is not None else None
-    if causal is None:
-        from .common import get_model
-
-        causal = bool(get_model(name).info.causal)
+    causal = entry.causal if entry is not None else bool(get_model(name).info.causal)
     res = analyse(cap, cal, cfg, causal=causal, layers=layers, control_size=control, progress=progress)
     return res | {"calib_offset": off}
 

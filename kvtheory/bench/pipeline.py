@@ -15,8 +15,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .._hf import model_device
 from ..timing import side_by_side, sync
-from .rows import TARGETS, _device, _dtype_name, _secs, case_result, make_row, ratio_row, time_once
+from .rows import TARGETS, _dtype_name, _secs, case_result, make_row, ratio_row, time_once
 
 EVAL_METHODS = ("int4-kivi", "rank16-pca")
 
@@ -36,7 +37,7 @@ def case_eval(model: torch.nn.Module, windows: Int[Tensor, "batch token"],
     from ..evaluate import window_nll
     from ..patch import clear_fit_cache, compressed_kv, fit_compressors
 
-    dev, dtype = _device(model), next(model.parameters()).dtype
+    dev, dtype = model_device(model), next(model.parameters()).dtype
     plans: dict[str, Any] = {}
     fit_s: dict[str, float] = {}
     for m in methods:
@@ -137,7 +138,7 @@ def case_capture(model: Any, ids: Int[Tensor, "batch token"], *, reps: int = 5, 
     from ..capture import capture, capture_size, save_capture
 
     inner = _unwrap(model)
-    dev, dtype = _device(inner), next(inner.parameters()).dtype
+    dev, dtype = model_device(inner), next(inner.parameters()).dtype
     ids = _check_ids(ids, "ids").to(dev)
     tmp = tempfile.TemporaryDirectory(prefix="kvtheory-bench-capture-", dir=out_dir)
     size: dict[str, int] = {}

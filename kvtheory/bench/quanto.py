@@ -11,10 +11,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .._hf import cache_kwargs
+from .._hf import cache_kwargs, model_device
 from ..errors import KVTheoryError, bad_argument
 from ..timing import Timing
-from .rows import TARGETS, _device, _dtype_name, _secs, case_result, make_row, ratio_row, time_once
+from .rows import TARGETS, _dtype_name, _secs, case_result, make_row, ratio_row, time_once
 
 
 def quanto_available() -> bool:
@@ -62,7 +62,7 @@ def quanto_decode_nll(model: torch.nn.Module, ids: Int[Tensor, " token"], *, cac
         past = DynamicCache(config=model.config)
     else:
         raise bad_argument("cache", cache, "'quanto' or None")
-    dev = _device(model)
+    dev = model_device(model)
     ids = ids.to(dev)
     losses = []
     for t in range(ids.numel() - 1):
@@ -126,7 +126,7 @@ def case_quanto(model: torch.nn.Module, ids: Int[Tensor, " token"], *, spec: str
     from ..models import model_info
 
     require_quanto()
-    dev, dtype = _device(model), next(model.parameters()).dtype
+    dev, dtype = model_device(model), next(model.parameters()).dtype
     spec = spec or quanto_spec(model_info(model).d, nbits, q_group_size)
     ids = ids.reshape(-1)
     n = int(ids.numel())

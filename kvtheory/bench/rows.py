@@ -126,10 +126,6 @@ def _as_dtype(dtype: Any) -> torch.dtype:
     return as_dtype(dtype)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def case_result(name: str, timing: Timing | None, rows: list[dict[str, Any]],
                 **extra: Any) -> dict[str, Any]:
     """A case's JSON-ready result: its name, ``timings`` summary, table ``rows`` and ``extra``."""

@@ -110,9 +110,7 @@ def gpu_section(path: Path) -> str | None:
     peak = doc.get("matmul_peak") or {}
     extra = f"; bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (n={peak['n']})" if peak else ""
     merged = doc.get("merged") or {}
-    groups = merged.get("kept") or ([{"cases": merged["kept_cases"], "sha": merged.get(
-        "kept_from_sha"), "date": merged.get("kept_date")}] if merged.get("kept_cases") else [])
-    for g in groups:
+    for g in merged.get("kept") or []:
         extra += (f"; rows of {', '.join(g['cases'])} kept from the run of "
                   f"{g.get('date') or '?'} (source {str(g.get('sha'))[:7]})")
     sha = str((doc.get("settings") or {}).get("source_git_sha")     # the tree that ran
